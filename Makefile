@@ -1,0 +1,55 @@
+# Two commands do everything on a fresh clone:  make demo  and  make test.
+# Both create .venv from uv.lock with uv (installing uv first when it is not on PATH).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.synced
+UV     := $(shell command -v uv 2>/dev/null)
+ifeq ($(UV),)
+UV     := .tools/bin/uv
+endif
+PYTEST_ARGS ?=
+DEMO_DIR ?= demo_output
+
+.PHONY: help venv demo test test-all lint clean
+
+help:
+	@echo "make demo      create the environment, then run the end-to-end demo on CPU (writes $(DEMO_DIR)/)"
+	@echo "make test      create the environment, then run the default test suite (not slow)"
+	@echo "make test-all  every test, slow ones included (gpu tests skip without CUDA)"
+	@echo "make lint      ruff"
+
+# uv itself, when it is not on PATH: a private tools venv, so that no system Python is touched
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+# the environment is (re)built whenever the lock or the project metadata changes
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	$(UV) sync --frozen --extra dev
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/fetch_samples.py
+	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_small.yaml \
+		--out_dir $(DEMO_DIR)/ct_rate --overwrite --montage $(DEMO_DIR)/chest_montage.png
+	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
+		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
+	@echo "demo outputs: $(DEMO_DIR)/ct_rate  $(DEMO_DIR)/rsna  $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ctcore ctclip hemorrhage scripts tests
+
+clean:
+	rm -rf $(VENV) .tools $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""3D CLIP for chest CT volumes and radiology reports."""

@@ -1,0 +1,1 @@
+"""First-place RSNA 2019 intracranial hemorrhage solution, rebuilt."""
