@@ -44,7 +44,8 @@ def save_montage(panels: Sequence[Panel], path: str | Path, ncols: int = 4, supt
     colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
     ncols = max(1, min(ncols, len(panels)))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.8), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows + 0.8), squeeze=False,
+                             layout="constrained")
     for ax in axes.ravel():
         ax.axis("off")
     for ax, p in zip(axes.ravel(), panels):
@@ -55,10 +56,9 @@ def save_montage(panels: Sequence[Panel], path: str | Path, ncols: int = 4, supt
         ax.set_title(p.title, fontsize=8)
     if names:
         handles = [Line2D([0], [0], color=colour[n], lw=2) for n in names]
-        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
+        fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if names else 0, 1, 0.96 if suptitle else 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
