@@ -1,27 +1,18 @@
-"""Writing synthetic head CT series as DICOM files, with the variety of real archives.
+"""Writing synthetic head CT studies as DICOM files, with the folder layouts and broken files of real archives.
 
-One file per slice (CT Image Storage), written to a temporary name and moved into place. What varies
-from series to series, as it does between scanners and sites (`SeriesStyle`):
-
-- how pixels are stored (`PIXEL_FORMATS`): signed 16 bit with intercept -1024 and a circular field of
-  view padded with -2000 (GE-like), HU stored directly (intercept 0), unsigned 12 or 16 bit with
-  intercept -1024, and the RSNA "BitsStored 12" quirk: unsigned 12 bit, intercept 0, raw = HU mod 4096,
-  which only reads correctly after the community fix (raw + 1000, values >= 4096 wrap by 4096,
-  intercept -1000);
-- transfer syntax: explicit or implicit VR little endian, JPEG 2000 lossless, RLE lossless;
-- single or multi-valued WindowCenter/WindowWidth;
-- InstanceNumber running up, down, or unrelated to the position of the slice;
-- folder layout and file names (random hex, SOPInstanceUID, ``IM`` names), never in slice order.
+One file per slice (CT Image Storage), written to a temporary name and moved into place. The datasets
+carry the study header and the series' storage style (`synthetic_style`); folder layout and file names
+vary by study (random hex, SOPInstanceUID, ``IM`` names), never in slice order; some inner slices can be
+written broken (truncated, or without pixel data).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,128 +22,17 @@ from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 
-from hemorrhage.classes import SUBTYPES
+from hemorrhage.synthetic_header import StudyHeader
+from hemorrhage.synthetic_series import SeriesMeta, SyntheticStudy
+from hemorrhage.synthetic_style import HU_MAX, HU_MIN, PIXEL_FORMATS, PixelFormat, encode_pixels
 
-HU_MIN, HU_MAX = -1024, 3071  # what 12 stored bits with intercept -1024 can hold
-QUIRK_MIN, QUIRK_MAX = -1000, 3095  # HU range the BitsStored-12 quirk (and its fix) round-trips
 AXIAL = ("ORIGINAL", "PRIMARY", "AXIAL")
 LOCALIZER = ("ORIGINAL", "PRIMARY", "LOCALIZER")
 LAYOUTS = ("flat", "study_series", "patient_study", "sop_named")
-UID_STYLES = ("dicom", "rsna")
-SUBTYPE_BIT: dict[str, int] = {s: 1 << i for i, s in enumerate(SUBTYPES)}  # bits of the truth masks
-
-
-@dataclass(frozen=True)
-class PixelFormat:
-    name: str
-    pixel_representation: int  # 0 unsigned, 1 signed
-    bits_stored: int
-    intercept: float
-    padding: int | None = None  # raw value outside a circular field of view
-
-    @property
-    def quirk(self) -> bool:
-        return self.name == "quirk12"
-
-
-PIXEL_FORMATS: dict[str, PixelFormat] = {
-    "s16": PixelFormat("s16", 1, 16, -1024.0, -2000),
-    "s16_hu": PixelFormat("s16_hu", 1, 16, 0.0, -2000),
-    "u12": PixelFormat("u12", 0, 12, -1024.0),
-    "u16": PixelFormat("u16", 0, 16, -1024.0),
-    "quirk12": PixelFormat("quirk12", 0, 12, 0.0),
-}
-
-# (manufacturer, model, kernels, usual pixel format)
-SCANNERS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
-    ("GE MEDICAL SYSTEMS", "LightSpeed VCT", ("STANDARD", "SOFT"), "s16"),
-    ("GE MEDICAL SYSTEMS", "Revolution EVO", ("STANDARD",), "s16"),
-    ("SIEMENS", "SOMATOM Definition AS", ("H31s", "J40s"), "u12"),
-    ("TOSHIBA", "Aquilion ONE", ("FC26", "FC21"), "u16"),
-    ("Philips", "iCT 256", ("UB", "UC"), "u12"),
-    ("Hitachi Medical Corporation", "Supria", ("11",), "s16_hu"),
-)
-SINGLE_WINDOWS = ((40.0, 80.0), (40.0, 80.0), (35.0, 90.0), (30.0, 80.0), (40.0, 120.0))
-MULTI_WINDOWS = (((40.0, 80.0), (80.0, 200.0)), ((40.0, 40.0, 40.0), (100.0, 100.0, 200.0)),
-                 ((36.0, 600.0), (80.0, 2800.0)))
-
-
-@dataclass(frozen=True)
-class SeriesStyle:
-    """How one series is stored; drawn per series by `draw_series_style`."""
-
-    pixel_format: str
-    transfer_syntax: str
-    window_centre: tuple[float, ...]
-    window_width: tuple[float, ...]
-    circular_fov: bool
-    instance_order: str  # "bottom_up" | "top_down" | "scrambled"
-    manufacturer: str
-    model: str
-    kernel: str
-
-    @property
-    def fmt(self) -> PixelFormat:
-        return PIXEL_FORMATS[self.pixel_format]
-
-    @property
-    def quirk(self) -> bool:
-        return self.fmt.quirk
-
-    @property
-    def compressed(self) -> bool:
-        return self.transfer_syntax in (JPEG2000Lossless, RLELossless)
-
-
-@dataclass(frozen=True)
-class SliceGeometry:
-    """Where the slices of a series are, in true position order (index 0 is the most inferior)."""
-
-    orientation: tuple[float, ...]  # ImageOrientationPatient (row direction, column direction)
-    positions: np.ndarray  # (D, 3) ImagePositionPatient of each slice, mm
-    pixel_spacing: float
-    thickness: float
-    spacing: float
-    rows: int
-    columns: int
-
-    @property
-    def normal(self) -> np.ndarray:
-        o = np.asarray(self.orientation, float)
-        return np.cross(o[:3], o[3:])
-
-
-@dataclass(frozen=True)
-class StudyHeader:
-    study_uid: str
-    frame_uid: str
-    patient_id: str
-    patient_name: str
-    patient_sex: str
-    patient_age: str
-    study_date: str
-    study_time: str
-    accession: str
-    study_id: str
-
-
-@dataclass(frozen=True)
-class SeriesMeta:
-    """Everything about an axial series except its pixels."""
-
-    series_uid: str
-    series_number: int
-    description: str
-    geometry: SliceGeometry
-    style: SeriesStyle
-    sop_uids: tuple[str, ...]  # true position order
-    instance_numbers: tuple[int, ...]  # true position order
 
 
 @dataclass(frozen=True)
@@ -164,174 +44,6 @@ class FileRecord:
     series_uid: str
     sop_uid: str
     slice_index: int  # position in the true order; -1 for a localizer
-
-
-@dataclass
-class SyntheticSeries:
-    """One axial series in true position order (index 0 = most inferior slice)."""
-
-    meta: SeriesMeta
-    kind: str  # "thick" | "thin"
-    hu: np.ndarray  # (D, H, W) int16, the true HU
-    masks: np.ndarray  # (D, H, W) uint8, bit SUBTYPE_BIT[s] set where subtype s was planted
-    labels: np.ndarray  # (D, 6) uint8 in CLASSES order
-
-    def mask(self, subtype: str) -> np.ndarray:
-        return (self.masks & SUBTYPE_BIT[subtype]) > 0
-
-
-@dataclass
-class SyntheticLocalizer:
-    image_hu: np.ndarray  # (H, W) int16, lateral projection
-    pixel_spacing: float
-    position: np.ndarray  # ImagePositionPatient of the first pixel
-    sop_uid: str
-    series_uid: str
-    series_number: int
-    in_axial_series: bool  # shares the thick series' SeriesInstanceUID (as some archives do)
-
-
-@dataclass
-class SyntheticStudy:
-    index: int
-    header: StudyHeader
-    findings: tuple[str, ...]  # subtypes actually planted
-    bleeds: list[dict]
-    series: list[SyntheticSeries]
-    localizer: SyntheticLocalizer | None = None
-    pose: dict = field(default_factory=dict)
-
-
-
-# ----------------------------------------------------------------------------------------- drawing
-
-
-LOCALIZER_SLOT = 3  # series slot of a localizer in its own series (axial series use 0, 1)
-MAX_INSTANCES = 1023  # instances per series that RSNA-style ids can number (instance 1023 = localizer)
-
-
-def _permute(number: int, bits: int, key: str) -> int:
-    """A keyed bijection of [0, 2**bits) (4-round Feistel): distinct numbers give distinct ids."""
-    half = bits // 2
-    mask = (1 << half) - 1
-    left, right = number >> half, number & mask
-    for r in range(4):
-        digest = hashlib.sha256(f"{key}|{r}|{right}".encode()).digest()
-        left, right = right, left ^ (int.from_bytes(digest[:8], "big") & mask)
-    return (left << half) | right
-
-
-def make_uid(style: str, seed: int, kind: str, study: int, series: int = 0, instance: int = 0) -> str:
-    """Deterministic UID of a study, series or SOP instance ("study" / "series" / "sop" / "frame").
-
-    "dicom": a UID under pydicom's root from a hash of the seed and the path. "rsna": ``ID_`` + hex as in the Kaggle
-    data (10 digits for studies and series, 9 for instances), made unique by construction.
-    """
-    if style != "rsna" or kind == "frame":
-        return generate_uid(entropy_srcs=["ct-toolkit synthetic head", str(seed), kind, str(study), str(series),
-                                          str(instance)])
-    key = f"ct-toolkit synthetic head|{seed}|{kind}"
-    if kind == "study":
-        return f"ID_{_permute(study, 40, key):010x}"
-    if kind == "series":
-        return f"ID_{_permute(study * 4 + series, 40, key):010x}"
-    if kind == "sop":
-        if instance > MAX_INSTANCES or series > LOCALIZER_SLOT or study >= 1 << 24:
-            raise ValueError("RSNA-style ids number at most 2**24 studies, 4 series and 1024 instances per series")
-        return f"ID_{_permute((study << 12) | (series << 10) | instance, 36, key):09x}"
-    raise ValueError(f"unknown uid kind {kind!r}")
-
-
-def draw_series_style(rng: np.random.Generator, scanner: int, *, j2k_share: float, rle_share: float,
-                      multi_window_share: float, quirk_share: float) -> SeriesStyle:
-    """Storage of one series from scanner `scanner` (an index into SCANNERS, drawn once per study)."""
-    manufacturer, model, kernels, fmt = SCANNERS[scanner]
-    if rng.random() < quirk_share:
-        fmt = "quirk12"
-    elif rng.random() < 0.2:
-        fmt = ("s16", "s16_hu", "u12", "u16")[rng.integers(4)]
-    r = rng.random()
-    if r < j2k_share:
-        ts = JPEG2000Lossless
-    elif r < j2k_share + rle_share:
-        ts = RLELossless
-    else:
-        ts = ImplicitVRLittleEndian if rng.random() < 0.15 else ExplicitVRLittleEndian
-    if rng.random() < multi_window_share:
-        wc, ww = MULTI_WINDOWS[rng.integers(len(MULTI_WINDOWS))]
-    else:
-        c, w = SINGLE_WINDOWS[rng.integers(len(SINGLE_WINDOWS))]
-        wc, ww = (c,), (w,)
-    order = ("bottom_up", "top_down", "scrambled")[rng.choice(3, p=[0.45, 0.4, 0.15])]
-    circular = PIXEL_FORMATS[fmt].padding is not None and rng.random() < 0.7
-    return SeriesStyle(fmt, ts, tuple(wc), tuple(ww), bool(circular), order, manufacturer, model,
-                       kernels[rng.integers(len(kernels))])
-
-
-def instance_numbers(order: str, n: int, rng: np.random.Generator) -> tuple[int, ...]:
-    """InstanceNumber of each slice in true position order."""
-    if order == "bottom_up":
-        nums = np.arange(1, n + 1)
-    elif order == "top_down":
-        nums = np.arange(n, 0, -1)
-    else:  # e.g. numbered in acquisition or export order: unrelated to the position
-        nums = rng.permutation(n) + 1
-    return tuple(int(x) for x in nums)
-
-
-def draw_study_header(rng: np.random.Generator, seed: int, index: int, uid_style: str) -> StudyHeader:
-    day = np.datetime64("2012-01-01") + int(rng.integers(0, 4000))
-    hhmmss = f"{rng.integers(0, 24):02d}{rng.integers(0, 60):02d}{rng.integers(0, 60):02d}"
-    pid = f"SYN{_permute(index, 32, f'patient|{seed}'):08X}"
-    return StudyHeader(
-        study_uid=make_uid(uid_style, seed, "study", index),
-        frame_uid=make_uid("dicom", seed, "frame", index),
-        patient_id=pid,
-        patient_name=f"SYNTHETIC^HEAD^{index:05d}",
-        patient_sex=("M", "F")[rng.integers(2)],
-        patient_age=f"{int(rng.integers(18, 96)):03d}Y",
-        study_date=str(day).replace("-", ""),
-        study_time=f"{hhmmss}.{rng.integers(0, 100):02d}",
-        accession=f"{rng.integers(10**7, 10**8)}",
-        study_id=str(int(rng.integers(1, 9999))),
-    )
-
-
-# ----------------------------------------------------------------------------------------- pixels
-
-
-def outside_circle(rows: int, columns: int) -> np.ndarray:
-    """Pixels outside the reconstruction circle inscribed in the image."""
-    r = (np.arange(rows) - (rows - 1) / 2.0)[:, None]
-    c = (np.arange(columns) - (columns - 1) / 2.0)[None, :]
-    return r**2 + c**2 > (min(rows, columns) / 2.0) ** 2
-
-
-def encode_pixels(hu: np.ndarray, style: SeriesStyle) -> np.ndarray:
-    """Stored pixel values for integer HU (any shape ending in rows x columns)."""
-    fmt = style.fmt
-    hu = np.asarray(hu, np.int32)
-    if fmt.quirk:
-        raw = np.mod(np.clip(hu, QUIRK_MIN, QUIRK_MAX), 4096)
-    else:
-        raw = np.clip(hu, HU_MIN, HU_MAX) - int(fmt.intercept)
-        if style.circular_fov and fmt.padding is not None:
-            raw = np.where(outside_circle(*hu.shape[-2:]), fmt.padding, raw)
-    return raw.astype(np.int16 if fmt.pixel_representation else np.uint16)
-
-
-def expected_hu(hu: np.ndarray, style: SeriesStyle) -> np.ndarray:
-    """HU that a correct reader gets from the files (with the quirk fix applied where needed)."""
-    raw = encode_pixels(hu, style).astype(np.int32)
-    if style.quirk:
-        return quirk_fix(raw) - 1000
-    return raw + int(style.fmt.intercept)
-
-
-def quirk_fix(raw: np.ndarray) -> np.ndarray:
-    """The community fix for BitsStored-12 slices: raw + 1000, wrapping at 4096 (then intercept -1000)."""
-    x = np.asarray(raw, np.int32) + 1000
-    return np.where(x >= 4096, x - 4096, x)
 
 
 # ----------------------------------------------------------------------------------------- datasets

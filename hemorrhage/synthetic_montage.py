@@ -14,7 +14,7 @@ import pydicom
 from ctcore.montage import Panel, save_montage
 from hemorrhage.classes import SUBTYPES
 from hemorrhage.synthetic import read_truth
-from hemorrhage.synthetic_dicom import quirk_fix
+from hemorrhage.synthetic_style import quirk_fix
 
 EXTRA_AXIAL = ("epidural", "subdural")
 BRAIN_WINDOW, SUBDURAL_WINDOW = (40.0, 80.0), (80.0, 200.0)

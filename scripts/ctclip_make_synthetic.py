@@ -15,7 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ctclip.data.synthetic import ORIENTATIONS, VARIANTS, ChestSynthConfig, generate_chest_dataset
+from ctclip.data.synthetic import generate_chest_dataset
+from ctclip.data.synthetic_config import ORIENTATIONS, VARIANTS, ChestSynthConfig
 from ctcore.cli import parse_args, setup_logging, to_config
 
 

@@ -16,7 +16,8 @@ import logging
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.synthetic import HeadSynthConfig, generate_head_dataset
+from hemorrhage.synthetic import generate_head_dataset
+from hemorrhage.synthetic_config import HeadSynthConfig
 from hemorrhage.synthetic_montage import save_head_montage
 
 HELP = {

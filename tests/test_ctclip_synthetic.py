@@ -12,19 +12,15 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from ctclip.data.synthetic import (
-    ChestSynthConfig,
-    draw_volume_spec,
-    generate_chest_dataset,
-    load_chest_base,
-    load_finding_masks,
-    reconstruct,
-    synthesize_scan,
-    volume_path,
-)
-from ctclip.data.synthetic_findings import LOBE_WORDS, PLANTABLE
+from ctclip.data.synthetic import generate_chest_dataset
+from ctclip.data.synthetic_anatomy import load_chest_base
+from ctclip.data.synthetic_config import ChestSynthConfig
+from ctclip.data.synthetic_findings import PLANTABLE
+from ctclip.data.synthetic_io import load_finding_masks, volume_path
+from ctclip.data.synthetic_lung_planters import LOBE_WORDS
 from ctclip.data.synthetic_montage import canonical_masks, load_hu, read_tables
 from ctclip.data.synthetic_reports import NEGATIVE, compose_report
+from ctclip.data.synthetic_volume import draw_volume_spec, reconstruct, synthesize_scan
 from ctclip.findings import FINDINGS
 
 # the documented CT-RATE label order (DESIGN.md 4.1), written out here as the test's own oracle

@@ -18,15 +18,11 @@ from pydicom.multival import MultiValue
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from hemorrhage.classes import CLASSES, KAGGLE_ROW_ORDER, SUBTYPES
-from hemorrhage.synthetic import (
-    HeadSynthConfig,
-    generate_head_dataset,
-    read_truth,
-    synthesize_study,
-    validate_config,
-)
-from hemorrhage.synthetic_dicom import expected_hu
+from hemorrhage.synthetic import generate_head_dataset, read_truth
+from hemorrhage.synthetic_config import HeadSynthConfig, validate_config
 from hemorrhage.synthetic_montage import read_slice_hu, save_head_montage
+from hemorrhage.synthetic_study import synthesize_study
+from hemorrhage.synthetic_style import expected_hu
 
 
 def small_config(out_dir: Path, **kw) -> HeadSynthConfig:

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ctclip.data.synthetic import INFO_FILE, SPLITS, load_finding_masks, volume_path
+from ctclip.data.synthetic_io import INFO_FILE, SPLITS, load_finding_masks, volume_path
 from ctclip.findings import FINDINGS
 
 LUNG_WINDOW, SOFT_WINDOW, HEART_WINDOW, DENSE_WINDOW = (
