@@ -1,0 +1,304 @@
+"""HDF5 store of preprocessed uint8 CT volumes: one dataset per VolumeName, chunked by slice.
+
+Crash safety without a journal: a store is created complete-but-empty (every dataset of the run,
+with its full file space and every attribute already allocated) in a temporary file that is renamed
+into place. From then on, committing a volume only writes raw data into space that already exists
+and rewrites fixed-size attributes in place; the `complete` attribute is set to 1 in a second flush
+after the data and the other attributes are on disk. A process killed at any moment therefore leaves
+a store whose structure is intact and in which every volume is either complete or marked incomplete.
+`VolumeStore` (the reader) only ever shows complete volumes. Re-running the preprocessing redoes the
+incomplete ones and gives the same store as an uninterrupted run.
+
+Adding volumes to an existing store (a later run over a larger folder) creates their datasets in
+place; that short, metadata-only step is guarded by a marker file so an interrupted extension is
+detected on the next run.
+
+Layout (h5py view)::
+
+    /<VolumeName>              uint8 (D, H, W), chunks (1, H, W), no compression
+        attrs: complete (0/1), source_path, original_shape (3,), spacing (3,), affine (4, 4),
+               hu_slope, hu_intercept, rescale ("csv"|"nifti"|"none"), rescale_reason,
+               orientation (on-disk axis codes), uint8_range (HU mapped to 0 and 255),
+               output_spacing (mm per stored voxel, D H W), content_start / content_shape (where
+               the resized volume sits inside the padding)
+    file attrs: store_version, ctclip_version, target_shape, config (JSON of the preprocessing
+                config), created
+
+Readers using plain h5py must check ``attrs["complete"] == 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+STORE_VERSION = 1
+_STR_SIZES = {"source_path": 4096, "rescale": 16, "rescale_reason": 256, "orientation": 8}
+_NUM_ATTRS: dict[str, tuple[tuple[int, ...], str]] = {
+    "original_shape": ((3,), "i8"),
+    "spacing": ((3,), "f8"),
+    "affine": ((4, 4), "f8"),
+    "hu_slope": ((), "f8"),
+    "hu_intercept": ((), "f8"),
+    "uint8_range": ((2,), "f8"),
+    "output_spacing": ((3,), "f8"),
+    "content_start": ((3,), "i8"),
+    "content_shape": ((3,), "i8"),
+}
+VOLUME_ATTRS = ("complete", *_STR_SIZES, *_NUM_ATTRS)
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as asked (wrong shape or config, interrupted extension, ...)."""
+
+
+def _placeholder_attrs(ds: h5py.Dataset) -> None:
+    ds.attrs.create("complete", 0, dtype="u1")
+    for key, size in _STR_SIZES.items():
+        ds.attrs.create(key, b"", dtype=f"S{size}")
+    for key, (shape, dtype) in _NUM_ATTRS.items():
+        ds.attrs.create(key, np.zeros(shape, dtype=dtype), dtype=dtype)
+
+
+def _create_volume_dataset(f: h5py.File, name: str, shape: tuple[int, int, int]) -> None:
+    if "/" in name or not name:
+        raise StoreError(f"invalid volume name {name!r}")
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all chunks exist from the start: commits write data only
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # no zero-filling pass (the file stays sparse until written)
+    ds = f.create_dataset(name, shape=shape, dtype=np.uint8, chunks=(1, shape[1], shape[2]),
+                          dcpl=dcpl, track_times=False)
+    _placeholder_attrs(ds)
+
+
+def _encode(value: str, size: int, what: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > size:
+        raise StoreError(f"{what} is longer than the {size} bytes the store reserves: {value[:80]}...")
+    return raw
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, (bytes, np.bytes_)):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return value.tolist() if value.ndim else value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    target_shape: tuple[int, int, int]
+    config: Mapping[str, Any]  # the resolved preprocessing config, compared on resume
+    version: str = ""
+
+
+class StoreWriter:
+    """The single writer of a store. Workers compute; only this object touches the file."""
+
+    def __init__(self, path: Path, spec: StoreSpec, file: h5py.File):
+        self.path, self.spec, self._f = path, spec, file
+
+    @classmethod
+    def open(cls, path: str | Path, names: Iterable[str], spec: StoreSpec, overwrite: bool = False) -> StoreWriter:
+        """Open (or create) the store for `names`; datasets for new names are allocated up front."""
+        path = Path(path)
+        names = sorted(set(names))
+        marker = path.with_name(path.name + ".extending")
+        if overwrite:
+            path.unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
+        if not path.exists():
+            cls._create(path, names, spec)
+        elif marker.exists():
+            raise StoreError(f"{path}: a previous run was interrupted while adding volumes to this store "
+                             f"({marker.name} exists). Its structure may be damaged: rebuild it with --overwrite.")
+        try:
+            f = h5py.File(path, "r+")
+        except OSError as e:
+            raise StoreError(f"{path}: cannot open for writing ({e}); is another process using it, "
+                             "or is it not an HDF5 store?") from e
+        try:
+            cls._check_compatible(path, f, spec)
+            missing = [n for n in names if n not in f]
+            if missing:
+                marker.write_text(f"adding {len(missing)} volumes, started {time.ctime()}\n")
+                for name in missing:
+                    _create_volume_dataset(f, name, spec.target_shape)
+                f.flush()
+                marker.unlink()
+        except BaseException:
+            f.close()
+            raise
+        return cls(path, spec, f)
+
+    @staticmethod
+    def _create(path: Path, names: list[str], spec: StoreSpec) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["store_version"] = STORE_VERSION
+                f.attrs["ctclip_version"] = spec.version
+                f.attrs["target_shape"] = np.asarray(spec.target_shape, dtype="i8")
+                f.attrs["config"] = json.dumps(dict(spec.config), sort_keys=True)
+                for name in names:
+                    _create_volume_dataset(f, name, spec.target_shape)
+            os.replace(tmp, path)  # the store appears whole or not at all
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _check_compatible(path: Path, f: h5py.File, spec: StoreSpec) -> None:
+        version = int(f.attrs.get("store_version", -1))
+        if version != STORE_VERSION:
+            raise StoreError(f"{path}: store version {version}, this code writes {STORE_VERSION}; use --overwrite")
+        shape = tuple(int(x) for x in f.attrs["target_shape"])
+        if shape != tuple(spec.target_shape):
+            raise StoreError(f"{path}: holds volumes of shape {shape}, asked for {tuple(spec.target_shape)}; "
+                             "use another output file or --overwrite")
+        stored = json.loads(f.attrs["config"])
+        wanted = json.loads(json.dumps(dict(spec.config), sort_keys=True))
+        diff = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if diff:
+            raise StoreError(f"{path}: was written with a different preprocessing config ({', '.join(diff)} "
+                             "differ); use another output file or --overwrite")
+
+    def is_complete(self, name: str) -> bool:
+        return name in self._f and int(self._f[name].attrs["complete"]) == 1
+
+    def pending(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if not self.is_complete(n)]
+
+    def commit(self, name: str, volume: np.ndarray, attrs: Mapping[str, Any]) -> None:
+        """Write one volume and its attributes; it becomes visible to readers only at the end."""
+        ds = self._f[name]
+        if volume.shape != ds.shape or volume.dtype != np.uint8:
+            raise StoreError(f"{name}: got {volume.dtype} {volume.shape}, the store holds uint8 {ds.shape}")
+        unknown = set(attrs) - (set(VOLUME_ATTRS) - {"complete"})
+        if unknown:
+            raise StoreError(f"{name}: unknown volume attributes {sorted(unknown)}")
+        if int(ds.attrs["complete"]):
+            ds.attrs.modify("complete", np.uint8(0))  # rewriting a done volume (not done by the pipeline)
+            self._f.flush()
+        ds.write_direct(np.ascontiguousarray(volume))
+        for key, value in attrs.items():
+            if key in _STR_SIZES:
+                ds.attrs.modify(key, np.bytes_(_encode(str(value), _STR_SIZES[key], f"{name}: {key}")))
+            else:
+                shape, dtype = _NUM_ATTRS[key]
+                arr = np.asarray(value, dtype=dtype)
+                if arr.shape != shape:
+                    raise StoreError(f"{name}: attribute {key} has shape {arr.shape}, expected {shape}")
+                ds.attrs.modify(key, arr)
+        self._f.flush()  # data and attributes on disk before the volume is declared complete
+        ds.attrs.modify("complete", np.uint8(1))
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f:
+            self._f.close()
+            self._f = None  # type: ignore[assignment]
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VolumeStore:
+    """Read-only view of the complete volumes of a store. Opens the file lazily, once per process,
+    so an instance can be handed to DataLoader workers (fork or spawn) before any read. The set of
+    complete volumes is read once per process (a snapshot: reopen to see volumes committed later)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._f: h5py.File | None = None
+        self._pid: int | None = None
+        self._names: list[str] | None = None
+        self._complete: frozenset[str] = frozenset()
+        self._datasets: dict[str, h5py.Dataset] = {}
+
+    @property
+    def file(self) -> h5py.File:
+        if self._f is None or self._pid != os.getpid():
+            # a handle inherited through fork is never reused: each process opens its own
+            self._f = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            self._datasets = {}
+        return self._f
+
+    def names(self) -> list[str]:
+        """Names of complete volumes, sorted."""
+        if self._names is None:
+            f = self.file
+            self._names = sorted(n for n, obj in f.items()
+                                 if isinstance(obj, h5py.Dataset) and int(obj.attrs.get("complete", 0)) == 1)
+        if not self._complete:
+            self._complete = frozenset(self._names)
+        return self._names
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        self.names()
+        return name in self._complete
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        f = self.file  # (re)opens after fork, which also clears the cache
+        if name not in self:
+            raise KeyError(f"{self.path}: no complete volume named {name!r}")
+        ds = self._datasets.get(name)
+        if ds is None:
+            ds = self._datasets[name] = f[name]
+        return ds
+
+    def read(self, name: str) -> np.ndarray:
+        """One volume as a uint8 array (D, H, W); nothing else is loaded."""
+        ds = self._dataset(name)
+        return self.read_into(name, np.empty(ds.shape, dtype=np.uint8))
+
+    def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
+        """Read one volume straight into `out` (uint8, the volume's shape): one copy, no temporary."""
+        self._dataset(name).read_direct(out)
+        return out
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._dataset(name).shape)
+
+    def attrs(self, name: str) -> dict[str, Any]:
+        return {k: _decode(v) for k, v in self._dataset(name).attrs.items()}
+
+    def file_attrs(self) -> dict[str, Any]:
+        out = {k: _decode(v) for k, v in self.file.attrs.items()}
+        out["config"] = json.loads(out["config"])
+        return out
+
+    def close(self) -> None:
+        if self._f is not None and self._pid == os.getpid():
+            self._f.close()
+        self._f, self._pid, self._datasets = None, None, {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # pickled into spawned workers without the handle
+        state = dict(self.__dict__)
+        state.update(_f=None, _pid=None, _datasets={})
+        return state
+
+    def __enter__(self) -> VolumeStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
