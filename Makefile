@@ -35,12 +35,21 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 venv: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
 	$(PY) scripts/fetch_samples.py
 	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/ct_rate --overwrite --montage $(DEMO_DIR)/chest_montage.png
+	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_small.yaml --overwrite \
+		--ct_data_path $(DEMO_DIR)/ct_rate/volumes/train --ct_out_path $(DEMO_DIR)/ct_rate/train_volumes.h5 \
+		--metadata_path $(DEMO_DIR)/ct_rate/train_metadata.csv
+	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_small.yaml --overwrite \
+		--ct_data_path $(DEMO_DIR)/ct_rate/volumes/valid --ct_out_path $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
+		--metadata_path $(DEMO_DIR)/ct_rate/validation_metadata.csv
+	$(PY) scripts/ctclip_split.py --data_dir $(DEMO_DIR)/ct_rate --target_val_size 6 --seed 42
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
-	@echo "demo outputs: $(DEMO_DIR)/ct_rate  $(DEMO_DIR)/rsna  $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
+	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
+	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
