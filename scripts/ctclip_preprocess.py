@@ -16,7 +16,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from ctclip.data.preprocess_run import PreprocessConfig, UsageError, default_workers, run_preprocess
+from ctclip.data.preprocess_run import PreprocessConfig, UsageError, run_preprocess
 from ctcore.cli import parse_args, setup_logging, to_config
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata_path", type=Path, default=None,
                    help="CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept)")
     p.add_argument("--target_shape", type=int, nargs=3, default=[160, 224, 224], metavar=("D", "H", "W"))
-    p.add_argument("--num_workers", type=int, default=default_workers(),
+    p.add_argument("--num_workers", type=int, default=4,
                    help="worker processes computing volumes (0 = in the main process)")
     p.add_argument("--slide_b2u", action=argparse.BooleanOptionalAction, default=True,
                    help="store slices bottom (inferior) to up (superior)")

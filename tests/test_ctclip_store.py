@@ -13,6 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from ctclip.data.store import StoreError, StoreSpec, StoreWriter, VolumeStore
 from tests.nifti_cases import write
@@ -35,6 +36,7 @@ def test_commit_read_and_hidden_incomplete(tmp_path):
         assert s.names() == ["a.nii.gz", "c.nii.gz"]  # b exists in the file but is not complete
         assert "b.nii.gz" not in s and "a.nii.gz" in s
         np.testing.assert_array_equal(s.read("a.nii.gz"), _vol(0))
+        assert s.tensor("a.nii.gz").dtype == torch.uint8 and s.tensor("a.nii.gz").shape == SPEC.target_shape
         attrs = s.attrs("a.nii.gz")
         assert attrs["source_path"] == "/x/a.nii.gz" and attrs["spacing"] == [1, 2, 3] and attrs["complete"] == 1
         with pytest.raises(KeyError, match="no complete volume named 'b.nii.gz'"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import logging
 import multiprocessing as mp
-import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -243,6 +242,3 @@ def run_preprocess(cfg: PreprocessConfig, version: str = "") -> PreprocessSummar
     summary.seconds = time.perf_counter() - t0
     return summary
 
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)

@@ -270,6 +270,12 @@ class VolumeStore:
         ds = self._dataset(name)
         return self.read_into(name, np.empty(ds.shape, dtype=np.uint8))
 
+    def tensor(self, name: str):
+        """One volume as a uint8 torch tensor (D, H, W), sharing memory with the array read."""
+        import torch
+
+        return torch.from_numpy(self.read(name))
+
     def read_into(self, name: str, out: np.ndarray) -> np.ndarray:
         """Read one volume straight into `out` (uint8, the volume's shape): one copy, no temporary."""
         self._dataset(name).read_direct(out)
