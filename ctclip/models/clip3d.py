@@ -1,0 +1,96 @@
+"""CT-CLIP: slice encoder -> slice fusion -> volume embedding, contrasted with a CLIP text tower.
+
+    model = build_model(cfg)                      # ctclip.models.registry
+    tokens = model.tokenize(["No acute findings.", "Bilateral pleural effusion."])
+    vol, txt, scale = model(volumes_uint8, tokens.to(device))   # logits = scale * vol @ txt.T
+
+`encode_slices` and `encode_volume_from_slices` are split so that frozen-backbone runs can cache
+slice features (keyed by `slice_encoder_id()`) and train only the fusion and text parts.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctclip.models.fusion import SliceFusion
+from ctclip.models.slice_encoder import build_slice_encoder
+from ctclip.models.text import build_text_tower, load_openai_text_weights, tokenize
+
+if TYPE_CHECKING:
+    from ctclip.models.registry import ModelConfig
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned inverse temperature
+# parameters that are positions/tokens rather than weights: no weight decay
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "register_tokens", "positional_embedding", "logit_scale")
+
+
+class CTCLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.slice_encoder = build_slice_encoder(
+            cfg.slice_encoder,
+            image_size=cfg.image_size,
+            weights=cfg.dinov2_weights,
+            source=cfg.dinov2_source,
+            freeze=cfg.freeze_dinov2,
+            chunk=cfg.slice_chunk,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.fusion = SliceFusion(self.slice_encoder.width, cfg.fusion_dim, cfg.fusion_depth, cfg.fusion_heads,
+                                  cfg.embed_dim)
+        self.text = build_text_tower(cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads,
+                                     cfg.embed_dim)
+        if cfg.text_weights:
+            load_openai_text_weights(self.text, cfg.text_weights)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+
+    def tokenize(self, texts: list[str]) -> torch.LongTensor:
+        """(B, context_length) CLIP BPE ids on the CPU; longer texts are truncated."""
+        return tokenize(texts, self.cfg.context_length)
+
+    def encode_slices(self, volumes: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 1, D, H, W) -> per-slice features (B, D, C), C = slice encoder width."""
+        return self.slice_encoder(volumes)
+
+    def encode_volume_from_slices(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, C) -> (B, embed_dim), L2-normalised. `mask` (B, D): True for real (unpadded) slices."""
+        return F.normalize(self.fusion(slice_feats, mask=mask), dim=-1)
+
+    def encode_volume(self, volumes: torch.Tensor) -> torch.Tensor:
+        return self.encode_volume_from_slices(self.encode_slices(volumes))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, context_length) ids -> (B, embed_dim), L2-normalised."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    def forward(self, volumes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(volume features, text features, logit scale = exp(clamped logit_scale))."""
+        return self.encode_volume(volumes), self.encode_text(tokens), self.temperature_scale()
+
+    def temperature_scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def slice_encoder_id(self) -> str:
+        """Backbone name, input size and sha256 of its weights: the key of a slice feature cache."""
+        enc = self.slice_encoder
+        return f"{enc.name}@{enc.image_size}px:sha256={enc.weights_sha256()}"
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups over trainable parameters: decayed weights, and the rest (norms, biases, gains,
+    temperature, CLS/position/register tokens) without decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name.split(".")[-1] in NO_DECAY_NAMES:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,93 @@
+"""Model settings (`ModelConfig`), the YAML loader for `configs/ctclip/model_*.yaml`, and `build_model`.
+
+    from ctclip.models import build_model, model_config_from_yaml
+    model = build_model(model_config_from_yaml("configs/ctclip/model_dinov2_vitb14.yaml"))
+
+`list_models()` names the slice encoders this registry knows; any timm model is reachable as
+`timm:<name>` and any open_clip visual tower as `openclip:<name>`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from ctclip.models.clip3d import CTCLIP
+from ctclip.models.slice_encoder import REGISTERED_ENCODERS
+
+DINOV2_SOURCES = ("file", "hub")
+
+
+@dataclass
+class ModelConfig:
+    # dinov2_vit{s,b,l,g}14[_reg] | "timm:<timm model>" | "openclip:<RN50|ViT-B-32|...>" | "tiny_vit" (tests)
+    slice_encoder: str = "dinov2_vitb14"
+    # Local official DINOv2 .pth (e.g. dinov2_vitb14_pretrain.pth). For "timm:" encoders a file timm's
+    # loader takes; for "openclip:" a full CLIP checkpoint (state dict or OpenAI TorchScript archive).
+    # None: random init (with a warning).
+    dinov2_weights: str | None = None
+    dinov2_source: str = "file"  # "file" | "hub" (torch.hub.load('facebookresearch/dinov2', ...), needs network)
+    freeze_dinov2: bool = False  # freezes whichever slice encoder is configured
+    slice_chunk: int = 64  # slices per backbone forward: bounds activation memory
+    grad_checkpointing: bool = False  # recompute each chunk in backward
+    image_size: int = 224  # slices are resized to this on the device
+    fusion_dim: int = 512
+    fusion_depth: int = 4
+    fusion_heads: int = 8
+    embed_dim: int = 512  # joint embedding
+    context_length: int = 77
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    text_weights: str | None = None  # local OpenAI CLIP weights (state dict or TorchScript archive)
+    init_temperature: float = 0.07
+
+    def __post_init__(self) -> None:
+        positive = ("slice_chunk", "image_size", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
+                    "context_length", "text_width", "text_layers", "text_heads")
+        bad = [f"{n}={getattr(self, n)!r}" for n in positive
+               if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)
+               or getattr(self, n) <= 0]
+        if bad:
+            raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
+        if self.dinov2_source not in DINOV2_SOURCES:
+            raise ValueError(f"ModelConfig: dinov2_source must be one of {DINOV2_SOURCES}, got {self.dinov2_source!r}")
+        if self.fusion_dim % self.fusion_heads:
+            raise ValueError(f"ModelConfig: fusion_dim {self.fusion_dim} is not divisible by fusion_heads "
+                             f"{self.fusion_heads}")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"ModelConfig: text_width {self.text_width} is not divisible by text_heads "
+                             f"{self.text_heads}")
+        if not (isinstance(self.init_temperature, (int, float)) and 0 < self.init_temperature
+                and math.isfinite(self.init_temperature)):
+            raise ValueError(f"ModelConfig: init_temperature must be a positive number, got {self.init_temperature!r}")
+        for name in ("dinov2_weights", "text_weights"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, str(value))
+
+
+def list_models() -> list[str]:
+    """Slice encoder names of the registry (plus any `timm:<name>` / `openclip:<name>`)."""
+    return sorted(REGISTERED_ENCODERS)
+
+
+def model_config_from_yaml(path: str | Path) -> ModelConfig:
+    """Read a `configs/ctclip/model_*.yaml` file; keys not in `ModelConfig` raise ValueError."""
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of ModelConfig fields, got {type(data).__name__}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown model setting(s) {unknown}; known: {', '.join(sorted(known))}")
+    return ModelConfig(**data)
+
+
+def build_model(cfg: ModelConfig) -> CTCLIP:
+    """The 3D CLIP model for `cfg`: slice encoder (weights loaded and checked) + fusion + text tower."""
+    return CTCLIP(cfg)

@@ -1,0 +1,420 @@
+"""CT-CLIP model tests on CPU: tiny model behaviour, DINOv2 official-layout loading, text weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import open_clip
+import pytest
+import timm
+import torch
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+from ctclip.models import CTCLIP, ModelConfig, build_model, list_models, model_config_from_yaml, param_groups
+from ctclip.models.slice_encoder import DINOV2_ARCHS, build_slice_encoder
+from ctclip.models.text import build_text_tower, load_openai_text_weights, tokenize
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ctclip"
+EOT = 49407
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(**changes) -> ModelConfig:
+    return dataclasses.replace(model_config_from_yaml(CONFIGS / "model_tiny.yaml"), **changes)
+
+
+def tiny_model(seed: int = 0, **changes) -> CTCLIP:
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(**changes))
+
+
+def volumes(b: int = 2, d: int = 9, hw: int = 40, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 1, d, hw, hw), generator=g, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- tiny model
+
+
+def test_tiny_forward_backward_shapes_and_norms():
+    model = tiny_model()
+    tokens = model.tokenize(["no acute findings", "bilateral pleural effusion"])
+    vol, txt, scale = model(volumes(), tokens)
+    assert vol.shape == txt.shape == (2, 64)
+    torch.testing.assert_close(vol.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(2))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert model.encode_slices(volumes(d=5)).shape == (2, 5, 64)
+    (scale * vol @ txt.T).logsumexp(-1).sum().backward()
+    for part in (model.slice_encoder.backbone, model.fusion, model.text):
+        assert all(p.grad is not None for p in part.parameters())
+    assert model.logit_scale.grad is not None
+
+
+def test_logit_scale_is_clamped_at_use():
+    model = tiny_model()
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model(volumes(b=1, d=2), model.tokenize(["x"]))[2].item() == pytest.approx(100.0, rel=1e-5)
+
+
+def test_chunking_matches_one_chunk():
+    one, chunked = tiny_model(slice_chunk=1000).eval(), tiny_model(slice_chunk=4).eval()
+    chunked.load_state_dict(one.state_dict())
+    vols = volumes(d=11)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked.encode_slices(vols), one.encode_slices(vols), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked.encode_volume(vols), one.encode_volume(vols), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, ckpt = tiny_model(slice_chunk=4), tiny_model(slice_chunk=4, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    vols, tokens = volumes(d=10), plain.tokenize(["a", "b"])
+    for model in (plain, ckpt):
+        vol, txt, scale = model(vols, tokens)
+        (scale * vol @ txt.T).logsumexp(-1).sum().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_per_slice_normalisation_and_constant_slices():
+    enc = tiny_model().slice_encoder
+    vol = volumes(b=1, d=4, hw=56)
+    vol[0, 0, 0] = 0
+    vol[0, 0, 1] = 255
+    vol[0, 0, 2] = 37
+    vol[0, 0, 3] = torch.arange(56 * 56).reshape(56, 56) % 11 + 100  # values 100..110 stretched to [0, 1]
+    x = enc.preprocess(vol[0].transpose(0, 1))  # (D, 1, H, W) slices, size unchanged (image_size 56)
+    assert x.shape == (4, 3, 56, 56) and torch.isfinite(x).all()
+    unit = x * enc.std + enc.mean
+    torch.testing.assert_close(unit[:3], torch.zeros_like(unit[:3]), atol=1e-6, rtol=0)
+    assert unit[3].amin().item() == pytest.approx(0, abs=1e-6) and unit[3].amax().item() == pytest.approx(1, abs=1e-6)
+    assert torch.isfinite(enc(vol)).all()
+    # mean/std come from the timm model's data config, not from constants here
+    mean = timm.data.resolve_model_data_config(enc.backbone)["mean"]
+    torch.testing.assert_close(enc.mean.flatten(), torch.tensor(mean))
+
+
+def test_resize_to_image_size():
+    enc = tiny_model().slice_encoder
+    assert enc.preprocess(volumes(b=1, d=3, hw=90)[0].transpose(0, 1)).shape == (3, 3, 56, 56)
+    assert enc(volumes(b=2, d=3, hw=30)).shape == (2, 3, 64)
+
+
+@pytest.mark.parametrize("depth", [1, 7, 33])
+def test_variable_slice_counts(depth):
+    model = tiny_model().eval()
+    with torch.no_grad():
+        feats = model.encode_slices(volumes(b=2, d=depth, hw=28))
+        assert feats.shape == (2, depth, 64)
+        assert model.encode_volume_from_slices(feats).shape == (2, 64)
+
+
+def test_padding_mask_matches_unpadded_volume():
+    model = tiny_model().eval()
+    feats = torch.randn(1, 6, 64)
+    padded = torch.cat([feats, torch.randn(1, 4, 64)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 4])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_volume_from_slices(padded, mask=mask),
+                                   model.encode_volume_from_slices(feats), atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_dinov2_leaves_backbone_without_gradients():
+    model = tiny_model(freeze_dinov2=True)
+    model.train()
+    assert not model.slice_encoder.backbone.training and model.fusion.training
+    vol, txt, scale = model(volumes(d=4), model.tokenize(["a", "b"]))
+    (scale * vol @ txt.T).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.slice_encoder.backbone.parameters())
+    assert all(p.grad is not None for p in model.fusion.parameters())
+    grouped = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert not grouped & {id(p) for p in model.slice_encoder.backbone.parameters()}
+
+
+def test_bf16_autocast_forward_on_cpu():
+    model = tiny_model()
+    tokens = model.tokenize(["left lower lobe nodule", "normal"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        vol, txt, scale = model(volumes(d=5), tokens)
+        loss = (scale * vol.float() @ txt.float().T).logsumexp(-1).sum()
+    loss.backward()
+    assert vol.shape == txt.shape == (2, 64)
+    assert torch.isfinite(vol.float()).all() and torch.isfinite(txt.float()).all()
+
+
+def test_param_groups_split():
+    model = tiny_model()
+    decay, no_decay = param_groups(model, 0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"logit_scale", "fusion.cls_token", "slice_encoder.backbone.cls_token",
+            "slice_encoder.backbone.pos_embed", "text.positional_embedding", "fusion.norm.weight",
+            "fusion.proj_out.bias", "slice_encoder.backbone.blocks.0.ls1.gamma"} <= no_decay_names
+    assert {"fusion.proj_in.weight", "text.token_embedding.weight", "slice_encoder.backbone.blocks.0.attn.qkv.weight",
+            "text.text_projection"} <= decay_names
+    assert len(decay_names) + len(no_decay_names) == sum(1 for _ in model.parameters())
+
+
+def test_slice_encoder_id_follows_weights():
+    a, b = tiny_model(seed=0), tiny_model(seed=0)
+    assert a.slice_encoder_id() == b.slice_encoder_id()
+    assert a.slice_encoder_id().startswith("tiny_vit@56px:sha256=")
+    with torch.no_grad():
+        b.slice_encoder.backbone.patch_embed.proj.weight[0, 0, 0, 0] += 1
+    assert a.slice_encoder_id() != b.slice_encoder_id()
+
+
+# ---------------------------------------------------------------- DINOv2 official layout
+
+
+def to_official_dinov2(timm_state: dict[str, torch.Tensor], registers: bool) -> dict[str, torch.Tensor]:
+    """timm DINOv2 state dict (at 518 px) -> the layout of Meta's dinov2_*_pretrain.pth files."""
+    out = {("register_tokens" if k == "reg_token" else k): v.clone() for k, v in timm_state.items()}
+    dim = out["cls_token"].shape[-1]
+    if registers:  # timm folds the CLS position into cls_token and keeps patch positions only
+        cls_pos = torch.randn(1, 1, dim) * 0.02
+        out["pos_embed"] = torch.cat([cls_pos, out["pos_embed"]], dim=1)
+        out["cls_token"] = out["cls_token"] - cls_pos
+    out["mask_token"] = torch.zeros(1, dim)
+    return out
+
+
+@pytest.fixture(scope="module", params=["dinov2_vits14", "dinov2_vits14_reg"])
+def official_dinov2(request, tmp_path_factory):
+    """(name, source timm model at 518 px with dynamic size, path of its official-layout .pth)."""
+    name = request.param
+    torch.manual_seed(1)
+    source = timm.create_model(DINOV2_ARCHS[name][0], pretrained=False, num_classes=0, img_size=518,
+                               dynamic_img_size=True, weight_init="skip").eval()
+    with torch.no_grad():  # own init instead of timm's slow one; layer scale far from 1e-5 so blocks count
+        for key, p in source.named_parameters():
+            p.normal_(1.0 if key.endswith("norm1.weight") or key.endswith("norm2.weight") else 0.0, 0.05)
+    state = to_official_dinov2(source.state_dict(), registers=name.endswith("_reg"))
+    assert state["pos_embed"].shape == (1, 37 * 37 + 1, 384) and "mask_token" in state
+    assert ("register_tokens" in state) == name.endswith("_reg") and "reg_token" not in state
+    path = tmp_path_factory.mktemp("dinov2") / f"{name}_pretrain.pth"
+    torch.save(state, path)
+    return name, source, path
+
+
+def test_official_dinov2_file_loads_to_the_same_outputs(official_dinov2):
+    name, source, path = official_dinov2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        enc = build_slice_encoder(name, image_size=224, weights=path)
+    assert not [w for w in caught if "RANDOMLY" in str(w.message)]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        # the source resamples its 37x37 position table to 16x16 on the fly, as the loader does once
+        torch.testing.assert_close(enc.backbone.eval()(x), source(x), atol=1e-5, rtol=1e-5)
+    assert enc.width == 384
+
+
+def test_hub_source_goes_through_the_same_conversion(official_dinov2, monkeypatch):
+    name, source, path = official_dinov2
+    state = torch.load(path, weights_only=True)
+
+    class Official(torch.nn.Module):
+        def state_dict(self, *args, **kwargs):
+            return dict(state)
+
+    calls = []
+    monkeypatch.setattr(torch.hub, "load", lambda repo, model: calls.append((repo, model)) or Official())
+    enc = build_slice_encoder(name, image_size=224, source="hub")
+    assert calls == [("facebookresearch/dinov2", name)]
+    assert "state_dict" not in enc.backbone.pretrained_cfg
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.backbone.eval()(x), source(x), atol=1e-5, rtol=1e-5)
+
+
+def test_wrong_size_dinov2_file_fails_before_building(official_dinov2, monkeypatch):
+    name, _, path = official_dinov2
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("a model was built before the weights were checked")
+
+    monkeypatch.setattr(timm, "create_model", no_build)
+    with pytest.raises(ValueError, match=r"expected embed dim 768.*found embed dim 384") as err:
+        build_model(tiny_cfg(slice_encoder="dinov2_vitb14" + name.removeprefix("dinov2_vits14"),
+                             dinov2_weights=str(path)))
+    assert f"looks like {name}" in str(err.value)
+    other = "dinov2_vits14" if name.endswith("_reg") else "dinov2_vits14_reg"
+    with pytest.raises(ValueError, match="register tokens"):
+        build_slice_encoder(other, weights=path)
+
+
+def test_dinov2_without_weights_warns_loudly(monkeypatch):
+    calls = []
+    real = timm.create_model
+
+    def small(name, **kwargs):  # the real ViT-S/14 init is slow; record the call, build a tiny one
+        calls.append((name, kwargs))
+        return real(name, **{**kwargs, "embed_dim": 64, "depth": 1, "num_heads": 2})
+
+    monkeypatch.setattr(timm, "create_model", small)
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        enc = build_slice_encoder("dinov2_vits14_reg", image_size=28)
+    assert calls == [("vit_small_patch14_reg4_dinov2", dict(pretrained=False, num_classes=0, img_size=28))]
+    assert enc.width == 64
+
+
+# ---------------------------------------------------------------- text
+
+
+def test_tokenizer_context_length_and_truncation():
+    tokens = tokenize(["Small hiatal hernia.", "word " * 200])
+    assert tokens.shape == (2, 77) and tokens.dtype == torch.long
+    assert tokens[0, 0] == EOT - 1 and (tokens[0] == EOT).sum() == 1 and tokens[0, -1] == 0
+    assert tokens[1, -1] == EOT and (tokens[1] != 0).all()
+    long = tokenize(["word " * 200], context_length=256)
+    assert long.shape == (1, 256) and (long[0, :202] != 0).all() and long[0, 201] == EOT
+
+
+def test_longer_context_model_works():
+    model = tiny_model(context_length=160)
+    tokens = model.tokenize(["there is " * 70])
+    assert tokens.shape == (1, 160) and model.text.positional_embedding.shape == (160, 64)
+    assert model.encode_text(tokens).shape == (1, 64)
+
+
+@pytest.fixture(scope="module")
+def openai_clip(tmp_path_factory):
+    """A tiny open_clip CLIP in OpenAI's layout, saved as a state dict and as a TorchScript archive."""
+    torch.manual_seed(2)
+    clip = CLIP(embed_dim=48, quick_gelu=True,
+                vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+                text_cfg=CLIPTextCfg(context_length=77, width=64, heads=2, layers=2)).eval()
+    folder = tmp_path_factory.mktemp("clip")
+    torch.save(clip.state_dict(), folder / "clip_state.pt")
+    with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; OpenAI still ships such archives
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(clip).save(str(folder / "clip_jit.pt"))
+    return clip, folder
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("filename", ["clip_state.pt", "clip_jit.pt"])
+def test_openai_text_weights_load(openai_clip, filename):
+    clip, folder = openai_clip
+    model = tiny_model(embed_dim=48, text_weights=str(folder / filename)).eval()
+    texts = ["Mild cardiomegaly.", "No pleural effusion or pneumothorax."]
+    with torch.no_grad():
+        expected = clip.encode_text(open_clip.tokenize(texts), normalize=True)
+        torch.testing.assert_close(model.encode_text(model.tokenize(texts)), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_openai_text_weights_other_context_lengths(openai_clip):
+    clip, folder = openai_clip
+    texts = ["Mild cardiomegaly."]
+    with torch.no_grad():
+        expected = clip.encode_text(open_clip.tokenize(texts), normalize=True)
+        short = tiny_model(embed_dim=48, context_length=32, text_weights=str(folder / "clip_state.pt")).eval()
+        # causal attention: a text ending before position 32 sees exactly the same positions
+        torch.testing.assert_close(short.encode_text(short.tokenize(texts)), expected, atol=1e-5, rtol=1e-5)
+        long = tiny_model(embed_dim=48, context_length=128, text_weights=str(folder / "clip_state.pt")).eval()
+    pos = long.text.positional_embedding
+    assert pos.shape == (128, 64)
+    torch.testing.assert_close(pos[[0, -1]], clip.positional_embedding[[0, -1]])
+    assert torch.isfinite(long.encode_text(long.tokenize(texts))).all()
+
+
+def test_openai_text_weights_mismatch_errors(openai_clip):
+    _, folder = openai_clip
+    with pytest.raises(ValueError, match=r"text_projection \(64, 48\) != \(text_width, embed_dim\) \(64, 64\)"):
+        tiny_model(text_weights=str(folder / "clip_state.pt"))
+    narrow = build_text_tower(context_length=77, width=32, layers=2, heads=2, embed_dim=48)
+    with pytest.raises(ValueError, match="text width 64 .* != text_width 32"):
+        load_openai_text_weights(narrow, folder / "clip_state.pt")
+    deeper = build_text_tower(context_length=77, width=64, layers=3, heads=2, embed_dim=48)
+    with pytest.raises(ValueError, match="2 text layers != text_layers 3"):
+        load_openai_text_weights(deeper, folder / "clip_state.pt")
+
+
+# ---------------------------------------------------------------- registry and other backbones
+
+
+def test_registry_names_and_configs():
+    names = list_models()
+    assert "tiny_vit" in names
+    assert {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")} <= set(names)
+    for path in sorted(CONFIGS.glob("model_*.yaml")):
+        cfg = model_config_from_yaml(path)
+        assert cfg.slice_encoder in names, path
+    widths = {n: DINOV2_ARCHS[n][1] for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")}
+    assert widths == {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
+
+
+def test_unknown_names_and_settings_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown slice encoder 'dinov3_vitb16'.*tiny_vit"):
+        build_model(tiny_cfg(slice_encoder="dinov3_vitb16"))
+    with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
+        build_slice_encoder("timm:no_such_net")
+    with pytest.raises(ValueError, match="unknown open_clip model 'RN51'"):
+        build_slice_encoder("openclip:RN51")
+    bad = tmp_path / "model.yaml"
+    bad.write_text("slice_encoder: tiny_vit\nfusion_width: 64\ntext_depth: 2\n")
+    with pytest.raises(ValueError, match=r"unknown model setting\(s\) \['fusion_width', 'text_depth'\]"):
+        model_config_from_yaml(bad)
+    with pytest.raises(ValueError, match="not divisible"):
+        tiny_cfg(fusion_heads=3)
+    with pytest.raises(ValueError, match="choose one"):
+        build_slice_encoder("dinov2_vits14", weights=tmp_path / "w.pth", source="hub")
+    with pytest.raises(FileNotFoundError):
+        build_slice_encoder("dinov2_vits14", weights=tmp_path / "missing.pth")
+
+
+def test_timm_encoder_builds_and_loads_a_local_file(tmp_path):
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        enc = build_slice_encoder("timm:resnet18", image_size=64, chunk=3)
+    assert enc.width == 512 and enc(volumes(b=1, d=4, hw=48)).shape == (1, 4, 512)
+    torch.save(enc.backbone.state_dict(), tmp_path / "resnet18.pth")
+    loaded = build_slice_encoder("timm:resnet18", image_size=64, weights=tmp_path / "resnet18.pth")
+    vol = volumes(b=1, d=2, hw=48)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(vol), enc.eval()(vol))
+
+
+def test_openclip_visual_tower_builds():
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        enc = build_slice_encoder("openclip:RN50", image_size=64)
+    assert enc.width == 1024
+    assert enc.mean.flatten().tolist() == pytest.approx(list(open_clip.OPENAI_DATASET_MEAN))
+    with torch.no_grad():
+        assert enc.eval()(volumes(b=1, d=2, hw=48)).shape == (1, 2, 1024)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_openclip_visual_tower_loads_clip_weights(openai_clip, monkeypatch):
+    clip, folder = openai_clip  # vision: ViT, patch 8, 16 px; registered under a test name
+    tiny = {"embed_dim": 48, "quick_gelu": True,
+            "vision_cfg": {"layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "image_size": 16},
+            "text_cfg": {"context_length": 77, "width": 64, "heads": 2, "layers": 2}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "test-tiny-clip", tiny)
+    vol = volumes(b=1, d=3, hw=20)
+    for filename in ("clip_state.pt", "clip_jit.pt"):
+        enc = build_slice_encoder("openclip:test-tiny-clip", image_size=16, weights=folder / filename).eval()
+        with torch.no_grad():
+            expected = clip.encode_image(enc.preprocess(vol[0].transpose(0, 1)))
+            torch.testing.assert_close(enc(vol)[0], expected, atol=1e-5, rtol=1e-5)
+    # a larger image size resamples the ViT position grid instead of failing
+    assert build_slice_encoder("openclip:test-tiny-clip", image_size=32, weights=folder / "clip_state.pt").width == 48
+    wide = {**tiny, "vision_cfg": {**tiny["vision_cfg"], "width": 64}}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "test-tiny-clip-wide", wide)
+    with pytest.raises(ValueError, match="does not fit open_clip visual tower 'test-tiny-clip-wide'"):
+        build_slice_encoder("openclip:test-tiny-clip-wide", image_size=16, weights=folder / "clip_state.pt")
