@@ -132,7 +132,7 @@ class CTLabelDataset(_StoreDataset):
         if self.missing_volumes:
             log.warning("%s: %d labelled volumes are not in %s (e.g. %s)", labels_csv, len(self.missing_volumes),
                         self.store_path, self.missing_volumes[0])
-        self.labels = labels.loc[self.names].to_numpy(dtype=np.float32)
+        self.labels = np.array(labels.loc[self.names].to_numpy(dtype=np.float32))  # writable, own memory
 
     def target(self, index: int) -> torch.Tensor:
         return torch.from_numpy(self.labels[index])

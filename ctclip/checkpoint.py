@@ -1,0 +1,104 @@
+"""Training checkpoints: everything needed to continue bit-for-bit, written atomically, loaded safely.
+
+A checkpoint is a plain dict of tensors and primitive containers (so `torch.load(weights_only=True)`
+reads it): model, optimizer, scheduler and scaler state, step/epoch/position in the epoch, the RNG
+states of torch, numpy and random (numpy's as a tensor + ints), the resolved training config, the model
+config and the best validation metric so far.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """torch.save to a temporary name in the same folder, then os.replace: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for foreign or damaged files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "checkpoint_version" not in ckpt:
+        raise CheckpointError(f"{path}: not a ctclip training checkpoint (no 'model' / 'checkpoint_version')")
+    return ckpt
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """`--resume latest` means <output_dir>/latest.pt when it exists (a fresh start otherwise)."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        p = output_dir / "latest.pt"
+        return p if p.is_file() else None
+    return Path(resume)
+
+
+def check_model_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """A checkpoint of another architecture is refused before any weight is touched."""
+    keys = ("slice_encoder", "image_size", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
+            "context_length", "text_width", "text_layers", "text_heads")
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise CheckpointError(f"{path} was trained with another architecture: " + "; ".join(diff))
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not fit the model; missing {result.missing_keys[:5]} "
+                              f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
+                              f"({len(result.unexpected_keys)})")

@@ -1,0 +1,349 @@
+"""Contrastive training of the 3D CLIP model on one process or many (torchrun / SLURM, DDP).
+
+    python scripts/ctclip_train.py --ct_filepath data/train_volumes.h5 --txt_filepath data/train_reports.csv
+    torchrun --nproc_per_node=4 scripts/ctclip_train.py --use_ddp ...
+
+`--batch_size` is the GLOBAL batch of one optimizer step. It is split into `--grad_accum`
+micro-batches and each of those across the processes; features of the accumulated micro-batches are
+cached so that every step's loss sees all the negatives of the global batch. With the data order of
+`GlobalBatchSampler`, a step sees the same samples for any number of processes, so results do not
+depend on how many processes ran them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ctclip.checkpoint import (
+    CheckpointError,
+    check_model_config,
+    load_checkpoint,
+    load_model_state,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from ctclip.data.dataset import CTLabelDataset, CTReportDataset, collate_volumes, make_loader
+from ctclip.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
+from ctclip.losses import ClipLoss, contrastive_loss_with_cached
+from ctclip.models.clip3d import param_groups
+from ctclip.models.registry import ModelConfig, build_model
+from ctclip.train_utils import (
+    GlobalBatchSampler,
+    RunLog,
+    Throughput,
+    autocast_factory,
+    cosine_with_warmup,
+    max_memory_mb,
+)
+from ctclip.zeroshot import auroc_per_finding, encode_loader, mean_defined, prompt_features, zero_shot_scores
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    ct_filepath: Path
+    txt_filepath: Path
+    output_dir: Path = Path("runs/ctclip")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 32
+    epochs: int = 40
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    warmup_steps: int = 500
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    num_workers: int = 4
+    seed: int = 42
+    save_interval: int = 1000
+    log_interval: int = 10
+    resume: str | None = None
+    text_column: str = "findings_impressions"
+    cache_features: bool = False
+    max_steps: int | None = None
+    stop_at_step: int | None = None  # leave after this step (saving latest.pt), keeping the full run's schedule
+    do_validate: bool = False
+    valid_interval: int = 200
+    val_ct_filepath: Path | None = None
+    val_label_path: Path | None = None
+    use_ddp: bool = False
+    device: str | None = None
+
+
+class TrainingStep(nn.Module):
+    """What DDP wraps: one forward for volumes (or cached slice embeddings) and report tokens, so
+    gradient synchronisation sees every parameter use through DDP's own forward."""
+
+    def __init__(self, model: nn.Module, from_slices: bool):
+        super().__init__()
+        self.model, self.from_slices = model, from_slices
+
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        v = m.encode_volume_from_slices(inputs) if self.from_slices else m.encode_volume(inputs)
+        return v, m.encode_text(tokens), m.temperature_scale()
+
+
+class SetupError(ValueError):
+    """The run cannot start; raised before any training step, with a message naming the problem."""
+
+
+def _check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
+    if data.n_without_volume:
+        log.warning("%d report rows of %s have no volume in %s and are not used", data.n_without_volume,
+                    cfg.txt_filepath, cfg.ct_filepath)
+    if data.n_empty_text == len(data):
+        raise SetupError(f"every report in {cfg.txt_filepath} is empty for --text_column {cfg.text_column}")
+    if data.n_empty_text:
+        log.warning("%d of %d training reports have an empty %s", data.n_empty_text, len(data), cfg.text_column)
+    if cfg.do_validate and (cfg.val_ct_filepath is None or cfg.val_label_path is None):
+        raise SetupError("--do_validate needs --val_ct_filepath and --val_label_path")
+    if cfg.cache_features and not cfg.model.freeze_dinov2:
+        raise SetupError("--cache_features needs --freeze_dinov2 (a trained backbone changes its features)")
+
+
+def _store_shape(path: Path) -> list[int]:
+    from ctclip.data.store import VolumeStore
+
+    with VolumeStore(path) as s:
+        return [int(x) for x in s.file_attrs()["target_shape"]]
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    dist = init_distributed(cfg.use_ddp, cfg.device)
+    try:
+        return _train(cfg, dist)
+    finally:
+        cleanup_distributed(dist)
+
+
+def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column)
+    _check_inputs(cfg, data)
+    store_shape = _store_shape(Path(cfg.ct_filepath))
+    resume_path = resolve_resume(cfg.resume, out)
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        check_model_config(ckpt["model_config"], asdict(cfg.model), resume_path)
+        if ckpt["store_shape"] != store_shape:
+            raise SetupError(f"{cfg.ct_filepath} holds volumes of shape {store_shape}, but {resume_path} was "
+                             f"trained on {ckpt['store_shape']}")
+
+    model = build_model(cfg.model).to(dist.device)
+    if ckpt is not None:
+        load_model_state(model, ckpt["model"], resume_path)
+    autocast, scaler = autocast_factory(cfg.precision, dist.device)
+
+    sampler = GlobalBatchSampler(len(data), cfg.batch_size, cfg.grad_accum, dist.world_size, dist.rank, cfg.seed)
+    if cfg.cache_features:
+        loader = _cached_loader(cfg, model, data, dist, autocast, sampler)
+    else:
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate_volumes,
+                            pin_memory=dist.device.type == "cuda", persistent_workers=False)
+    step_module: nn.Module = TrainingStep(model, from_slices=cfg.cache_features)
+    if dist.distributed:
+        step_module = DistributedDataParallel(step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, total_steps))
+    step = epoch = start_in_epoch = 0
+    best = float("-inf")
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step, epoch, start_in_epoch, best = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["best_metric"]
+        set_rng_state(ckpt["rng"])
+        log.info("resumed from %s at step %d (epoch %d, step %d of it)", resume_path, step, epoch, start_in_epoch)
+
+    runlog = RunLog(out, dist.is_main)
+    if dist.is_main:
+        from ctcore.cli import save_resolved
+
+        save_resolved(cfg, out / "config.yaml")
+    loss_fn = ClipLoss()
+    meter = Throughput()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not dist.is_main)
+    summary: dict[str, Any] = {"steps": step, "best_metric": best}
+    stopping = False
+    while step < total_steps and not stopping:
+        sampler.set_epoch(epoch, start_in_epoch)
+        micro: list = []
+        step_in_epoch = start_in_epoch
+        for inputs, texts in loader:
+            micro.append((inputs, model.tokenize(list(texts))))
+            if len(micro) < cfg.grad_accum:
+                continue
+            loss = _optimizer_step(step_module, micro, loss_fn, optimizer, scheduler, scaler, autocast, cfg, dist)
+            micro = []
+            step += 1
+            step_in_epoch += 1
+            meter.add(cfg.batch_size)
+            bar.update(1)
+            summary.update(steps=step, last_loss=loss)
+            if step % cfg.log_interval == 0 or step == total_steps:
+                temperature = float(1.0 / model.temperature_scale().detach())
+                runlog.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss,
+                              "lr": scheduler.get_last_lr()[0], "temperature": temperature,
+                              "volumes_per_s": meter.rate(), "max_memory_mb": max_memory_mb(dist.device)})
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if cfg.do_validate and step % cfg.valid_interval == 0:
+                metric = _validate(cfg, model, dist, autocast, runlog, step, epoch)
+                if dist.is_main and metric > best:
+                    best = metric
+                    _save(out / "best.pt", cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch,
+                          best, store_shape)
+                best = broadcast_object(best)
+                summary["best_metric"] = best
+            stopping = cfg.stop_at_step is not None and step >= cfg.stop_at_step
+            if step % cfg.save_interval == 0 or step == total_steps or stopping:
+                if dist.is_main:
+                    _save(out / "latest.pt", cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch,
+                          best, store_shape)
+                barrier()
+            if step >= total_steps or stopping:
+                break
+        else:
+            epoch += 1
+            start_in_epoch = 0
+            continue
+        break  # max_steps or stop_at_step reached inside the epoch
+    bar.close()
+    runlog.close()
+    return summary
+
+
+def _optimizer_step(step_module, micro, loss_fn, optimizer, scheduler, scaler, autocast, cfg, dist) -> float:
+    """One optimizer step over `micro` (grad_accum micro-batches of this rank). Returns the loss of
+    the global batch."""
+    optimizer.zero_grad(set_to_none=True)
+    device = dist.device
+    if len(micro) == 1:
+        inputs, tokens = micro[0]
+        with autocast():
+            v, t, scale = step_module(inputs.to(device, non_blocking=True), tokens.to(device))
+            loss = loss_fn(v.float(), t.float(), scale.float())
+        _backward(loss, scaler)
+        value = float(loss.detach())
+    else:
+        value = _accumulated_backward(step_module, micro, autocast, scaler, device)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    return value if not dist.distributed else float(_mean_over_ranks(value, device))
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    from ctclip.distributed import all_reduce_mean
+
+    return float(all_reduce_mean(torch.tensor([value], device=device, dtype=torch.float64)))
+
+
+def _accumulated_backward(step_module, micro, autocast, scaler, device) -> float:
+    """Gradient accumulation that keeps the global negatives: embed every micro-batch without
+    gradient, then recompute each with gradient; `contrastive_loss_with_cached` puts it in its slot
+    among the cached embeddings of all micro-batches of all ranks. Every call's value is the loss of
+    the whole global batch (reported once); the gradients add up to the full-batch gradient."""
+    cached_v, cached_t = [], []
+    with torch.no_grad():
+        for inputs, tokens in micro:
+            with autocast():
+                v, t, _ = step_module(inputs.to(device, non_blocking=True), tokens.to(device))
+            cached_v.append(v.float())
+            cached_t.append(t.float())
+    ddp = isinstance(step_module, DistributedDataParallel)
+    value = float("nan")
+    for i, (inputs, tokens) in enumerate(micro):
+        last = i == len(micro) - 1
+        with (step_module.no_sync() if ddp and not last else contextlib.nullcontext()):
+            with autocast():
+                v, t, scale = step_module(inputs.to(device, non_blocking=True), tokens.to(device))
+            loss = contrastive_loss_with_cached(v.float(), t.float(), cached_v, cached_t, i, scale.float())
+            _backward(loss, scaler)
+        if i == 0:
+            value = float(loss.detach())
+    return value
+
+
+def _save(path, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape) -> None:
+    from ctcore.cli import resolved
+
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
+        "step_in_epoch": step_in_epoch, "best_metric": best, "rng": rng_state(), "config": resolved(cfg),
+        "model_config": asdict(cfg.model), "store_shape": store_shape,
+    })
+
+
+def _validate(cfg, model, dist, autocast, runlog, step, epoch) -> float:
+    """Zero-shot mean AUROC on the validation labels (rank 0 computes; the others wait)."""
+    metric = float("nan")
+    if dist.is_main:
+        was_training = model.training
+        model.eval()
+        t0 = time.perf_counter()
+        val = CTLabelDataset(cfg.val_ct_filepath, cfg.val_label_path)
+        loader = make_loader(val, batch_size=max(1, cfg.batch_size // (cfg.grad_accum * dist.world_size)),
+                             num_workers=min(cfg.num_workers, 2))
+        feats, labels = encode_loader(model, loader, dist.device, autocast)
+        scale = float(model.temperature_scale())
+        scores = zero_shot_scores(feats, prompt_features(model, device=dist.device), scale)
+        aurocs = auroc_per_finding(labels, scores)
+        metric = mean_defined(aurocs)
+        runlog.write({"kind": "valid", "step": step, "epoch": epoch, "mean_auroc": metric,
+                      "n_volumes": len(val), "seconds": time.perf_counter() - t0,
+                      **{f"auroc/{k}": v for k, v in aurocs.items() if not math.isnan(v)}})
+        model.train(was_training)
+    barrier()
+    return metric
+
+
+def _cached_loader(cfg, model, data, dist, autocast, sampler) -> DataLoader:
+    from ctclip.feature_cache import (
+        CachedReportDataset,
+        FeatureCache,
+        build_feature_cache,
+        cache_dir,
+        cache_key,
+    )
+
+    folder = cache_dir(Path(cfg.ct_filepath), cache_key(model, Path(cfg.ct_filepath)))
+    n = build_feature_cache(model, data, folder, dist.rank, dist.world_size, dist.device,
+                            batch_size=max(1, cfg.batch_size // (cfg.grad_accum * dist.world_size)),
+                            num_workers=cfg.num_workers, autocast=autocast, barrier=barrier)
+    log.info("feature cache %s: encoded %d volumes on this rank", folder, n)
+    cached = CachedReportDataset(data, FeatureCache(folder))
+    return DataLoader(cached, batch_sampler=sampler, num_workers=cfg.num_workers)
+
+
+__all__ = ["TrainConfig", "train", "SetupError", "CheckpointError"]

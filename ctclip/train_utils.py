@@ -1,0 +1,125 @@
+"""Pieces of the training loop that are not the loop: precision, schedule, data order, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Sampler
+
+
+def autocast_factory(precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], Any]:
+    """(a function returning the autocast context, a GradScaler or None). fp16 only on CUDA."""
+    if precision == "fp32":
+        return contextlib.nullcontext, None
+    if precision == "bf16":
+        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+    raise ValueError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from ~0 to 1, then cosine to 0 at total_steps."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Micro-batches of this rank, in an order that does not depend on the number of processes.
+
+    Each epoch is one seeded permutation of the dataset. Optimizer step s takes the global batch
+    perm[s*B:(s+1)*B]; it is cut into `micro_batches` consecutive micro-batches, and each of those
+    into `world_size` consecutive per-rank parts. So the samples seen by an optimizer step, and their
+    order within it, are the same for any world size and accumulation. `start_step` skips the steps
+    already done in the current epoch (resume mid-epoch)."""
+
+    def __init__(self, n: int, global_batch: int, micro_batches: int, world_size: int, rank: int, seed: int):
+        if global_batch % (micro_batches * world_size):
+            raise ValueError(f"--batch_size {global_batch} must be divisible by grad_accum x processes "
+                             f"= {micro_batches} x {world_size}")
+        if n < global_batch:
+            raise ValueError(f"the dataset has {n} pairs, fewer than one batch of {global_batch}")
+        self.n, self.batch, self.k, self.world, self.rank, self.seed = n, global_batch, micro_batches, world_size, rank, seed
+        self.epoch, self.start_step = 0, 0
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.k
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        micro = self.batch // self.k
+        part = micro // self.world
+        for step in range(self.start_step, self.steps_per_epoch):
+            for k in range(self.k):
+                start = step * self.batch + k * micro + self.rank * part
+                yield perm[start:start + part]
+
+
+class RunLog:
+    """train_log.jsonl (+ TensorBoard) on rank 0; a no-op elsewhere."""
+
+    def __init__(self, output_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = output_dir / "train_log.jsonl"
+        self._tb = None
+        if enabled:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self._tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def max_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS (Linux: KiB)
+
+
+class Throughput:
+    def __init__(self) -> None:
+        self.t, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        r = self.n / max(now - self.t, 1e-9)
+        self.t, self.n = now, 0
+        return r

@@ -1,0 +1,139 @@
+"""Training the tiny 3D CLIP on the synthetic chest set: loss falls, resume is exact, DDP and
+accumulation do not change the result, the feature cache gives the same loss, bad inputs stop early."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scripts.ctclip_preprocess import main as preprocess_main
+from scripts.ctclip_train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory):
+    """A small synthetic CT-RATE set, preprocessed to 16x48x48."""
+    from scripts.ctclip_make_synthetic import main as make_synthetic
+
+    d = tmp_path_factory.mktemp("chest")
+    assert make_synthetic(["--out_dir", str(d), "--n_patients", "10", "--size", "48", "48", "--slices", "16",
+                           "--seed", "3", "--valid_fraction", "0.3"]) == 0
+    for split, meta in (("train", "train_metadata.csv"), ("valid", "validation_metadata.csv")):
+        assert preprocess_main(["--ct_data_path", str(d / "volumes" / split), "--ct_out_path",
+                                str(d / f"{split}.h5"), "--metadata_path", str(d / meta), "--target_shape",
+                                "16", "48", "48", "--num_workers", "0"]) == 0
+    return d
+
+
+def _args(chest: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "ctclip" / "train_tiny.yaml"), "--ct_filepath", str(chest / "train.h5"),
+            "--txt_filepath", str(chest / "train_reports.csv"), "--output_dir", str(out), "--device", "cpu",
+            "--log_interval", "1", *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def test_loss_falls_and_run_is_logged(chest, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(_args(chest, out, "--max_steps", "40", "--do_validate", "--valid_interval", "20",
+                            "--val_ct_filepath", str(chest / "valid.h5"),
+                            "--val_label_path", str(chest / "valid_predicted_labels.csv"))) == 0
+    losses = list(_losses(out).values())
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    recs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    train_rec = next(r for r in recs if r["kind"] == "train")
+    assert {"step", "epoch", "loss", "lr", "temperature", "volumes_per_s", "max_memory_mb"} <= set(train_rec)
+    valid = [r for r in recs if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [20, 40] and 0 <= valid[-1]["mean_auroc"] <= 1
+    assert (out / "latest.pt").is_file() and (out / "best.pt").is_file() and (out / "config.yaml").is_file()
+    assert any((out / "tensorboard").iterdir())
+
+
+def test_resume_mid_epoch_is_exact(chest, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train_main(_args(chest, full, "--max_steps", "12")) == 0
+    assert train_main(_args(chest, part, "--max_steps", "12", "--stop_at_step", "5")) == 0  # mid-epoch
+    assert max(_losses(part)) == 5
+    assert train_main(_args(chest, part, "--max_steps", "12", "--resume", "latest")) == 0
+    a, b = _losses(full), _losses(part)
+    assert sorted(b) == list(range(1, 13))
+    for step in range(1, 13):
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_accumulation_keeps_the_global_batch(chest, tmp_path):
+    one, acc = tmp_path / "one", tmp_path / "acc"
+    assert train_main(_args(chest, one, "--max_steps", "4")) == 0
+    assert train_main(_args(chest, acc, "--max_steps", "4", "--grad_accum", "2")) == 0
+    a, b = _losses(one), _losses(acc)
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_feature_cache_gives_the_same_loss(chest, tmp_path):
+    plain, cached = tmp_path / "plain", tmp_path / "cached"
+    assert train_main(_args(chest, plain, "--max_steps", "4", "--freeze_dinov2")) == 0
+    assert train_main(_args(chest, cached, "--max_steps", "4", "--freeze_dinov2", "--cache_features")) == 0
+    a, b = _losses(plain), _losses(cached)
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert list((chest / "train.h5.features").iterdir())  # the cache sits next to the store
+
+
+def test_bf16_autocast_on_cpu(chest, tmp_path):
+    out = tmp_path / "bf16"
+    assert train_main(_args(chest, out, "--max_steps", "2", "--precision", "bf16")) == 0
+    assert all(v == v for v in _losses(out).values())  # finite, not NaN
+
+
+def test_bad_inputs_stop_before_training(chest, tmp_path, caplog):
+    reports = pd.read_csv(chest / "train_reports.csv")
+    empty = reports.assign(Findings_EN="Not given.", Impressions_EN=float("nan"))
+    empty.to_csv(tmp_path / "empty.csv", index=False)
+    args = _args(chest, tmp_path / "r", "--max_steps", "2")
+    args[args.index("--txt_filepath") + 1] = str(tmp_path / "empty.csv")
+    assert train_main(args) == 2 and "is empty" in caplog.text
+    # a checkpoint of another architecture
+    assert train_main(_args(chest, tmp_path / "a", "--max_steps", "1")) == 0
+    other = ROOT / "configs" / "ctclip" / "model_tiny.yaml"
+    wider = tmp_path / "wider.yaml"
+    wider.write_text(other.read_text().replace("embed_dim: 64", "embed_dim: 32"))
+    assert train_main(_args(chest, tmp_path / "b", "--max_steps", "1", "--model_config", str(wider),
+                            "--resume", str(tmp_path / "a" / "latest.pt"))) == 2
+    assert "another architecture" in caplog.text and "embed_dim" in caplog.text
+    # a store of another shape than the checkpoint was trained on
+    assert preprocess_main(["--ct_data_path", str(chest / "volumes" / "train"), "--ct_out_path",
+                            str(tmp_path / "small.h5"), "--target_shape", "8", "32", "32", "--num_workers", "0"]) == 0
+    args = _args(chest, tmp_path / "c", "--max_steps", "2", "--resume", str(tmp_path / "a" / "latest.pt"))
+    args[args.index("--ct_filepath") + 1] = str(tmp_path / "small.h5")
+    assert train_main(args) == 2 and "trained on [16, 48, 48]" in caplog.text
+    assert train_main(_args(chest, tmp_path / "d", "--cache_features")) == 2  # cache needs a frozen backbone
+    assert train_main(_args(chest, tmp_path / "e", "--do_validate")) == 2
+
+
+@pytest.mark.ddp
+def test_torchrun_two_processes_matches_one(chest, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert train_main(_args(chest, one, "--max_steps", "3")) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "scripts" / "ctclip_train.py"), "--use_ddp", *_args(chest, two, "--max_steps", "3")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in two.glob("*.pt")) == ["latest.pt"]  # one checkpoint, written once
+    a, b = _losses(one), _losses(two)
+    assert sorted(b) == [1, 2, 3]  # rank 0 logs, once per step
+    for step in a:  # same global batches, same result for any number of processes
+        assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
