@@ -46,9 +46,14 @@ demo: $(STAMP)
 		--ct_data_path $(DEMO_DIR)/ct_rate/volumes/valid --ct_out_path $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
 		--metadata_path $(DEMO_DIR)/ct_rate/validation_metadata.csv
 	$(PY) scripts/ctclip_split.py --data_dir $(DEMO_DIR)/ct_rate --target_val_size 6 --seed 42
+	$(PY) scripts/ctclip_train.py --config configs/ctclip/train_tiny.yaml --max_steps 120 \
+		--ct_filepath $(DEMO_DIR)/ct_rate/train_volumes.h5 --txt_filepath $(DEMO_DIR)/ct_rate/train_reports.csv \
+		--do_validate --valid_interval 40 --val_ct_filepath $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
+		--val_label_path $(DEMO_DIR)/ct_rate/valid_predicted_labels.csv --output_dir $(DEMO_DIR)/ctclip_tiny
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
 	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
+	@echo "              $(DEMO_DIR)/ctclip_tiny (latest.pt, best.pt, train_log.jsonl, tensorboard/)"
 	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
 
 test: $(STAMP)
