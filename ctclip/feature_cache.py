@@ -11,6 +11,7 @@ interrupted build only recomputes what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ctclip.data.dataset import CTReportDataset, make_loader
 from ctclip.data.store import VolumeStore
@@ -79,7 +80,7 @@ class FeatureCache:
 @torch.inference_mode()
 def build_feature_cache(model, dataset: CTReportDataset, folder: Path, rank: int, world_size: int,
                         device: torch.device, batch_size: int, num_workers: int,
-                        autocast: Callable = torch.autocast, barrier: Callable[[], None] = lambda: None) -> int:
+                        autocast: Callable = contextlib.nullcontext, barrier: Callable[[], None] = lambda: None) -> int:
     """Encode the slices of every volume of `dataset` not yet cached; returns how many this rank did."""
     folder.mkdir(parents=True, exist_ok=True)
     reader = FeatureCache(folder)
@@ -117,8 +118,3 @@ class CachedReportDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return torch.from_numpy(self.cache.read(self.names[index])), self.texts[index]
-
-
-def cached_loader(dataset: CachedReportDataset, batch_size: int, sampler, num_workers: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      persistent_workers=num_workers > 0)

@@ -31,7 +31,7 @@ class ModelConfig:
     dinov2_weights: str | None = None
     dinov2_source: str = "file"  # "file" | "hub" (torch.hub.load('facebookresearch/dinov2', ...), needs network)
     freeze_dinov2: bool = False  # freezes whichever slice encoder is configured
-    slice_chunk: int = 64  # slices per backbone forward: bounds activation memory
+    slice_chunk: int = 64  # slices per backbone forward: bounds memory when frozen or with grad_checkpointing
     grad_checkpointing: bool = False  # recompute each chunk in backward
     image_size: int = 224  # slices are resized to this on the device
     fusion_dim: int = 512
