@@ -37,7 +37,22 @@ from ctclip.checkpoint import (
     set_rng_state,
 )
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset, collate_volumes, make_loader
-from ctclip.distributed import DistInfo, barrier, broadcast_object, cleanup_distributed, init_distributed
+from ctclip.data.store import VolumeStore
+from ctclip.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
+from ctclip.feature_cache import (
+    CachedReportDataset,
+    FeatureCache,
+    build_feature_cache,
+    cache_dir,
+    cache_key,
+)
 from ctclip.losses import ClipLoss, contrastive_loss_with_cached
 from ctclip.models.clip3d import param_groups
 from ctclip.models.registry import ModelConfig, build_model
@@ -50,6 +65,7 @@ from ctclip.train_utils import (
     max_memory_mb,
 )
 from ctclip.zeroshot import auroc_per_finding, encode_loader, mean_defined, prompt_features, zero_shot_scores
+from ctcore.cli import resolved, save_resolved
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +134,6 @@ def _check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
 
 
 def _store_shape(path: Path) -> list[int]:
-    from ctclip.data.store import VolumeStore
-
     with VolumeStore(path) as s:
         return [int(x) for x in s.file_attrs()["target_shape"]]
 
@@ -176,8 +190,6 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
 
     runlog = RunLog(out, dist.is_main)
     if dist.is_main:
-        from ctcore.cli import save_resolved
-
         save_resolved(cfg, out / "config.yaml")
     loss_fn = ClipLoss()
     meter = Throughput()
@@ -263,8 +275,6 @@ def _backward(loss: torch.Tensor, scaler) -> None:
 
 
 def _mean_over_ranks(value: float, device: torch.device) -> float:
-    from ctclip.distributed import all_reduce_mean
-
     return float(all_reduce_mean(torch.tensor([value], device=device, dtype=torch.float64)))
 
 
@@ -295,8 +305,6 @@ def _accumulated_backward(step_module, micro, autocast, scaler, device) -> float
 
 
 def _save(path, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape) -> None:
-    from ctcore.cli import resolved
-
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
@@ -329,13 +337,6 @@ def _validate(cfg, model, dist, autocast, runlog, step, epoch) -> float:
 
 
 def _cached_loader(cfg, model, data, dist, autocast, sampler) -> DataLoader:
-    from ctclip.feature_cache import (
-        CachedReportDataset,
-        FeatureCache,
-        build_feature_cache,
-        cache_dir,
-        cache_key,
-    )
 
     folder = cache_dir(Path(cfg.ct_filepath), cache_key(model, Path(cfg.ct_filepath)))
     n = build_feature_cache(model, data, folder, dist.rank, dist.world_size, dist.device,

@@ -83,9 +83,10 @@ class RunLog:
     def __init__(self, output_dir: Path, enabled: bool):
         self.enabled = enabled
         self.path = output_dir / "train_log.jsonl"
-        self._tb = None
+        self._tb = self._fh = None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a")  # one line per record, flushed: a killed run keeps what it logged
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(str(output_dir / "tensorboard"))
@@ -93,8 +94,8 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
         step = record.get("step", 0)
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
@@ -103,6 +104,7 @@ class RunLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._fh.close()
 
 
 def max_memory_mb(device: torch.device) -> float:

@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ctclip.data.nifti import VolumeError, read_nifti
 from ctclip.data.preprocess import LAYOUT, VolumeParams, preprocess_volume
 from ctclip.data.rescale import CsvRescale, RescaleError
-from ctclip.data.store import StoreSpec, StoreWriter
+from ctclip.data.store import StoreError, StoreSpec, StoreWriter
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -203,8 +203,6 @@ def run_preprocess(cfg: PreprocessConfig, version: str = "") -> PreprocessSummar
     if not out.parent.exists():
         log.info("creating output folder %s", out.parent)
     names = [volume_name(p) for p in files]
-    from ctclip.data.store import StoreError
-
     try:
         writer = StoreWriter.open(out, names, StoreSpec(tuple(cfg.target_shape), cfg.store_config(), version),
                                   overwrite=cfg.overwrite)
