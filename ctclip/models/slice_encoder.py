@@ -250,10 +250,10 @@ def _build_timm(model_name: str, image_size: int, weights):
 
 
 def _build_openclip(model_name: str, image_size: int, weights):
-    import open_clip
-    from open_clip.model import resize_pos_embed
-
+    from ctclip.models.openclip_import import open_clip
     from ctclip.models.text import read_clip_state_dict
+
+    resize_pos_embed = open_clip.model.resize_pos_embed
 
     if model_name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {model_name!r} (see open_clip.list_models())")

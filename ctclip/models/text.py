@@ -16,8 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from open_clip import SimpleTokenizer
-from open_clip.transformer import QuickGELU, TextTransformer
+
+from ctclip.models.openclip_import import open_clip
+
+SimpleTokenizer = open_clip.SimpleTokenizer
+QuickGELU = open_clip.transformer.QuickGELU
+TextTransformer = open_clip.transformer.TextTransformer
 
 VOCAB_SIZE = 49408  # CLIP BPE: 256 bytes x2 + 48894 merges + start/end of text
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "transformer.resblocks.", "ln_final.", "text_projection")
