@@ -7,6 +7,7 @@ findings+impressions; a raw CT-RATE column name is accepted too.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Mapping
@@ -57,7 +58,9 @@ def _read_csv(path: Path, required: tuple[str, ...], what: str) -> pd.DataFrame:
         raise TableError(f"{what} {path}: not a readable CSV ({e})") from e
     missing = [c for c in required if c not in df.columns]
     if missing:
-        near = {c: [d for d in df.columns if d.replace(" ", "").lower() == c.replace(" ", "").lower()] for c in missing}
+        spare = [str(d) for d in df.columns if d not in required]
+        near = {c: difflib.get_close_matches(c.lower(), [d.lower() for d in spare], n=1, cutoff=0.75) for c in missing}
+        near = {c: [d for d in spare if d.lower() == m[0]] if m else [] for c, m in near.items()}
         hint = "; ".join(f"{c!r} (found {near[c][0]!r}?)" for c in missing if near[c])
         raise TableError(f"{what} {path}: missing column(s) {', '.join(map(repr, missing))}" + (f"; {hint}" if hint else ""))
     bad = df["VolumeName"].isna()
