@@ -8,13 +8,18 @@ config and the best validation metric so far.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ctclip.models.registry import ModelConfig, build_model
 
 CHECKPOINT_VERSION = 1
 
@@ -102,3 +107,29 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         raise CheckpointError(f"{path}: weights do not fit the model; missing {result.missing_keys[:5]} "
                               f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:5]} "
                               f"({len(result.unexpected_keys)})")
+
+
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu"):
+    """(CTCLIP in eval mode on `device`, checkpoint metadata) from a training checkpoint (latest.pt,
+    best.pt). The architecture comes from the checkpoint's model config; the weights all come from
+    the checkpoint, so the original backbone / text weight files are not needed."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)
+    saved = dict(ckpt.get("model_config") or {})
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: model settings {unknown} are unknown to this version of ctclip")
+    saved.update(dinov2_weights=None, text_weights=None, dinov2_source="file", grad_checkpointing=False)
+    encoder_log = logging.getLogger("ctclip.models.slice_encoder")
+    level = encoder_log.level
+    encoder_log.setLevel(logging.ERROR)  # "randomly initialised" is wrong here: the checkpoint fills it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = build_model(ModelConfig(**saved))
+    finally:
+        encoder_log.setLevel(level)
+    load_model_state(model, ckpt["model"], path)
+    meta = {k: ckpt.get(k) for k in ("step", "epoch", "best_metric", "config", "model_config", "store_shape")}
+    return model.to(device).eval(), meta

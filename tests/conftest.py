@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,3 +23,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def samples() -> Samples:
     """The real sample files, fetched once into the user's cache (verified by sha256)."""
     return fetch_samples()
+
+
+@pytest.fixture(scope="session")
+def synthetic_chest(tmp_path_factory) -> Path:
+    """A small synthetic CT-RATE set (10 patients), preprocessed to 16x48x48: train.h5, valid.h5, CSVs."""
+    from scripts.ctclip_make_synthetic import main as make_synthetic
+    from scripts.ctclip_preprocess import main as preprocess
+
+    d = tmp_path_factory.mktemp("chest")
+    assert make_synthetic(["--out_dir", str(d), "--n_patients", "10", "--size", "48", "48", "--slices", "16",
+                           "--seed", "3", "--valid_fraction", "0.3"]) == 0
+    for split, meta in (("train", "train_metadata.csv"), ("valid", "validation_metadata.csv")):
+        assert preprocess(["--ct_data_path", str(d / "volumes" / split), "--ct_out_path", str(d / f"{split}.h5"),
+                           "--metadata_path", str(d / meta), "--target_shape", "16", "48", "48",
+                           "--num_workers", "0"]) == 0
+    return d

@@ -19,18 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def chest(tmp_path_factory):
-    """A small synthetic CT-RATE set, preprocessed to 16x48x48."""
-    from scripts.ctclip_make_synthetic import main as make_synthetic
-
-    d = tmp_path_factory.mktemp("chest")
-    assert make_synthetic(["--out_dir", str(d), "--n_patients", "10", "--size", "48", "48", "--slices", "16",
-                           "--seed", "3", "--valid_fraction", "0.3"]) == 0
-    for split, meta in (("train", "train_metadata.csv"), ("valid", "validation_metadata.csv")):
-        assert preprocess_main(["--ct_data_path", str(d / "volumes" / split), "--ct_out_path",
-                                str(d / f"{split}.h5"), "--metadata_path", str(d / meta), "--target_shape",
-                                "16", "48", "48", "--num_workers", "0"]) == 0
-    return d
+def chest(synthetic_chest):
+    return synthetic_chest
 
 
 def _args(chest: Path, out: Path, *extra: str) -> list[str]:
