@@ -85,7 +85,7 @@ def metrics_table(result: EvaluationResult) -> pd.DataFrame:
 def plot_roc_curves(path: Path, result: EvaluationResult, labels: np.ndarray, scores: np.ndarray) -> None:
     cols = 6
     rows = math.ceil(len(result.findings) / cols)
-    fig = Figure(figsize=(3.0 * cols, 3.2 * rows))
+    fig = Figure(figsize=(3.0 * cols, 3.6 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (j, f) in zip(axes.ravel(), enumerate(result.findings)):
         ax.plot([0, 1], [0, 1], "--", color="0.7", lw=0.8)
@@ -101,18 +101,17 @@ def plot_roc_curves(path: Path, result: EvaluationResult, labels: np.ndarray, sc
         fpr, tpr, _ = roc_curve(labels[keep, j], scores[keep, j])
         ax.plot(fpr, tpr, color="#2b6cb0", lw=1.4)
         auroc = f"AUROC {f.values['auroc']:.3f}"
-        if f.lower["auroc"] != f.upper["auroc"]:
+        if result.n_bootstrap:  # without resampling the bounds are the point itself: not shown
             auroc += f" [{f.lower['auroc']:.3f}, {f.upper['auroc']:.3f}]"
         ax.set_title(f"{f.name}\n{auroc}\nn={f.n}, pos={f.n_positive}", fontsize=8)
     for ax in axes.ravel()[len(result.findings):]:
         ax.axis("off")
     m = result.macro["auroc"]
-    ci = f" [{m['lower']:.3f}, {m['upper']:.3f}]" if m["lower"] != m["upper"] else ""
+    ci = f" [{m['lower']:.3f}, {m['upper']:.3f}]" if result.n_bootstrap else ""
     fig.suptitle(f"Zero-shot ROC ({result.protocol} protocol): macro AUROC {m['value']:.3f}{ci} over "
                  f"{m['n_findings']} findings", fontsize=11)
     fig.supxlabel("false positive rate", fontsize=9)
     fig.supylabel("true positive rate", fontsize=9)
-    fig.tight_layout()
     _replace_into(path, lambda p: fig.savefig(p, dpi=110, format="png"))
 
 
