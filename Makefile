@@ -52,10 +52,14 @@ demo: $(STAMP)
 		--ct_filepath $(DEMO_DIR)/ct_rate/train_volumes.h5 --txt_filepath $(DEMO_DIR)/ct_rate/train_reports.csv \
 		--do_validate --valid_interval 40 --val_ct_filepath $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
 		--val_label_path $(DEMO_DIR)/ct_rate/valid_predicted_labels.csv --output_dir $(DEMO_DIR)/ctclip_tiny
+	$(PY) scripts/ctclip_eval.py --model_path $(DEMO_DIR)/ctclip_tiny/best.pt \
+		--test_data $(DEMO_DIR)/ct_rate/valid_volumes.h5 --test_labels $(DEMO_DIR)/ct_rate/test_predicted_labels.csv \
+		--reports $(DEMO_DIR)/ct_rate/test_reports.csv --output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
 	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
 	@echo "              $(DEMO_DIR)/ctclip_tiny (latest.pt, best.pt, train_log.jsonl, tensorboard/)"
+	@echo "              $(DEMO_DIR)/ctclip_eval (scores.csv, metrics_per_finding.csv, summary.json, roc_curves.png, retrieval.json)"
 	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
 
 test: $(STAMP)
