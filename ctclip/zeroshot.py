@@ -87,13 +87,11 @@ def prompt_features(model, findings: Sequence[str] = FINDINGS,
     """(F, 2, E) normalised text embeddings of the (present, absent) prompts of every finding."""
     if not isinstance(templates, Templates):
         templates = Templates((templates[0],), (templates[1],))
-    out = []
-    for finding in findings:
-        pos, neg = templates.render(finding)
-        feats = model.encode_text(model.tokenize(pos + neg).to(device)).float()
-        sides = [feats[: len(pos)].mean(0), feats[len(pos):].mean(0)]
-        out.append(torch.nn.functional.normalize(torch.stack(sides), dim=-1))
-    return torch.stack(out)
+    n_pos, n_neg = len(templates.positive), len(templates.negative)
+    texts = [t for finding in findings for side in templates.render(finding) for t in side]
+    feats = model.encode_text(model.tokenize(texts).to(device)).float().view(len(findings), n_pos + n_neg, -1)
+    sides = torch.stack([feats[:, :n_pos].mean(1), feats[:, n_pos:].mean(1)], dim=1)  # (F, 2, E)
+    return torch.nn.functional.normalize(sides, dim=-1)
 
 
 @torch.inference_mode()
