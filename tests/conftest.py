@@ -39,3 +39,23 @@ def synthetic_chest(tmp_path_factory) -> Path:
                            "--metadata_path", str(d / meta), "--target_shape", "16", "48", "48",
                            "--num_workers", "0"]) == 0
     return d
+
+
+@pytest.fixture(scope="session")
+def synthetic_head(tmp_path_factory) -> Path:
+    """A small synthetic RSNA DICOM set (configs/hemorrhage/synthetic_small.yaml with seed 0, which has
+    JPEG 2000, RLE and implicit-VR series, BitsStored-12 quirk series, a tilted and a thin series,
+    localizers, and a truncated and a pixel-less file): dicom/, labels.csv, studies.csv, truth/."""
+    from scripts.hemorrhage_make_synthetic import main as make_synthetic
+
+    out = tmp_path_factory.mktemp("head")
+    config = Path(__file__).resolve().parents[1] / "configs" / "hemorrhage" / "synthetic_small.yaml"
+    assert make_synthetic(["--config", str(config), "--out_dir", str(out), "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_head_truths(synthetic_head) -> list[dict]:
+    from hemorrhage.synthetic import read_truth
+
+    return [read_truth(p) for p in sorted((synthetic_head / "truth").glob("*.npz"))]

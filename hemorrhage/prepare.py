@@ -1,0 +1,396 @@
+"""A folder tree of head CT DICOM files -> windowed uint8 slices for the RSNA 2019 models.
+
+    python scripts/hemorrhage_prepare.py --input_dir /data/dicoms --output_dir /data/processed
+    python scripts/hemorrhage_prepare.py -i /data/dicoms -o /data/processed --format npz --window three -j 16
+
+Writes under the output folder:
+
+    png/ID_<SOPInstanceUID>.png   --format png (default, the original's layout): one windowed uint8 image
+                                  per slice (RSNA UIDs that already start with ID_ are not prefixed again);
+                                  three-window images hold (brain, subdural, bone) in cv2's channel order,
+                                  so cv2.imread returns them in that order
+    npz/<SeriesInstanceUID>.npz   --format npz (the fast path): ``images`` (N, H, W) or, three windows,
+                                  (N, 3, H, W) uint8 in position order, ``sop_uids``, ``positions``
+                                  (mm along the normal), ``quirk_fixed``, ``study_uid``, ``series_uid``,
+                                  ``window``; --compress deflates them
+    manifest.csv                  one row per file: study, series, SOP, path, position, order, flags,
+                                  included, output, status, quirk_fixed, window (see hemorrhage.series)
+    errors.csv                    path, stage, error of every file that failed
+    prepare_config.yaml           the settings used (a resumed run must use the same ones)
+
+Re-running the same command resumes: outputs are written through temporary names and os.replace, so an
+existing PNG is complete and skipped; an npz is skipped when it holds exactly the series' planned slices.
+`run_prepare` raises `UsageError` for bad input (exit 2 in the script) and lists failed files in the
+summary (exit 3), after writing everything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+from ctcore.cli import resolved, save_resolved
+from hemorrhage.dicom import DicomHeader, DicomReadError, read_hu
+from hemorrhage.series import (
+    EXCLUDING,
+    Discovery,
+    FileError,
+    Series,
+    discover,
+    make_pool,
+    relative,
+    resolve_workers,
+    write_errors,
+    write_manifest,
+)
+from hemorrhage.windows import WindowSpec, header_window, parse_window_spec, render
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("png", "npz")
+OUTPUTS = ("png", "npz", "manifest.csv", "errors.csv", "prepare_config.yaml")
+RESUME_KEYS = ("format", "window", "fix_bits_stored_12", "original_int")  # settings that change the outputs
+SLICES_PER_TASK = 16  # PNG mode: slices per pool task (fewer round trips than one per slice)
+
+
+class UsageError(ValueError):
+    """Bad input or settings: nothing useful can be written (exit status 2)."""
+
+
+@dataclass
+class PrepareConfig:
+    input_dir: Path
+    output_dir: Path
+    format: str = "png"  # png | npz
+    window: str = "header"  # header | three | brain | subdural | bone | CENTER/WIDTH
+    num_workers: int = -1  # processes; -1 = all CPUs, 0 = in the calling process
+    fix_bits_stored_12: bool = True  # the community fix for RSNA BitsStored-12 slices
+    original_int: bool = False  # truncate WC/WW/slope/intercept with int() as the original did
+    compress: bool = False  # npz: deflate the stacks (several times smaller, slower to write and load)
+    overwrite: bool = False  # remove this tool's previous outputs instead of resuming
+    progress: bool = True
+
+    def window_spec(self) -> WindowSpec:
+        return parse_window_spec(self.window, self.original_int)
+
+
+@dataclass
+class PrepareSummary:
+    output_dir: Path
+    fmt: str
+    window: str
+    n_files: int = 0
+    n_studies: int = 0
+    n_series: int = 0
+    n_slices: int = 0  # slices to write (left-out files excluded)
+    written: int = 0
+    done_before: int = 0
+    quirk_fixed: int = 0  # slices written this run with the BitsStored-12 fix applied
+    left_out: Counter = field(default_factory=Counter)
+    failed: list[FileError] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        out = ", ".join(f"{k} {v}" for k, v in sorted(self.left_out.items())) or "none"
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        return (f"hemorrhage_prepare: {self.n_files} files -> {self.n_studies} studies, "
+                f"{self.n_series} series, {self.n_slices} slices ({self.fmt}, {self.window}): "
+                f"{self.written} written, {self.done_before} already done, {len(self.failed)} failed; "
+                f"left out: {out}; {self.quirk_fixed} BitsStored-12 fixes; {self.seconds:.1f} s "
+                f"({rate:.0f} slices/s) -> {self.output_dir}")
+
+
+# ----------------------------------------------------------------------------------------- one slice
+
+
+def png_name(sop_uid: str) -> str:
+    """The original's file name: ID_<SOPInstanceUID>.png (Kaggle IDs already start with ID_)."""
+    return f"{sop_uid if sop_uid.startswith('ID_') else 'ID_' + sop_uid}.png"
+
+
+def slice_image(path: str | Path, spec: WindowSpec, fix_quirk: bool = True
+                ) -> tuple[DicomHeader, np.ndarray, bool]:
+    """(header, uint8 image, quirk_fixed) of one file: decode, HU, window (see hemorrhage.windows)."""
+    s = read_hu(path, fix_quirk=fix_quirk, original_int=spec.original_int)
+    if s.hu.ndim != 2:
+        raise DicomReadError(path, f"not a single 2D slice (pixel array {s.hu.shape})")
+    return s.header, render(s.hu, spec, s.header.window_center, s.header.window_width), s.quirk_fixed
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Slices of one series, in order; `npz` set in npz mode, else each slice has its PNG path."""
+
+    paths: tuple[str, ...]
+    pngs: tuple[str, ...] = ()
+    npz: str = ""
+    compress: bool = False  # npz: deflate the stack
+    sop_uids: tuple[str, ...] = ()
+    study_uid: str = ""
+    series_uid: str = ""
+    positions: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class SliceResult:
+    path: str
+    quirk_fixed: bool = False
+    error: str = ""
+    stage: str = "pixels"
+
+
+def run_task(task: Task, spec: WindowSpec, fix_quirk: bool) -> list[SliceResult]:
+    """Decode, window and write the slices of `task` (runs in a worker process)."""
+    results: list[SliceResult] = []
+    images: list[np.ndarray] = []
+    kept: list[int] = []
+    for k, path in enumerate(task.paths):
+        try:
+            _, img, fixed = slice_image(path, spec, fix_quirk)
+        except DicomReadError as e:
+            results.append(SliceResult(path, error=e.reason))
+            continue
+        if task.npz:
+            if images and img.shape != images[0].shape:
+                why = f"image {img.shape} differs from the series' {images[0].shape}"
+                results.append(SliceResult(path, error=why))
+                continue
+            images.append(img)
+            kept.append(k)
+        else:
+            ok, buf = cv2.imencode(".png", img)
+            if not ok:
+                results.append(SliceResult(path, error="cv2 could not encode the PNG", stage="write"))
+                continue
+            write_atomic(Path(task.pngs[k]), buf.tobytes())
+        results.append(SliceResult(path, fixed))
+    if task.npz:
+        fixed_flags = [r.quirk_fixed for r in results if not r.error]
+        save_series_npz(task, kept, images, fixed_flags, spec)
+    return results
+
+
+def save_series_npz(task: Task, kept: list[int], images: list[np.ndarray], fixed: list[bool], spec: WindowSpec
+                    ) -> None:
+    """One series' stack through a temporary name; a series without any readable slice leaves no file."""
+    out = Path(task.npz)
+    if not images:
+        out.unlink(missing_ok=True)  # an older stack of other slices must not pass for this series
+        return
+    tmp = out.with_name(f".{out.name}.tmp")
+    save = np.savez_compressed if task.compress else np.savez  # plain: loading is a copy, not an inflate
+    with open(tmp, "wb") as f:
+        stack = np.stack(images)
+        if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.dataset.window_inputs takes
+            stack = np.ascontiguousarray(np.moveaxis(stack, -1, 1))
+        save(f, images=stack, sop_uids=np.array([task.sop_uids[k] for k in kept]),
+             positions=np.array([task.positions[k] for k in kept], np.float64), quirk_fixed=np.array(fixed),
+             study_uid=np.array(task.study_uid), series_uid=np.array(task.series_uid),
+             window=np.array(spec.describe()))
+    os.replace(tmp, out)
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def prepare_output(cfg: PrepareConfig) -> None:
+    """Create the output folder; on resume demand the same output-changing settings; --overwrite clears it."""
+    out = Path(cfg.output_dir)
+    saved = out / "prepare_config.yaml"
+    if cfg.overwrite:
+        for name in OUTPUTS:  # only what this tool writes
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    elif saved.is_file():
+        before = yaml.safe_load(saved.read_text()) or {}
+        now = resolved(cfg)
+        diff = [k for k in RESUME_KEYS if k in before and before[k] != now[k]]
+        if diff:
+            was = ", ".join(f"{k}={before[k]!r}" for k in diff)
+            raise UsageError(f"{out} was prepared with other settings ({was}); use the same settings to "
+                             "resume, --overwrite to start again, or another --output_dir")
+    (out / cfg.format).mkdir(parents=True, exist_ok=True)
+    for tmp in (out / cfg.format).glob(".*.tmp"):  # left by a killed run
+        tmp.unlink()
+
+
+def _npz_complete(path: Path, sops: list[str]) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["sop_uids"].tolist() == sops
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("%s: unreadable, written again (%s)", path, e)
+        return False
+
+
+def plan_tasks(d: Discovery, cfg: PrepareConfig) -> tuple[list[Task], dict[str, str], set[str]]:
+    """(tasks still to do, output per file path, file paths whose output already exists)."""
+    out = Path(cfg.output_dir)
+    tasks: list[Task] = []
+    outputs: dict[str, str] = {}
+    done: set[str] = set()
+    for s in d.series:
+        if not s.slices:
+            continue
+        paths = [e.header.path for e in s.slices]
+        if cfg.format == "npz":
+            npz = out / "npz" / f"{s.series_uid}.npz"
+            outputs.update(dict.fromkeys(paths, relative(str(npz), out)))
+            sops = [e.header.sop_uid for e in s.slices]
+            if _npz_complete(npz, sops):
+                done.update(paths)
+                continue
+            positions = tuple(np.nan if e.position is None else e.position for e in s.slices)
+            tasks.append(Task(tuple(paths), npz=str(npz), compress=cfg.compress, sop_uids=tuple(sops),
+                              study_uid=s.study_uid, series_uid=s.series_uid, positions=positions))
+            continue
+        todo = []
+        for e in s.slices:
+            png = out / "png" / png_name(e.header.sop_uid)
+            outputs[e.header.path] = relative(str(png), out)
+            if png.is_file():
+                done.add(e.header.path)
+            else:
+                todo.append((e.header.path, str(png)))
+        for i in range(0, len(todo), SLICES_PER_TASK):
+            chunk = todo[i:i + SLICES_PER_TASK]
+            tasks.append(Task(tuple(p for p, _ in chunk), tuple(q for _, q in chunk)))
+    return tasks, outputs, done
+
+
+def _run_tasks(tasks: list[Task], pool: Executor | None, spec: WindowSpec, fix: bool, progress: bool
+               ) -> list[SliceResult]:
+    from tqdm.auto import tqdm
+
+    results: list[SliceResult] = []
+    with tqdm(total=sum(len(t.paths) for t in tasks), desc="slices", unit="slice",
+              disable=None if progress else True) as bar:
+        if pool is None:
+            for t in tasks:
+                try:
+                    results += run_task(t, spec, fix)
+                except OSError as e:  # cannot write (full disk, permissions): these slices fail
+                    results += _task_failed(t, e)
+                bar.update(len(t.paths))
+            return results
+        queue, running = iter(tasks), {}  # at most 2 tasks per worker in flight: bounded memory
+        limit = 2 * getattr(pool, "_max_workers", 2)
+        while True:
+            while len(running) < limit and (t := next(queue, None)) is not None:
+                running[pool.submit(run_task, t, spec, fix)] = t
+            if not running:
+                return results
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                t = running.pop(fut)
+                results += _task_results(fut, t)
+                bar.update(len(t.paths))
+
+
+def _task_results(fut: Future, t: Task) -> list[SliceResult]:
+    exc = fut.exception()
+    if exc is None:
+        return fut.result()
+    if isinstance(exc, (OSError, BrokenProcessPool)):  # cannot write, or a worker was killed (memory)
+        return _task_failed(t, exc)
+    raise exc  # anything else is a bug: stop loudly, as the serial path does
+
+
+def _task_failed(t: Task, exc: BaseException) -> list[SliceResult]:
+    log.error("task of %d slices failed: %s: %s", len(t.paths), type(exc).__name__, exc)
+    return [SliceResult(p, error=f"{type(exc).__name__}: {exc}", stage="write") for p in t.paths]
+
+
+def _manifest_extra(d: Discovery, cfg: PrepareConfig, spec: WindowSpec, outputs: dict[str, str],
+                    done: set[str], results: dict[str, SliceResult]) -> dict[str, dict[str, object]]:
+    extra: dict[str, dict[str, object]] = {}
+    for s in d.series:
+        for e in s.entries:
+            p, h = e.header.path, e.header
+            r = results.get(p)
+            status = ("left_out" if not e.included else "failed" if r is not None and r.error
+                      else "written" if r is not None else "done_before" if p in done else "")
+            window = spec.describe() if spec.mode != "header" else str(
+                header_window(h.window_center, h.window_width, original_int=spec.original_int))
+            extra[p] = {"output": outputs.get(p, "") if status in ("written", "done_before") else "",
+                        "status": status, "window": window,
+                        "quirk_fixed": int(e.included and cfg.fix_bits_stored_12 and h.needs_quirk_fix)}
+    return extra
+
+
+def _series_count(series: list[Series]) -> int:
+    return sum(1 for s in series if s.slices)
+
+
+def run_prepare(cfg: PrepareConfig) -> PrepareSummary:
+    """Discover, decode, window and write every slice under cfg.input_dir (see the module docstring)."""
+    t0 = time.perf_counter()
+    root, out = Path(cfg.input_dir), Path(cfg.output_dir)
+    if not root.is_dir():
+        raise UsageError(f"--input_dir {root}: no such folder")
+    if cfg.format not in FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {cfg.format!r}")
+    try:
+        spec = cfg.window_spec()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    prepare_output(cfg)
+    save_resolved(cfg, out / "prepare_config.yaml")
+    pool = make_pool(cfg.num_workers)
+    try:
+        d = discover(root, progress=cfg.progress, pool=pool)
+        summary = PrepareSummary(out, cfg.format, spec.describe(), d.n_files, d.n_studies,
+                                 _series_count(d.series), d.n_slices)
+        summary.left_out = Counter({f: n for f, n in d.flag_counts.items() if f in EXCLUDING})
+        if d.n_files == 0:
+            raise UsageError(f"--input_dir {root}: no candidate files ({d.skipped_files} skipped by name)")
+        if d.n_slices == 0:
+            write_errors(d.errors, out / "errors.csv", root)
+            left = ", ".join(f"{k} {v}" for k, v in sorted(summary.left_out.items())) or "none"
+            raise UsageError(f"--input_dir {root}: no CT slices among {d.n_files} files ({len(d.errors)} "
+                             f"unreadable, left out: {left}); see {out / 'errors.csv'}")
+        tasks, outputs, done = plan_tasks(d, cfg)
+        workers = resolve_workers(cfg.num_workers)
+        log.info("%d slices in %d series: %d already done, %d to write %s", d.n_slices, summary.n_series,
+                 len(done), d.n_slices - len(done),
+                 f"with {workers} worker processes" if pool is not None else "in this process")
+        results = _run_tasks(tasks, pool, spec, cfg.fix_bits_stored_12, cfg.progress)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    by_path = {r.path: r for r in results}
+    failed = [FileError(r.path, r.stage, r.error) for r in results if r.error]
+    for f in failed:
+        log.error("failed: %s: %s", f.path, f.error)
+    summary.failed = sorted(d.errors + failed, key=lambda e: e.path)
+    summary.written = sum(1 for r in results if not r.error)
+    summary.done_before = len(done)
+    summary.quirk_fixed = sum(1 for r in results if r.quirk_fixed and not r.error)
+    extra = _manifest_extra(d, cfg, spec, outputs, done, by_path)
+    write_manifest(d, out / "manifest.csv", extra, ("output", "status", "quirk_fixed", "window"))
+    write_errors(summary.failed, out / "errors.csv", root)
+    summary.seconds = time.perf_counter() - t0
+    return summary
