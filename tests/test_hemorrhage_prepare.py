@@ -46,19 +46,9 @@ def read_csv(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def synth(synthetic_head) -> Path:
-    return synthetic_head
-
-
-@pytest.fixture(scope="module")
-def truths(synthetic_head_truths) -> list[dict]:
-    return synthetic_head_truths
-
-
-@pytest.fixture(scope="module")
-def png_run(synth, tmp_path_factory):
+def png_run(synthetic_head, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "png_run"
-    rc = main(["--input_dir", str(synth / "dicom"), "--output_dir", str(out), "--num_workers", "0"])
+    rc = main(["--input_dir", str(synthetic_head / "dicom"), "--output_dir", str(out), "--num_workers", "0"])
     return rc, out
 
 
@@ -66,10 +56,10 @@ def intact(t: dict) -> list[int]:
     return [k for k in range(len(t["sop_uids"])) if t["broken"][k] == ""]
 
 
-def test_png_run_writes_every_slice_as_the_oracle_says(synth, truths, png_run):
+def test_png_run_writes_every_slice_as_the_oracle_says(synthetic_head, synthetic_head_truths, png_run):
     rc, out = png_run
     assert rc == 3  # the set holds two broken files
-    expected = {str(t["sop_uids"][k]): synth / str(t["paths"][k]) for t in truths for k in intact(t)}
+    expected = {str(t["sop_uids"][k]): synthetic_head / str(t["paths"][k]) for t in synthetic_head_truths for k in intact(t)}
     pngs = sorted(p.name for p in (out / "png").iterdir())
     assert pngs == sorted(png_name(s) for s in expected)  # no localizer, no broken file, no temp file
     for sop, path in expected.items():
@@ -78,16 +68,16 @@ def test_png_run_writes_every_slice_as_the_oracle_says(synth, truths, png_run):
         np.testing.assert_array_equal(img, oracle_image(path))
 
 
-def test_errors_manifest_and_quirk_count(synth, truths, png_run, capsys):
+def test_errors_manifest_and_quirk_count(synthetic_head, synthetic_head_truths, png_run, capsys):
     rc, out = png_run
-    broken = {r["path"]: r["kind"] for r in read_csv(synth / "broken.csv")}
+    broken = {r["path"]: r["kind"] for r in read_csv(synthetic_head / "broken.csv")}
     errors = read_csv(out / "errors.csv")
     assert {f"dicom/{r['path']}" for r in errors} == set(broken)
     assert all(r["error"] == "no pixel data" or r["error"].startswith("truncated") for r in errors)
     rows = read_csv(out / "manifest.csv")
-    n_quirk = sum(len(intact(t)) for t in truths if t["quirk"])
+    n_quirk = sum(len(intact(t)) for t in synthetic_head_truths if t["quirk"])
     assert sum(int(r["quirk_fixed"]) for r in rows) == n_quirk > 0
-    for t in truths:  # order in the manifest = the generator's true order
+    for t in synthetic_head_truths:  # order in the manifest = the generator's true order
         mine = sorted((int(r["order"]), r["SOPInstanceUID"], r["status"]) for r in rows
                       if r["SeriesInstanceUID"] == str(t["series_uid"]) and r["included"] == "1")
         written = [sop for _, sop, status in mine if status == "written"]
@@ -99,23 +89,23 @@ def test_errors_manifest_and_quirk_count(synth, truths, png_run, capsys):
     victim = sorted(before)[0]
     (out / "png" / victim).unlink()
     (out / "png" / f".{victim}.tmp").write_bytes(b"half a png")  # what a killed run leaves behind
-    assert main(["-i", str(synth / "dicom"), "-o", str(out), "-j", "0"]) == 3
+    assert main(["-i", str(synthetic_head / "dicom"), "-o", str(out), "-j", "0"]) == 3
     line = capsys.readouterr().out.splitlines()[0]
     assert f"1 written, {len(before) - 1} already done, 2 failed" in line
     assert not list((out / "png").glob(".*.tmp"))
     assert {p.name: p.stat().st_mtime_ns for p in (out / "png").iterdir() if p.name != victim} == \
         {k: v for k, v in before.items() if k != victim}
-    other_settings = ["-i", str(synth / "dicom"), "-o", str(out), "-j", "0", "--window", "three"]
+    other_settings = ["-i", str(synthetic_head / "dicom"), "-o", str(out), "-j", "0", "--window", "three"]
     assert main(other_settings) == 2
 
 
-def test_npz_in_a_process_pool_equals_the_pngs(synth, truths, png_run, tmp_path, capsys):
+def test_npz_in_a_process_pool_equals_the_pngs(synthetic_head, synthetic_head_truths, png_run, tmp_path, capsys):
     _, png_out = png_run
     out = tmp_path / "npz_run"
-    assert main(["-i", str(synth / "dicom"), "-o", str(out), "--format", "npz", "--n_jobs", "2"]) == 3
-    n_quirk = sum(len(intact(t)) for t in truths if t["quirk"])
+    assert main(["-i", str(synthetic_head / "dicom"), "-o", str(out), "--format", "npz", "--n_jobs", "2"]) == 3
+    n_quirk = sum(len(intact(t)) for t in synthetic_head_truths if t["quirk"])
     assert f"{n_quirk} BitsStored-12 fixes" in capsys.readouterr().out
-    for t in truths:
+    for t in synthetic_head_truths:
         with np.load(out / "npz" / f"{t['series_uid']}.npz") as z:
             sops = z["sop_uids"].tolist()
             # the cut JPEG 2000 slice passes the header pass and fails at decode: left out of the stack
@@ -125,17 +115,17 @@ def test_npz_in_a_process_pool_equals_the_pngs(synth, truths, png_run, tmp_path,
             for img, sop in zip(z["images"], sops, strict=True):
                 np.testing.assert_array_equal(img, cv2.imread(str(png_out / "png" / png_name(sop)),
                                                               cv2.IMREAD_UNCHANGED))
-    assert main(["-i", str(synth / "dicom"), "-o", str(out), "--format", "npz", "-j", "0"]) == 3
+    assert main(["-i", str(synthetic_head / "dicom"), "-o", str(out), "--format", "npz", "-j", "0"]) == 3
     # complete stacks are skipped; the series with the broken file is retried
     assert "already done" in capsys.readouterr().out
 
 
-def test_quirk_fix_can_be_switched_off(synth, truths, tmp_path, capsys):
-    t = next(t for t in truths if t["quirk"] and (t["broken"] == "").all())
+def test_quirk_fix_can_be_switched_off(synthetic_head, synthetic_head_truths, tmp_path, capsys):
+    t = next(t for t in synthetic_head_truths if t["quirk"] and (t["broken"] == "").all())
     src = tmp_path / "in"
     src.mkdir()
     for k, p in enumerate(t["paths"]):
-        shutil.copy(synth / str(p), src / f"{k:03d}")
+        shutil.copy(synthetic_head / str(p), src / f"{k:03d}")
     assert main(["-i", str(src), "-o", str(tmp_path / "fixed"), "-j", "0", "--format", "npz"]) == 0
     assert f"{len(t['paths'])} BitsStored-12 fixes" in capsys.readouterr().out
     assert main(["-i", str(src), "-o", str(tmp_path / "raw"), "-j", "0", "--format", "npz",

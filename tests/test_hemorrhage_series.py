@@ -34,55 +34,45 @@ from hemorrhage.series import (
 
 
 @pytest.fixture(scope="module")
-def synth(synthetic_head) -> Path:
-    return synthetic_head
-
-
-@pytest.fixture(scope="module")
-def truths(synthetic_head_truths) -> list[dict]:
-    return synthetic_head_truths
-
-
-@pytest.fixture(scope="module")
-def files(synth) -> list[dict]:
-    with open(synth / "truth" / "files.csv") as f:
+def files(synthetic_head) -> list[dict]:
+    with open(synthetic_head / "truth" / "files.csv") as f:
         return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
-def found(synth):
-    return discover(synth / "dicom", num_workers=0, progress=False)
+def found(synthetic_head):
+    return discover(synthetic_head / "dicom", num_workers=0, progress=False)
 
 
 def by_series(found) -> dict[str, object]:
     return {s.series_uid: s for s in found.series}
 
 
-def test_the_set_has_the_variety(truths, files):
-    syntaxes = {str(t["transfer_syntax"]) for t in truths}
+def test_the_set_has_the_variety(synthetic_head_truths, files):
+    syntaxes = {str(t["transfer_syntax"]) for t in synthetic_head_truths}
     assert {JPEG2000Lossless, RLELossless, ImplicitVRLittleEndian} <= syntaxes
-    assert sum(bool(t["quirk"]) for t in truths) >= 2 and any(t["kind"] == "thin" for t in truths)
-    assert any(abs(float(t["orientation"][5])) > 0.1 for t in truths)  # gantry tilt
-    axial_series = {str(t["series_uid"]) for t in truths}
+    assert sum(bool(t["quirk"]) for t in synthetic_head_truths) >= 2 and any(t["kind"] == "thin" for t in synthetic_head_truths)
+    assert any(abs(float(t["orientation"][5])) > 0.1 for t in synthetic_head_truths)  # gantry tilt
+    axial_series = {str(t["series_uid"]) for t in synthetic_head_truths}
     locs = [r for r in files if r["kind"] == "localizer"]
     assert any(r["SeriesInstanceUID"] in axial_series for r in locs)  # a scout inside an axial series
     assert any(r["SeriesInstanceUID"] not in axial_series for r in locs)  # and one in its own series
     assert {r["broken"] for r in files} == {"", "truncated", "no_pixel_data"}
 
 
-def test_every_study_and_series_is_found(synth, found, truths):
-    with open(synth / "studies.csv") as f:
+def test_every_study_and_series_is_found(synthetic_head, found, synthetic_head_truths):
+    with open(synthetic_head / "studies.csv") as f:
         rows = list(csv.DictReader(f))
     with_slices = {(s.study_uid, s.series_uid) for s in found.series if s.slices}
     assert with_slices == {(r["StudyInstanceUID"], r["SeriesInstanceUID"]) for r in rows}
     assert found.n_studies == len({r["StudyInstanceUID"] for r in rows})
-    assert found.n_files == sum(1 for p in (synth / "dicom").rglob("*") if p.is_file())
+    assert found.n_files == sum(1 for p in (synthetic_head / "dicom").rglob("*") if p.is_file())
 
 
-def test_slice_order_is_the_true_order(found, truths):
+def test_slice_order_is_the_true_order(found, synthetic_head_truths):
     series = by_series(found)
     header_errors = {Path(e.path).resolve() for e in found.errors}
-    for t in truths:
+    for t in synthetic_head_truths:
         s = series[str(t["series_uid"])]
         paths = [Path(s_path) for s_path in t["paths"]]
         # the truth lists every slice in position order; slices whose header already fails are not there
@@ -94,18 +84,18 @@ def test_slice_order_is_the_true_order(found, truths):
         assert np.all(np.diff(pos) > 0)
 
 
-def test_localizers_quirk_slices_and_broken_files_are_flagged(synth, found, truths, files):
+def test_localizers_quirk_slices_and_broken_files_are_flagged(synthetic_head, found, synthetic_head_truths, files):
     flagged = {e.header.sop_uid: e for s in found.series for e in s.entries}
     locs = [r for r in files if r["kind"] == "localizer"]
     for r in locs:
         e = flagged[r["SOPInstanceUID"]]
         assert LOCALIZER in e.flags and not e.included and e.order == -1
-    n_quirk = sum(int((t["broken"] != "no_pixel_data").sum()) for t in truths if t["quirk"])
+    n_quirk = sum(int((t["broken"] != "no_pixel_data").sum()) for t in synthetic_head_truths if t["quirk"])
     assert found.flag_counts[QUIRK] == n_quirk > 0 and found.flag_counts[LOCALIZER] == len(locs)
-    errors = {Path(e.path).relative_to(synth).as_posix(): e.error for e in found.errors}
+    errors = {Path(e.path).relative_to(synthetic_head).as_posix(): e.error for e in found.errors}
     broken = {r["path"]: r["broken"] for r in files if r["broken"]}
     # native syntaxes: the header pass sees missing/cut pixel data; a cut JPEG 2000 file fails at decode
-    seen_early = {p for p, kind in broken.items() if kind == "no_pixel_data" or not _is_j2k(synth / p)}
+    seen_early = {p for p, kind in broken.items() if kind == "no_pixel_data" or not _is_j2k(synthetic_head / p)}
     assert set(errors) == seen_early
     assert all(v in ("no pixel data",) or v.startswith("truncated") for v in errors.values())
 
@@ -114,7 +104,7 @@ def _is_j2k(path: Path) -> bool:
     return pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless
 
 
-def test_manifest_and_errors_csv(synth, found, tmp_path):
+def test_manifest_and_errors_csv(synthetic_head, found, tmp_path):
     m = write_manifest(found, tmp_path / "manifest.csv")
     e = write_errors(found.errors, tmp_path / "errors.csv", found.root)
     rows = list(csv.DictReader(open(m)))
@@ -130,8 +120,8 @@ def test_manifest_and_errors_csv(synth, found, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_a_process_pool_finds_the_same(synth, found):
-    pooled = discover(synth / "dicom", num_workers=2, progress=False)
+def test_a_process_pool_finds_the_same(synthetic_head, found):
+    pooled = discover(synthetic_head / "dicom", num_workers=2, progress=False)
     assert [(s.series_uid, [e.header.sop_uid for e in s.slices]) for s in pooled.series] == \
         [(s.series_uid, [e.header.sop_uid for e in s.slices]) for s in found.series]
     assert pooled.errors == found.errors
@@ -140,15 +130,15 @@ def test_a_process_pool_finds_the_same(synth, found):
 # ----------------------------------------------------------------------------------------- edge cases
 
 
-def _series_files(synth: Path, truths: list[dict], **want) -> tuple[dict, list[Path]]:
-    for t in truths:
+def _series_files(synthetic_head: Path, synthetic_head_truths: list[dict], **want) -> tuple[dict, list[Path]]:
+    for t in synthetic_head_truths:
         if all(str(t[k]) == str(v) for k, v in want.items()) and (t["broken"] == "").all():
-            return t, [synth / str(p) for p in t["paths"]]
+            return t, [synthetic_head / str(p) for p in t["paths"]]
     raise AssertionError(f"no intact series with {want}")
 
 
-def test_missing_position_falls_back_to_instance_number(synth, truths, tmp_path, caplog):
-    t, paths = _series_files(synth, truths, transfer_syntax="1.2.840.10008.1.2.1", quirk=False)
+def test_missing_position_falls_back_to_instance_number(synthetic_head, synthetic_head_truths, tmp_path, caplog):
+    t, paths = _series_files(synthetic_head, synthetic_head_truths, transfer_syntax="1.2.840.10008.1.2.1", quirk=False)
     for k, p in enumerate(paths[:5]):
         ds = pydicom.dcmread(p)
         ds.InstanceNumber = 5 - k  # numbered top down
@@ -163,8 +153,8 @@ def test_missing_position_falls_back_to_instance_number(synth, truths, tmp_path,
     assert [NO_POSITION in e.flags for e in s.slices] == [False, False, True, False, False]
 
 
-def test_non_ct_duplicates_multiframe_and_one_slice_series(synth, truths, samples, tmp_path):
-    t, paths = _series_files(synth, truths, transfer_syntax="1.2.840.10008.1.2.1", quirk=False)
+def test_non_ct_duplicates_multiframe_and_one_slice_series(synthetic_head, synthetic_head_truths, samples, tmp_path):
+    t, paths = _series_files(synthetic_head, synthetic_head_truths, transfer_syntax="1.2.840.10008.1.2.1", quirk=False)
     for k, p in enumerate(paths[:4]):
         shutil.copy(p, tmp_path / f"s{k}.dcm")
     shutil.copy(paths[0], tmp_path / "copy_of_s0.dcm")  # the same SOP twice
