@@ -145,17 +145,19 @@ class WindowSpec:
 
 
 def parse_window_spec(text: str, original_int: bool = False) -> WindowSpec:
-    """'header', 'three', a name in NAMED_WINDOWS, or 'CENTER/WIDTH' (e.g. '40/80')."""
+    """'header', 'three', 'fixed' (brain 40/80), a name in NAMED_WINDOWS, or 'CENTER/WIDTH' (e.g. '40/80')."""
     t = text.strip().lower()
     if t in ("header", "three"):
         return WindowSpec(t, None, original_int)
+    if t == "fixed":
+        return WindowSpec("fixed", DEFAULT_WINDOW, original_int)
     if t in NAMED_WINDOWS:
         return WindowSpec("fixed", NAMED_WINDOWS[t], original_int)
     parts = t.split("/")
     try:
         c, w = (float(v) for v in parts)
     except ValueError:
-        raise ValueError(f"window {text!r}: expected header, three, {', '.join(NAMED_WINDOWS)} "
+        raise ValueError(f"window {text!r}: expected header, three, fixed, {', '.join(NAMED_WINDOWS)} "
                          f"or CENTER/WIDTH such as 40/80") from None
     if not w > 0:
         raise ValueError(f"window {text!r}: the width must be > 0")

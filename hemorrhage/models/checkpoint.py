@@ -29,7 +29,7 @@ import os
 import re
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,7 @@ class OriginalCheckpoint:
     state_dict: dict[str, torch.Tensor]  # ``module.`` removed
     epoch: int | None = None
     val_loss: float | None = None
+    note: str = ""  # our files may say what they are (e.g. "randomly initialised"); published ones do not
 
 
 def weights_folder_name(name: str, image_size: int) -> str:
@@ -132,10 +133,12 @@ def read_original_checkpoint(path: str | os.PathLike, map_location: str | torch.
     if not isinstance(state, Mapping) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise CheckpointError(f"{path}: 'state_dict' is not a mapping of names to tensors ({_describe(state)})")
+    note = obj.get("note", "") if isinstance(obj, Mapping) else ""
     return OriginalCheckpoint(
         state_dict=_rename_legacy_densenet(_strip_dp_prefix(state)),
         epoch=None if epoch is None else int(epoch),
         val_loss=None if val_loss is None else float(val_loss),
+        note=note if isinstance(note, str) else "",
     )
 
 
@@ -192,11 +195,12 @@ def load_original_checkpoint(model: nn.Module, path: str | os.PathLike,
 
 
 def save_original_checkpoint(model: nn.Module, path: str | os.PathLike, epoch: int,
-                             val_loss: float) -> Path:
+                             val_loss: float, note: str = "") -> Path:
     """Write what the original wrote: ``{'epoch', 'state_dict' (keys ``module.*``), 'valLoss'}``, atomically.
 
     Tensors are stored on the CPU (the original stored CUDA tensors; loading maps them anyway). A file of
-    this format holds no optimizer state: resumable training state belongs in a separate file.
+    this format holds no optimizer state: resumable training state belongs in a separate file. A `note`
+    (an extra ``'note'`` entry, ignored by the original code) travels into the inference run record.
     """
     path = Path(path)
     state = _unwrap(model).state_dict()
@@ -209,7 +213,10 @@ def save_original_checkpoint(model: nn.Module, path: str | os.PathLike, epoch: i
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save({"epoch": int(epoch), "state_dict": out, "valLoss": float(val_loss)}, tmp)
+        obj = {"epoch": int(epoch), "state_dict": out, "valLoss": float(val_loss)}
+        if note:
+            obj["note"] = str(note)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -269,11 +276,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def find_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS, hash_files: bool = True,
-                 require_all_folds: bool = True) -> WeightsInventory:
+                 require_all_folds: bool = True, only: Collection[str] | None = None) -> WeightsInventory:
     """The ensemble members under `root`: every ``<architecture>_<size>/`` folder, with its fold files.
 
     Seed folders that are absent are left out with a message; an empty member, or one lacking a fold
     when `require_all_folds`, is a problem. Files are hashed (sha256) unless `hash_files` is False.
+    `only` keeps the members named by architecture (``DenseNet121_change_avg``) or folder
+    (``DenseNet121_change_avg_512``); a name that matches no folder is a problem.
     """
     root = Path(root)
     inv = WeightsInventory(root=root)
@@ -281,12 +290,19 @@ def find_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS, hash_fil
         inv.problems.append(f"weights folder not found: {root}")
         return inv
     folds = tuple(folds)
+    matched: set[str] = set()
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
             name, size = parse_weights_folder(sub.name)
         except ValueError as e:
             inv.messages.append(f"ignored {sub.name}/: {e}")
             continue
+        if only is not None:
+            hits = {n for n in only if n in (name, sub.name)}
+            matched |= hits
+            if not hits:
+                inv.messages.append(f"left out {sub.name}/: not among the models asked for")
+                continue
         member = ModelWeights(name=name, image_size=size, folder=sub)
         for fold in folds:
             file = sub / CHECKPOINT_NAME.format(fold=fold)
@@ -299,8 +315,10 @@ def find_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS, hash_fil
             inv.models.append(member)
         elif not require_all_folds:
             inv.problems.append(f"{sub} holds no {CHECKPOINT_NAME.format(fold='<fold>')} file")
+    for name in sorted(set(only or ()) - matched):
+        inv.problems.append(f"no weights folder for {name!r} under {root} (folders are <architecture>_<size>/)")
     for name, size in SEED_ENSEMBLE:
-        if not (root / weights_folder_name(name, size)).is_dir():
+        if only is None and not (root / weights_folder_name(name, size)).is_dir():
             inv.messages.append(f"left out {name} ({size} px): no folder {weights_folder_name(name, size)}/")
     for message in inv.messages:
         log.info("%s", message)
@@ -312,12 +330,12 @@ def find_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS, hash_fil
 
 def check_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS,
                   expected_sha256: Mapping[str, str] | None = None, verify_contents: bool = True,
-                  require_all_folds: bool = True) -> WeightsInventory:
+                  require_all_folds: bool = True, only: Collection[str] | None = None) -> WeightsInventory:
     """`find_weights`, then every file opened (``weights_only``, memory-mapped where possible) and its keys
     and shapes compared with its folder's architecture; `expected_sha256` maps ``folder/file`` names to
     digests. All problems are collected; nothing is raised (see `WeightsInventory.raise_if_problems`).
     """
-    inv = find_weights(root, folds, hash_files=True, require_all_folds=require_all_folds)
+    inv = find_weights(root, folds, hash_files=True, require_all_folds=require_all_folds, only=only)
     for member in inv.models:
         expected = expected_state(member.name) if verify_contents else {}
         for f in member.files:
@@ -337,3 +355,21 @@ def check_weights(root: str | os.PathLike, folds: Iterable[int] = FOLDS,
              ", ".join(f"{m.name}@{m.image_size}px folds {m.folds}" for m in inv.models) or "none",
              len(inv.problems))
     return inv
+
+
+RANDOM_NOTE = "randomly initialised (seed {seed}), not trained: its predictions mean nothing"
+
+
+def save_random_weights(root: str | os.PathLike, members: Sequence[tuple[str, int]] = SEED_ENSEMBLE,
+                        folds: Iterable[int] = FOLDS, seed: int = 0) -> list[Path]:
+    """A weights folder in the published layout filled with randomly initialised models, each file
+    carrying a note that says so: for smoke tests and demos of the pipeline before any training."""
+    paths = []
+    for name, size in members:
+        for fold in folds:
+            torch.manual_seed(seed * 1000 + fold)
+            model = build_cnn(name)
+            path = Path(root) / weights_folder_name(name, size) / CHECKPOINT_NAME.format(fold=fold)
+            paths.append(save_original_checkpoint(model, path, epoch=0, val_loss=float("nan"),
+                                                  note=RANDOM_NOTE.format(seed=seed)))
+    return paths

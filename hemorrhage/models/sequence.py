@@ -276,3 +276,13 @@ def sequence_loss(out: SequenceOutput, targets: torch.Tensor, mask: torch.Tensor
     """The original's training loss: the weighted BCE of the logits plus that of the auxiliary logits."""
     return (masked_weighted_bce(out.logits, targets, mask, class_weights)
             + masked_weighted_bce(out.aux_logits, targets, mask, class_weights))
+
+
+def slice_gaps(positions: Sequence[float]) -> list[float]:
+    """Distance (mm) from each slice to the next along the normal, the last repeating the one before it
+    (the ``use_slice_gap`` input); unknown positions (NaN) give 0, a one-slice series [0]."""
+    pos = torch.as_tensor(list(positions), dtype=torch.float64)
+    if pos.numel() < 2:
+        return [0.0] * pos.numel()
+    gaps = torch.nan_to_num((pos[1:] - pos[:-1]).abs(), nan=0.0)
+    return torch.cat([gaps, gaps[-1:]]).tolist()

@@ -1,0 +1,413 @@
+"""Ensemble inference: a folder of head CT DICOM studies (or a prepared folder) -> hemorrhage probabilities.
+
+    python scripts/hemorrhage_infer.py --data_dir /data/dicoms --weights_dir models/2DNet --output out/predictions.csv
+    python scripts/hemorrhage_infer.py --data_dir /data/processed --tta 10 --sequence_weights runs/sequence/
+
+Steps: the weights folder is checked (every file opened, keys and shapes compared) and the sequence heads
+read before any image is; the input's series are discovered (headers only) and ordered; DataLoader
+workers decode, window and resize each series (`hemorrhage.inference_data`); the main process batches
+slices across series, moves uint8 to the device and runs every fold of every member under
+`torch.inference_mode()` (channels_last and bf16 autocast on CUDA by default; `hemorrhage.ensemble`).
+
+Outputs, named after ``--output`` (default ``predictions.csv``):
+
+    predictions.csv            Kaggle format: ID,Label with ID = <SOPInstanceUID>_<class>, six rows per slice
+    predictions_per_slice.csv  study, series, SOP, slice_index (order along the normal), position, flags,
+                               the six probabilities (+ cnn_<class>, the CNN ensemble alone, with a head)
+    predictions_per_study.csv  per series: slice count, failed slices, flags, max_<class> and mean_<class>
+    predictions_run.json       settings, members and folds with sha256 and notes, sequence heads, input
+                               counts (left out by reason, failed, BitsStored-12 fixes), versions, timings
+    predictions_errors.csv     every file that could not be used (path, stage, error)
+    predictions_manifest.csv   DICOM input: every file with its series, order and flags (hemorrhage.series)
+
+`run_inference` raises `UsageError` for unusable weights or input (exit 2 in the script) and reports
+failed files in the summary (exit 3) after writing everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from ctcore.cli import resolved
+from hemorrhage.classes import CLASSES
+from hemorrhage.ensemble import (
+    CNNEnsemble,
+    apply_sequence_heads,
+    ensemble_mean,
+    resolve_amp,
+    resolve_device,
+    sequence_folds,
+)
+from hemorrhage.inference_data import (
+    CENTER_CROP,
+    InputError,
+    InputSettings,
+    SeriesInputs,
+    SeriesJob,
+    SourceInfo,
+    find_series,
+    identity_collate,
+    parse_tta,
+)
+from hemorrhage.models.checkpoint import FOLDS, CheckpointError, check_weights, sha256_file
+from hemorrhage.models.sequence import slice_gaps
+from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
+from hemorrhage.prepare import UsageError
+from hemorrhage.series import resolve_workers, write_manifest
+from hemorrhage.windows import parse_window_spec
+
+log = logging.getLogger(__name__)
+
+FLOAT_FORMAT = "%.7g"
+
+
+@dataclass
+class InferConfig:
+    data_dir: Path
+    output: Path = Path("predictions.csv")
+    weights_dir: Path = Path("models/2DNet")
+    models: list[str] | None = None  # architectures or folder names; None = every folder found
+    folds: list[int] | None = None  # None = the folds found (0-4 in the published layout)
+    tta: str = "0"  # 0 | flip | N random passes (the original: 10) | random:N
+    sequence_weights: Path | None = None  # a sequence-head file, or a folder of them
+    window: str = "header"  # header | three | fixed (brain 40/80) | brain | subdural | bone | C/W
+    batch_size: int = 32
+    num_workers: int = -1  # DataLoader workers and header readers; -1 = all CPUs, 0 = in this process
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | none
+    input_size: list[str] = field(default_factory=list)  # "N" for all, or "MEMBER=N"; default: folder size
+    center_crop: float = CENTER_CROP
+    fix_bits_stored_12: bool = True
+    original_int: bool = False
+    seed: int = 0  # random TTA draws
+    progress: bool = True
+
+
+@dataclass
+class InferSummary:
+    output: Path
+    n_studies: int = 0
+    n_series: int = 0
+    n_slices: int = 0  # predicted
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    left_out: dict[str, int] = field(default_factory=dict)
+    quirk_fixed: int = 0
+    notes: list[str] = field(default_factory=list)  # e.g. "randomly initialised weights"
+    timings: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def line(self) -> str:
+        out = ", ".join(f"{k} {v}" for k, v in sorted(self.left_out.items())) or "none"
+        total = self.timings.get("total", 0.0)
+        rate = self.n_slices / total if total > 0 else 0.0
+        return (f"hemorrhage_infer: {self.n_studies} studies, {self.n_series} series, {self.n_slices} slices "
+                f"predicted; {len(self.failed)} files failed; left out: {out}; {self.quirk_fixed} BitsStored-12 "
+                f"fixes; {total:.1f} s ({rate:.1f} slices/s) -> {self.output}")
+
+
+def output_paths(output: Path) -> dict[str, Path]:
+    stem = output.with_suffix("")
+    return {"predictions": output, "per_slice": Path(f"{stem}_per_slice.csv"),
+            "per_study": Path(f"{stem}_per_study.csv"), "run": Path(f"{stem}_run.json"),
+            "errors": Path(f"{stem}_errors.csv"), "manifest": Path(f"{stem}_manifest.csv")}
+
+
+def parse_input_sizes(entries: list[str], labels: list[str]) -> dict[str, int]:
+    """["256"] -> every member at 256; ["DenseNet121_change_avg_512=384"] -> that member only."""
+    sizes: dict[str, int] = {}
+    for entry in entries:
+        name, sep, value = str(entry).rpartition("=")
+        if not value.isdigit() or int(value) < 32:
+            raise UsageError(f"--input_size {entry!r}: expected N or MEMBER=N with N >= 32")
+        targets = labels if not sep else [lb for lb in labels if name in (lb, lb.rpartition("_")[0])]
+        if sep and not targets:
+            raise UsageError(f"--input_size {entry!r}: no loaded member {name!r} (members: {', '.join(labels)})")
+        sizes.update(dict.fromkeys(targets, int(value)))
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------- per series
+
+
+@dataclass
+class SeriesPrediction:
+    job: SeriesJob
+    kept: np.ndarray  # indices into the job's slices
+    quirk: np.ndarray
+    probs: np.ndarray  # (S, 6) final
+    cnn: np.ndarray  # (S, 6) CNN ensemble alone
+
+
+def _write_frame(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
+    os.replace(tmp, path)
+
+
+def slice_frame(preds: list[SeriesPrediction], with_cnn: bool) -> pd.DataFrame:
+    rows = []
+    for p in preds:
+        j = p.job
+        for i, k in enumerate(p.kept):
+            row = {"StudyInstanceUID": j.study_uid, "SeriesInstanceUID": j.series_uid,
+                   "SOPInstanceUID": j.sop_uids[k], "slice_index": int(k), "position": j.positions[k],
+                   "flags": j.slice_flags[k], "quirk_fixed": int(p.quirk[i])}
+            row.update(zip(CLASSES, p.probs[i].tolist()))
+            if with_cnn:
+                row.update(zip((f"cnn_{c}" for c in CLASSES), p.cnn[i].tolist()))
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def study_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
+    rows = []
+    for p in preds:
+        j = p.job
+        flags = sorted({f for k in p.kept for f in j.slice_flags[k].split(";") if f})
+        n_failed = j.n_slices - len(p.kept)
+        if n_failed:
+            flags.append("missing_slices")
+        row = {"StudyInstanceUID": j.study_uid, "SeriesInstanceUID": j.series_uid, "n_slices": len(p.kept),
+               "n_failed": n_failed, "ordered_by": j.ordered_by, "flags": ";".join(flags)}
+        row.update(zip((f"max_{c}" for c in CLASSES), p.probs.max(0).tolist()))
+        row.update(zip((f"mean_{c}" for c in CLASSES), p.probs.mean(0).tolist()))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def kaggle_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
+    ids, labels = [], []
+    for p in preds:
+        for i, k in enumerate(p.kept):
+            sop = p.job.sop_uids[k]
+            ids += [f"{sop}_{c}" for c in CLASSES]
+            labels += p.probs[i].tolist()
+    return pd.DataFrame({"ID": ids, "Label": labels})
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def _versions() -> dict[str, str]:
+    import cv2
+    import pydicom
+    import timm
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "pydicom": pydicom.__version__, "numpy": np.__version__,
+            "opencv": cv2.__version__, "cuda": torch.version.cuda or ""}
+
+
+def check_inputs(cfg: InferConfig):
+    """Everything that can be wrong with the settings and weights, raised together before any image is read."""
+    try:
+        tta = parse_tta(cfg.tta)
+        spec = parse_window_spec(cfg.window, cfg.original_int)
+        device = resolve_device(cfg.device)
+        amp = resolve_amp(cfg.amp, device)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if not 0.0 < cfg.center_crop <= 1.0:
+        raise UsageError(f"--center_crop {cfg.center_crop}: expected 0 < ratio <= 1 (the original used 0.8)")
+    if cfg.batch_size < 1:
+        raise UsageError(f"--batch_size {cfg.batch_size}: expected >= 1")
+    bad_folds = sorted(set(cfg.folds or ()) - set(FOLDS))
+    if bad_folds:
+        raise UsageError(f"--folds {bad_folds}: the layout has folds {list(FOLDS)}")
+    inv = check_weights(cfg.weights_dir, folds=cfg.folds or FOLDS, require_all_folds=cfg.folds is not None,
+                        only=cfg.models or None)
+    problems = list(inv.problems)
+    heads: list[SequenceCheckpoint] = []
+    if cfg.sequence_weights is not None:
+        try:
+            heads = load_sequence_checkpoints(cfg.sequence_weights)
+        except (CheckpointError, FileNotFoundError) as e:
+            problems.append(str(e))
+    if problems:
+        raise UsageError("unusable weights (nothing was read from --data_dir):\n"
+                         + "\n".join(f"- {p}" for p in problems))
+    return tta, spec, device, amp, inv, heads
+
+
+def run_inference(cfg: InferConfig) -> InferSummary:
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    tta, spec, device, amp, inv, heads = check_inputs(cfg)
+    labels = [member_label((m.name, m.image_size)) for m in inv.models]
+    sizes = parse_input_sizes(cfg.input_size, labels)
+    timings["check_weights"] = time.perf_counter() - t_start
+
+    t = time.perf_counter()
+    try:
+        jobs, info = find_series(cfg.data_dir, num_workers=cfg.num_workers, progress=cfg.progress)
+    except InputError as e:
+        raise UsageError(str(e)) from e
+    timings["discover"] = time.perf_counter() - t
+    if info.kind == "prepared":
+        log.info("%s is a prepared folder (window %s); --window does not apply", cfg.data_dir, info.window)
+
+    t = time.perf_counter()
+    ens = CNNEnsemble.load(inv, device, amp, input_sizes=sizes, flip_tta=tta.mode == "flip")
+    folds_seq, problems = sequence_folds(ens.members, heads)
+    if problems:
+        raise UsageError("\n".join(problems))
+    for h in heads:
+        h.model.to(device)
+    timings["load_models"] = time.perf_counter() - t
+    notes = sorted({f"{m.label} fold {f}: {n}" for m in ens.members for f, n in zip(m.folds, m.notes) if n})
+    for n in notes:
+        log.warning("weights note: %s", n)
+
+    settings = InputSettings(spec, ens.sizes, tta, cfg.center_crop, cfg.fix_bits_stored_12, cfg.seed)
+    preds, failed, timings_loop = predict_series(jobs, settings, ens, heads, folds_seq, cfg)
+    timings.update(timings_loop)
+
+    t = time.perf_counter()
+    summary = InferSummary(cfg.output, n_studies=len({p.job.study_uid for p in preds}), n_series=len(preds),
+                           n_slices=sum(len(p.kept) for p in preds), failed=info.errors + failed,
+                           left_out=dict(info.left_out), quirk_fixed=int(sum(p.quirk.sum() for p in preds)),
+                           notes=notes)
+    paths = output_paths(cfg.output)
+    _write_frame(kaggle_frame(preds), paths["predictions"])
+    _write_frame(slice_frame(preds, with_cnn=bool(heads)), paths["per_slice"])
+    _write_frame(study_frame(preds), paths["per_study"])
+    _write_frame(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), paths["errors"])
+    if info.discovery is not None:
+        write_manifest(info.discovery, paths["manifest"])
+    else:
+        paths.pop("manifest")
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    summary.timings = timings
+    summary.files = {k: str(v) for k, v in paths.items()}
+    write_run_record(cfg, summary, info, ens, heads, folds_seq, tta.describe(), spec.describe(), device, amp)
+    return summary
+
+
+def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble,
+                   heads: list[SequenceCheckpoint], folds_seq: list[int], cfg: InferConfig
+                   ) -> tuple[list[SeriesPrediction], list[tuple[str, str, str]], dict[str, float]]:
+    """Stream the series through the ensemble, batching slices across series."""
+    from tqdm.auto import tqdm
+
+    workers = min(resolve_workers(cfg.num_workers), len(jobs))
+    loader = DataLoader(SeriesInputs(jobs, settings), batch_size=None, shuffle=False, num_workers=workers,
+                        collate_fn=identity_collate, pin_memory=ens.device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    preds: list[SeriesPrediction] = []
+    failed: list[tuple[str, str, str]] = []
+    timing = {"wait_for_data": 0.0, "cnn": 0.0, "sequence": 0.0}
+    pending: list[dict] = []
+    want_features = bool(heads)
+
+    def flush() -> None:
+        t = time.perf_counter()
+        outs = run_group(ens, pending, cfg.batch_size, want_features)
+        timing["cnn"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for item, (probs, feats) in zip(pending, outs):
+            job = jobs[item["index"]]
+            cnn = ensemble_mean(probs)
+            final = cnn
+            if heads:
+                positions = [job.positions[k] for k in item["kept"].tolist()]
+                final = apply_sequence_heads(heads, folds_seq, ens.members, probs, feats,
+                                             np.asarray(slice_gaps(positions)), ens.device)
+            preds.append(SeriesPrediction(job, item["kept"].numpy(), item["quirk"].numpy(), final, cnn))
+        timing["sequence"] += time.perf_counter() - t
+        pending.clear()
+
+    with tqdm(total=sum(j.n_slices for j in jobs), desc="predict", unit="slice",
+              disable=None if cfg.progress else True) as bar:
+        t = time.perf_counter()
+        for item in loader:
+            timing["wait_for_data"] += time.perf_counter() - t
+            job = jobs[item["index"]]
+            for e in item["errors"]:
+                log.error("failed: %s: %s", e[0], e[2])
+            failed += [tuple(e) for e in item["errors"]]
+            if item["inputs"]:
+                pending.append(item)
+                if sum(len(it["kept"]) for it in pending) >= cfg.batch_size:
+                    flush()
+            else:
+                log.error("series %s: no readable slice, left out", job.series_uid)
+            bar.update(job.n_slices)
+            t = time.perf_counter()
+        if pending:
+            flush()
+    return preds, failed, timing
+
+
+def run_group(ens: CNNEnsemble, items: list[dict], batch_size: int, want_features: bool
+              ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Predict every slice of `items` in batches of `batch_size`; split the results back per series."""
+    inputs = {s: torch.cat([it["inputs"][s] for it in items], 1).to(ens.device, non_blocking=True)
+              for s in ens.sizes}
+    total = next(iter(inputs.values())).shape[1]
+    probs: dict[str, list[torch.Tensor]] = {m.label: [] for m in ens.members}
+    feats: dict[str, list[torch.Tensor]] = {m.label: [] for m in ens.members}
+    for start in range(0, total, batch_size):
+        out = ens.predict({s: x[:, start:start + batch_size] for s, x in inputs.items()}, want_features)
+        for label, o in out.items():
+            probs[label].append(o.probs)
+            if want_features:
+                feats[label].append(o.features)
+    all_p = {k: torch.cat(v).cpu().numpy() for k, v in probs.items()}
+    all_f = {k: torch.cat(v).cpu().numpy() for k, v in feats.items()} if want_features else {}
+    results, start = [], 0
+    for it in items:
+        n = len(it["kept"])
+        results.append(({k: v[start:start + n] for k, v in all_p.items()},
+                        {k: v[start:start + n] for k, v in all_f.items()}))
+        start += n
+    return results
+
+
+def write_run_record(cfg: InferConfig, summary: InferSummary, info: SourceInfo, ens: CNNEnsemble,
+                     heads: list[SequenceCheckpoint], folds_seq: list[int], tta: str, window: str,
+                     device: torch.device, amp: torch.dtype | None) -> Path:
+    members = [{"model": m.weights.name, "weights_folder": str(m.weights.folder), "trained_size": m.weights.image_size,
+                "input_size": m.input_size,
+                "folds": [{"fold": f.fold, "path": str(f.path), "sha256": f.sha256, "size_bytes": f.size_bytes,
+                           "epoch": e, "valLoss": v, "note": n}
+                          for f, e, v, n in zip(m.weights.files, m.epochs, m.val_losses, m.notes)]}
+               for m in ens.members]
+    record = {
+        "config": resolved(cfg),
+        "input": {"kind": info.kind, "root": str(info.root), "files": info.n_files,
+                  "window": info.window if info.kind == "prepared" else window, "studies": summary.n_studies,
+                  "series": summary.n_series, "slices_predicted": summary.n_slices, "files_failed": len(summary.failed),
+                  "left_out": summary.left_out, "bits_stored_12_fixed": summary.quirk_fixed},
+        "ensemble": {"members": members, "tta": tta, "center_crop": cfg.center_crop,
+                     "averaging": "sigmoid probabilities: mean over TTA passes, then folds, then members"},
+        "sequence_heads": [{"path": str(h.path), "sha256": sha256_file(h.path), "members": [member_label(k) for k in
+                            h.members], "fold": h.fold, "epoch": h.epoch, "valLoss": h.val_loss,
+                            "rnn": h.model.cfg.rnn} for h in heads],
+        "sequence_cnn_folds": folds_seq,
+        "weights_notes": summary.notes,
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                   platform.processor() or platform.machine(), "amp": str(amp).replace("torch.", "") if amp else "none",
+                   "channels_last": ens.channels_last},
+        "versions": _versions(),
+        "timings_s": {k: round(v, 3) for k, v in summary.timings.items()},
+        "outputs": summary.files,
+    }
+    path = Path(summary.files["run"])
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

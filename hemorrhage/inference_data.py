@@ -1,0 +1,298 @@
+"""What inference reads: series of slices from a DICOM tree or a prepared folder, as uint8 model inputs.
+
+    jobs, info = find_series("data/dicoms", num_workers=8)          # DICOM tree, or a prepared folder
+    ds = SeriesInputs(jobs, InputSettings(spec, sizes=(256, 512), tta=parse_tta("0")))
+    item = ds[0]    # {"index", "kept", "quirk", "errors", "inputs": {256: uint8 (P, S, 3, 256, 256), ...}}
+
+One item is one series, decoded, windowed and resized in a DataLoader worker: the three-slice input
+needs a slice's neighbours, and a series is the unit that has them. Images stay uint8 until the model
+normalises them on the device.
+
+Per model input size the original test-time recipe is kept (``2DNet/src/predict.py``): resize each
+windowed slice to the input size (cv2 bilinear), stack ``[s+1, s, s-1]``, then
+- no TTA (``--tta 0``) and the flip set: a centre crop of 0.8 resized back (the original's "center"
+  prediction; its validation during training used the same crop, so the published weights expect it);
+- random TTA (``--tta N``, the original used 10): N passes of channel reversal (p 0.5), horizontal flip
+  (p 0.5) and a random crop of 0.6-0.99 resized back, drawn from a generator seeded by (seed, series,
+  size, pass) so that results do not depend on worker scheduling.
+The deterministic flip set (identity, flip, channel reversal, both) is applied on the device.
+
+A prepared folder is one that ``scripts/hemorrhage_prepare.py`` wrote (``manifest.csv`` and
+``prepare_config.yaml``): its PNG or npz images are already windowed, so ``--window`` does not apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from hemorrhage.augment import augment_tta, center_crop_resize, rng_for
+from hemorrhage.dataset import neighbour_indices
+from hemorrhage.dicom import DicomReadError
+from hemorrhage.prepare import slice_image
+from hemorrhage.series import EXCLUDING, Discovery, discover
+from hemorrhage.windows import WindowSpec
+
+log = logging.getLogger(__name__)
+
+CENTER_CROP = 0.8  # the original's inference crop (cropping(ratio=0.8, code=0))
+RANDOM_TTA_PASSES = 10  # the original's num_aug
+
+
+class InputError(ValueError):
+    """The input folder cannot be used (missing, empty, an unusable prepared folder)."""
+
+
+# ----------------------------------------------------------------------------------------- TTA
+
+
+@dataclass(frozen=True)
+class TTASpec:
+    mode: str = "none"  # none | flip | random
+    passes: int = 1  # random: passes drawn in the workers
+
+    @property
+    def device_passes(self) -> int:
+        return 4 if self.mode == "flip" else 1
+
+    @property
+    def total_passes(self) -> int:
+        return self.passes * self.device_passes
+
+    def describe(self) -> str:
+        return {"none": "none (centre crop 0.8)",
+                "flip": "flip set: identity, hflip, channel reversal, both (centre crop 0.8)"}.get(
+            self.mode, f"{self.passes} random passes: channel reversal, hflip, crop 0.6-0.99")
+
+
+def parse_tta(text: str | int) -> TTASpec:
+    """'0' / 'none': one centre-crop pass; 'flip': the deterministic set; N > 0 or 'random[:N]': N random passes."""
+    t = str(text).strip().lower()
+    if t in ("0", "none", "off", "center"):
+        return TTASpec("none", 1)
+    if t == "flip":
+        return TTASpec("flip", 1)
+    if t.startswith("random"):
+        n = t.partition(":")[2] or str(RANDOM_TTA_PASSES)
+    else:
+        n = t
+    if not n.isdigit() or int(n) < 1:
+        raise ValueError(f"--tta {text!r}: expected 0 (none), flip, a number of random passes (the original "
+                         f"used {RANDOM_TTA_PASSES}) or random:N")
+    return TTASpec("random", int(n))
+
+
+# ----------------------------------------------------------------------------------------- series
+
+
+@dataclass
+class SeriesJob:
+    """One series to predict: its slices in order and where their images are."""
+
+    study_uid: str
+    series_uid: str
+    sop_uids: list[str]
+    positions: list[float]  # mm along the slice normal; NaN where unknown
+    slice_flags: list[str]  # ";"-joined flags per slice (see hemorrhage.series)
+    paths: list[str]  # per slice: a DICOM file or a PNG
+    kind: str  # "dicom" | "png" | "npz"
+    ordered_by: str = "position"
+    npz: str = ""  # kind npz: the series' stack
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.sop_uids)
+
+
+@dataclass
+class SourceInfo:
+    kind: str  # "dicom" | "prepared"
+    root: Path
+    window: str = ""  # prepared: the window the images were made with
+    discovery: Discovery | None = None
+    left_out: dict[str, int] = field(default_factory=dict)  # flag -> files left out
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error)
+    n_files: int = 0
+
+
+def is_prepared_folder(root: Path) -> bool:
+    return (root / "manifest.csv").is_file() and (root / "prepare_config.yaml").is_file()
+
+
+def jobs_from_discovery(d: Discovery) -> list[SeriesJob]:
+    jobs = []
+    for s in d.series:
+        if not s.slices:
+            continue
+        jobs.append(SeriesJob(
+            s.study_uid, s.series_uid, [e.header.sop_uid for e in s.slices],
+            [np.nan if e.position is None else float(e.position) for e in s.slices],
+            [";".join(e.flags) for e in s.slices], [e.header.path for e in s.slices], "dicom", s.ordered_by))
+    return jobs
+
+
+def jobs_from_prepared(root: Path) -> tuple[list[SeriesJob], SourceInfo]:
+    """Series of a folder written by hemorrhage_prepare.py, in its manifest's order."""
+    settings = yaml.safe_load((root / "prepare_config.yaml").read_text()) or {}
+    fmt = settings.get("format", "png")
+    m = pd.read_csv(root / "manifest.csv", dtype=str, keep_default_na=False)
+    need = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "order", "included", "flags",
+            "output", "position", "path", "ordered_by"}
+    missing = sorted(need - set(m.columns))
+    if missing:
+        raise InputError(f"{root / 'manifest.csv'}: missing column(s) {', '.join(missing)}; was it written by "
+                         "hemorrhage_prepare.py?")
+    info = SourceInfo("prepared", root, window=str(settings.get("window", "")), n_files=len(m))
+    left = m[m["included"] != "1"]
+    for flags in left["flags"]:
+        for f in filter(None, flags.split(";")):
+            info.left_out[f] = info.left_out.get(f, 0) + 1
+    usable = m[(m["included"] == "1") & (m["output"] != "")].copy()
+    for p in m.loc[(m["included"] == "1") & (m["output"] == ""), "path"]:
+        info.errors.append((str(root / p) if p else "", "prepare", "no prepared image (see the prepare run's "
+                                                                 "errors.csv)"))
+    usable["order_i"] = usable["order"].astype(int)
+    jobs = []
+    for (study, series), g in usable.groupby(["StudyInstanceUID", "SeriesInstanceUID"], sort=False):
+        g = g.sort_values("order_i")
+        positions = [float(p) if p else np.nan for p in g["position"]]
+        outputs = [str(root / o) for o in g["output"]]
+        jobs.append(SeriesJob(study, series, g["SOPInstanceUID"].tolist(), positions, g["flags"].tolist(),
+                              outputs, "npz" if fmt == "npz" else "png", g["ordered_by"].iloc[0],
+                              npz=outputs[0] if fmt == "npz" else ""))
+    return jobs, info
+
+
+def find_series(root: str | Path, num_workers: int = 0, progress: bool = True) -> tuple[list[SeriesJob], SourceInfo]:
+    """Series to predict under `root`: a prepared folder, else a DICOM tree (headers read, series ordered)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"--data_dir {root}: no such folder")
+    if is_prepared_folder(root):
+        jobs, info = jobs_from_prepared(root)
+    else:
+        if any(root.glob("*.png")) or (root / "png").is_dir():
+            log.warning("%s holds PNGs but no manifest.csv: without it the slice order is unknown, so they are "
+                        "not used; prepare with scripts/hemorrhage_prepare.py or give the DICOM folder", root)
+        d = discover(root, num_workers=num_workers, progress=progress)
+        info = SourceInfo("dicom", root, discovery=d, n_files=d.n_files,
+                          errors=[(e.path, e.stage, e.error) for e in d.errors],
+                          left_out={k: v for k, v in d.flag_counts.items() if k in EXCLUDING})
+        jobs = jobs_from_discovery(d)
+    if not jobs:
+        left = ", ".join(f"{k} {v}" for k, v in sorted(info.left_out.items())) or "none"
+        raise InputError(f"--data_dir {root}: no CT series to predict ({info.n_files} files, "
+                         f"{len(info.errors)} unreadable, left out: {left})")
+    return jobs, info
+
+
+# ----------------------------------------------------------------------------------------- images -> inputs
+
+
+@dataclass(frozen=True)
+class InputSettings:
+    spec: WindowSpec  # DICOM input only
+    sizes: tuple[int, ...] = (256,)
+    tta: TTASpec = TTASpec()
+    center_crop: float = CENTER_CROP
+    fix_quirk: bool = True
+    seed: int = 0
+
+
+def _read_png(path: str) -> np.ndarray:
+    img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DicomReadError(path, "missing or unreadable PNG")
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise DicomReadError(path, f"expected an 8-bit grey or 3-channel PNG, got {img.dtype} {img.shape}")
+    return img
+
+
+def load_images(job: SeriesJob, s: InputSettings) -> tuple[list[np.ndarray], list[int], list[bool], list[tuple]]:
+    """Windowed uint8 images (H, W) or (H, W, 3) of the slices that could be read, their indices in the
+    job, whether the BitsStored-12 fix touched them, and (path, stage, error) of the others."""
+    images, kept, quirk, errors = [], [], [], []
+    if job.kind == "npz":
+        try:
+            with np.load(job.npz, allow_pickle=False) as z:
+                stack, sops = z["images"], z["sop_uids"].tolist()
+        except (OSError, ValueError, KeyError) as e:
+            return [], [], [], [(job.npz, "pixels", f"unreadable npz stack: {type(e).__name__}: {e}")]
+        if sops != job.sop_uids:
+            return [], [], [], [(job.npz, "pixels", "the npz stack holds other slices than the manifest lists")]
+        if stack.ndim == 4:
+            stack = np.moveaxis(stack, 1, -1)  # (N, 3, H, W) -> (N, H, W, 3)
+        return list(stack), list(range(len(stack))), [False] * len(stack), []
+    for i, path in enumerate(job.paths):
+        try:
+            if job.kind == "png":
+                img, fixed = _read_png(path), False
+            else:
+                _, img, fixed = slice_image(path, s.spec, s.fix_quirk)
+        except DicomReadError as e:
+            errors.append((path, "pixels", e.reason))
+            continue
+        images.append(img)
+        kept.append(i)
+        quirk.append(fixed)
+    return images, kept, quirk, errors
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[:2] == (size, size):
+        return img
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def model_inputs(images: list[np.ndarray], size: int, s: InputSettings, key: str) -> np.ndarray:
+    """uint8 (P, S, 3, size, size): the passes drawn in the worker (1 unless random TTA)."""
+    resized = [_resize(img, size) for img in images]
+    three = resized[0].ndim == 3
+    if s.tta.mode == "random":
+        out = np.empty((s.tta.passes, len(resized), 3, size, size), np.uint8)
+        stack = np.stack(resized)  # (S, h, w) or (S, h, w, 3)
+        per_slice = stack if three else np.moveaxis(stack[neighbour_indices(len(stack))], 1, -1)
+        for p in range(s.tta.passes):
+            rng = rng_for(s.seed, key, size, p)
+            for i, img in enumerate(per_slice):
+                out[p, i] = np.moveaxis(augment_tta(np.ascontiguousarray(img), rng), -1, 0)
+        return out
+    if s.center_crop < 1.0:
+        resized = [center_crop_resize(img, s.center_crop) for img in resized]
+    stack = np.stack(resized)
+    x = np.moveaxis(stack, -1, 1) if three else stack[neighbour_indices(len(stack))]
+    return np.ascontiguousarray(x)[None]
+
+
+class SeriesInputs(Dataset):
+    """A map-style dataset of whole series (use with ``batch_size=None``)."""
+
+    def __init__(self, jobs: list[SeriesJob], settings: InputSettings) -> None:
+        self.jobs, self.settings = jobs, settings
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> dict:
+        job, s = self.jobs[index], self.settings
+        images, kept, quirk, errors = load_images(job, s)
+        shapes = {img.ndim for img in images}
+        if len(shapes) > 1:  # grey and three-window images mixed: a corrupt prepared folder
+            errors = errors + [(job.paths[0], "pixels", "the series mixes grey and three-window images")]
+            images, kept, quirk = [], [], []
+        inputs = {size: torch.from_numpy(model_inputs(images, size, s, job.series_uid)) for size in s.sizes} \
+            if images else {}
+        return {"index": index, "kept": torch.as_tensor(kept, dtype=torch.long),
+                "quirk": torch.as_tensor(quirk, dtype=torch.bool), "errors": errors, "inputs": inputs}
+
+
+def identity_collate(item: dict) -> dict:
+    return item
