@@ -57,9 +57,18 @@ demo: $(STAMP)
 		--reports $(DEMO_DIR)/ct_rate/test_reports.csv --output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
+	@echo "NOTE: no trained hemorrhage weights yet: the inference below uses RANDOMLY INITIALISED models (the"
+	@echo "      published three architectures, fold 0, run at 128 px to keep the CPU demo short)."
+	$(PY) scripts/hemorrhage_random_weights.py --out_dir $(DEMO_DIR)/hemorrhage_random_weights --folds 0
+	# exit 3 is expected: the synthetic set's two broken files are skipped and listed
+	$(PY) scripts/hemorrhage_infer.py --data_dir $(DEMO_DIR)/rsna/dicom \
+		--weights_dir $(DEMO_DIR)/hemorrhage_random_weights --input_size 128 --no_progress \
+		--output $(DEMO_DIR)/hemorrhage_infer_random_weights/predictions.csv; rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
 	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
 	@echo "              $(DEMO_DIR)/ctclip_tiny (latest.pt, best.pt, train_log.jsonl, tensorboard/)"
 	@echo "              $(DEMO_DIR)/ctclip_eval (scores.csv, metrics_per_finding.csv, summary.json, roc_curves.png, retrieval.json)"
+	@echo "              $(DEMO_DIR)/hemorrhage_infer_random_weights (predictions.csv, _per_slice, _per_study, _run.json,"
+	@echo "              _errors, _manifest; random weights: the numbers mean nothing)"
 	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
 
 test: $(STAMP)
