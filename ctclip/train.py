@@ -38,7 +38,7 @@ from ctclip.checkpoint import (
 )
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset, collate_volumes, make_loader
 from ctclip.data.store import VolumeStore
-from ctclip.distributed import (
+from ctcore.distributed import (
     DistInfo,
     all_reduce_mean,
     barrier,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ctclip.distributed import (
+from ctcore.distributed import (
     DistInfo,
     all_reduce_mean,
     barrier,

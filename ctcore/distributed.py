@@ -2,7 +2,7 @@
 
 One process, no process group::
 
-    python scripts/ctclip_train.py ...
+    python scripts/ctclip_train.py ...   (or scripts/hemorrhage_train.py)
 
 One node, N GPUs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)::
 
@@ -11,7 +11,7 @@ One node, N GPUs (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTE
 Several nodes under SLURM, one task per GPU (SLURM sets SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS,
 SLURM_NODELIST; the first host of the node list becomes the master unless MASTER_ADDR is set)::
 
-    srun --ntasks-per-node=4 --gpus-per-node=4 python scripts/ctclip_train.py --use_ddp ...
+    srun --ntasks-per-node=4 --gpus-per-node=4 python scripts/ctclip_train.py ...   (or scripts/hemorrhage_train.py)se_ddp ...
 
 torchrun launched inside a SLURM allocation works too: the torchrun variables take precedence.
 NCCL is the backend on CUDA, gloo on CPU. The collective helpers below are no-ops without a
