@@ -50,8 +50,10 @@ def make_uid(style: str, seed: int, kind: str, study: int, series: int = 0, inst
     data (10 digits for studies and series, 9 for instances), made unique by construction.
     """
     if style != "rsna" or kind == "frame":
-        return generate_uid(entropy_srcs=["ct-toolkit synthetic head", str(seed), kind, str(study), str(series),
-                                          str(instance)])
+        # one joined source: pydicom concatenates the sources without a separator, so (study 1, series 1,
+        # instance 11) and (study 11, series 1, instance 1) would share a UID
+        parts = ["ct-toolkit synthetic head", str(seed), kind, str(study), str(series), str(instance)]
+        return generate_uid(entropy_srcs=["|".join(parts)])
     key = f"ct-toolkit synthetic head|{seed}|{kind}"
     if kind == "study":
         return f"ID_{_permute(study, 40, key):010x}"

@@ -366,3 +366,12 @@ def test_montage_of_the_dataset(dataset, tmp_path):
     cfg, _ = dataset
     png = save_head_montage(cfg.out_dir, tmp_path / "m.png", n_studies=3)
     assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_dicom_style_uids_never_collide():
+    """pydicom joins entropy sources without a separator: (1, 1, 11) and (11, 1, 1) once shared a SOP UID."""
+    from hemorrhage.synthetic_header import make_uid
+
+    keys = [(st, se, k) for st in range(30) for se in range(3) for k in range(30)]
+    assert len({make_uid("dicom", 4, "sop", *key) for key in keys}) == len(keys)
+    assert len({make_uid("dicom", 4, "series", st, se) for st in range(30) for se in range(12)}) == 360
