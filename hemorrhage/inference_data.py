@@ -156,9 +156,9 @@ def jobs_from_prepared(root: Path) -> tuple[list[SeriesJob], SourceInfo]:
         for f in filter(None, flags.split(";")):
             info.left_out[f] = info.left_out.get(f, 0) + 1
     usable = m[(m["included"] == "1") & (m["output"] != "")].copy()
-    for p in m.loc[(m["included"] == "1") & (m["output"] == ""), "path"]:
-        info.errors.append((str(root / p) if p else "", "prepare", "no prepared image (see the prepare run's "
-                                                                 "errors.csv)"))
+    if (root / "errors.csv").is_file():  # files the prepare run could not use, reported again here
+        errs = pd.read_csv(root / "errors.csv", dtype=str, keep_default_na=False)
+        info.errors += [(r.path, f"prepare:{r.stage}", r.error) for r in errs.itertuples()]
     usable["order_i"] = usable["order"].astype(int)
     jobs = []
     for (study, series), g in usable.groupby(["StudyInstanceUID", "SeriesInstanceUID"], sort=False):
