@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ctclip.losses import ClipLoss, clip_logits, contrastive_loss_with_cached, gather_features
 from ctcore.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -26,7 +27,6 @@ from ctcore.distributed import (
     init_distributed,
     read_launch_env,
 )
-from ctclip.losses import ClipLoss, clip_logits, contrastive_loss_with_cached, gather_features
 from tests.ddp_utils import free_port, run_distributed
 
 VOL_IN, TEXT_IN, EMBED = 6, 5, 4

@@ -121,7 +121,10 @@ def test_manifest_and_errors_csv(synthetic_head, found, tmp_path):
 
 
 def test_a_process_pool_finds_the_same(synthetic_head, found):
-    pooled = discover(synthetic_head / "dicom", num_workers=2, progress=False)
+    from hemorrhage.series import make_pool
+
+    with make_pool(2) as pool:  # small trees are read in-process (POOL_MIN_FILES): pass a pool explicitly
+        pooled = discover(synthetic_head / "dicom", progress=False, pool=pool)
     assert [(s.series_uid, [e.header.sop_uid for e in s.slices]) for s in pooled.series] == \
         [(s.series_uid, [e.header.sop_uid for e in s.slices]) for s in found.series]
     assert pooled.errors == found.errors
