@@ -38,14 +38,6 @@ from ctclip.checkpoint import (
 )
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset, collate_volumes, make_loader
 from ctclip.data.store import VolumeStore
-from ctcore.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    broadcast_object,
-    cleanup_distributed,
-    init_distributed,
-)
 from ctclip.feature_cache import (
     CachedReportDataset,
     FeatureCache,
@@ -66,6 +58,14 @@ from ctclip.train_utils import (
 )
 from ctclip.zeroshot import auroc_per_finding, encode_loader, mean_defined, prompt_features, zero_shot_scores
 from ctcore.cli import resolved, save_resolved
+from ctcore.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+)
 
 log = logging.getLogger(__name__)
 
