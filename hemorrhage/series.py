@@ -220,15 +220,18 @@ def _order_key_instance(e: SliceEntry) -> tuple:
     return (n is None, n if n is not None else 0, e.header.sop_uid)
 
 
-def build_series(study_uid: str, series_uid: str, headers: list[DicomHeader]) -> Series:
-    """Flag, de-duplicate and order the files of one series."""
+def build_series(study_uid: str, series_uid: str, headers: list[DicomHeader], seen: set[str] | None = None
+                 ) -> Series:
+    """Flag, de-duplicate and order the files of one series; `seen` holds SOP UIDs of earlier series (a SOP
+    UID is unique in the whole archive: a copy in another series is a duplicate too)."""
     major = majority_orientation(headers)
     normal = None
     if major is not None:
         o = np.asarray(major, np.float64)
         normal = np.cross(o[:3], o[3:])
         normal = normal / np.linalg.norm(normal) if np.linalg.norm(normal) > 1e-6 else None
-    entries, seen = [], set()
+    entries = []
+    seen = set() if seen is None else seen
     for h in sorted(headers, key=lambda h: h.path):
         flags = _slice_flags(h, major)
         if h.sop_uid in seen:
@@ -268,7 +271,8 @@ def group_series(headers: Iterable[DicomHeader]) -> list[Series]:
     groups: dict[tuple[str, str], list[DicomHeader]] = defaultdict(list)
     for h in headers:
         groups[(h.study_uid, h.series_uid)].append(h)
-    return [build_series(study, series, hs) for (study, series), hs in sorted(groups.items())]
+    seen: set[str] = set()
+    return [build_series(study, series, hs, seen) for (study, series), hs in sorted(groups.items())]
 
 
 def discover(root: str | Path, num_workers: int = 0, progress: bool = True, pool: Executor | None = None

@@ -204,3 +204,15 @@ def test_file_finding_and_bad_trees(samples, tmp_path):
     assert {Path(e.path).name: e.error.split(" ")[0] for e in d.errors} == {"cut.dcm": "truncated:",
                                                                            "junk.dcm": "not"}
     assert d.n_slices == 1
+
+
+def test_a_sop_uid_copied_into_another_series_is_left_out(samples, tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(samples.head_693_uncr)
+    ds.save_as(tmp_path / "a.dcm")
+    ds.SeriesInstanceUID = ds.SeriesInstanceUID + ".9"  # same SOP, another series
+    ds.save_as(tmp_path / "b.dcm")
+    d = discover(tmp_path, progress=False)
+    kept = [e for s in d.series for e in s.slices]
+    assert len(kept) == 1 and d.flag_counts["duplicate_sop"] == 1
