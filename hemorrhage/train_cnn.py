@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 
 from ctcore.cli import save_resolved
 from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
+from hemorrhage.ensemble import autocast_context
 from hemorrhage.inference_data import (
     InputSettings,
     SeriesInputs,
@@ -96,17 +97,15 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None)."""
+    """(autocast context factory, GradScaler or None); the context comes from `ensemble.autocast_context`."""
     p = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-    if p == "fp32":
-        return (lambda: torch.autocast(device.type, enabled=False)), None
-    if p == "bf16":
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
-    if p == "fp16":
-        if device.type != "cuda":
-            raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    raise UsageError(f"--precision {precision!r}: expected auto, bf16, fp16 or fp32")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if p not in dtypes:
+        raise UsageError(f"--precision {precision!r}: expected auto, bf16, fp16 or fp32")
+    if p == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
+    scaler = torch.amp.GradScaler("cuda") if p == "fp16" else None
+    return autocast_context(device, dtypes[p]), scaler
 
 
 # ----------------------------------------------------------------------------------------- data
