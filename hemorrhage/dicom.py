@@ -350,19 +350,36 @@ def rescale_values(h: DicomHeader, original_int: bool = False) -> tuple[float, f
     return h.slope, h.intercept
 
 
-def to_hu(raw: np.ndarray, h: DicomHeader, *, fix_quirk: bool = True, original_int: bool = False
-          ) -> tuple[np.ndarray, bool]:
-    """(HU as float32, whether the BitsStored-12 fix was applied) of stored values `raw` of header `h`."""
+def stored_values(raw: np.ndarray, h: DicomHeader, *, fix_quirk: bool = True, original_int: bool = False
+                  ) -> tuple[np.ndarray, float, float, bool]:
+    """(values, slope, intercept, quirk_fixed): the stored values to rescale, with the BitsStored-12 fix
+    applied when `needs_quirk_fix` says so (then the values are int32 and the intercept -1000)."""
     slope, intercept = rescale_values(h, original_int)
     fixed = bool(fix_quirk and needs_quirk_fix(h))
     if fixed:
         raw, intercept = fix_bits_stored_12(raw), QUIRK_INTERCEPT
-    hu = np.asarray(raw).astype(np.float32)  # exact for every 16-bit integer; never uint16 arithmetic
+    return np.asarray(raw), slope, intercept, fixed
+
+
+def hu_values(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """values * slope + intercept in float32 (exact for every 16-bit integer; never uint16 arithmetic).
+
+    The one place the rescale is computed: the table path of `hemorrhage.prepare.slice_image` applies it
+    to the range of stored values and must give the same bytes as applying it to every pixel.
+    """
+    hu = np.asarray(values).astype(np.float32)
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
         hu += np.float32(intercept)
-    return hu, fixed
+    return hu
+
+
+def to_hu(raw: np.ndarray, h: DicomHeader, *, fix_quirk: bool = True, original_int: bool = False
+          ) -> tuple[np.ndarray, bool]:
+    """(HU as float32, whether the BitsStored-12 fix was applied) of stored values `raw` of header `h`."""
+    values, slope, intercept, fixed = stored_values(raw, h, fix_quirk=fix_quirk, original_int=original_int)
+    return hu_values(values, slope, intercept), fixed
 
 
 def read_hu(path: str | Path, *, fix_quirk: bool = True, original_int: bool = False) -> HUSlice:

@@ -41,7 +41,7 @@ import numpy as np
 import yaml
 
 from ctcore.cli import resolved, save_resolved
-from hemorrhage.dicom import DicomHeader, DicomReadError, read_hu
+from hemorrhage.dicom import DicomHeader, DicomReadError, hu_values, read_pixels, stored_values
 from hemorrhage.series import (
     EXCLUDING,
     Discovery,
@@ -54,7 +54,7 @@ from hemorrhage.series import (
     write_errors,
     write_manifest,
 )
-from hemorrhage.windows import WindowSpec, header_window, parse_window_spec, render
+from hemorrhage.windows import WindowSpec, header_window, parse_window_spec, render, render_stored
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,21 @@ def png_name(sop_uid: str) -> str:
 
 def slice_image(path: str | Path, spec: WindowSpec, fix_quirk: bool = True
                 ) -> tuple[DicomHeader, np.ndarray, bool]:
-    """(header, uint8 image, quirk_fixed) of one file: decode, HU, window (see hemorrhage.windows)."""
-    s = read_hu(path, fix_quirk=fix_quirk, original_int=spec.original_int)
-    if s.hu.ndim != 2:
-        raise DicomReadError(path, f"not a single 2D slice (pixel array {s.hu.shape})")
-    return s.header, render(s.hu, spec, s.header.window_center, s.header.window_width), s.quirk_fixed
+    """(header, uint8 image, quirk_fixed) of one file: decode, HU, window (see hemorrhage.windows).
+
+    Integer stored values with a finite rescale go through `render_stored` (a table over the stored
+    range, same bytes); anything else through HU per pixel and `render`.
+    """
+    h, raw = read_pixels(path)
+    if raw.ndim != 2:
+        raise DicomReadError(path, f"not a single 2D slice (pixel array {raw.shape})")
+    values, slope, intercept, fixed = stored_values(raw, h, fix_quirk=fix_quirk, original_int=spec.original_int)
+    img = None
+    if np.isfinite(slope) and np.isfinite(intercept):
+        img = render_stored(values, lambda v: hu_values(v, slope, intercept), spec, h.window_center, h.window_width)
+    if img is None:
+        img = render(hu_values(values, slope, intercept), spec, h.window_center, h.window_width)
+    return h, img, fixed
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -20,7 +20,7 @@ Every function takes any leading shape (a stack of slices) and works on the last
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,7 +111,9 @@ def _window_uint8_lut(hu: np.ndarray, window: Window) -> np.ndarray | None:
     if not hi > lo:  # constant after clipping
         return np.zeros(hu.shape, np.uint8)
     span = hi - lo
-    if span >= MAX_LUT:
+    if span >= MAX_LUT or not (lo.is_integer() and hi.is_integer()):
+        # fractional ends: float32 HU such as -46.7 and -251.7 differ by an exact integer in float32 but
+        # not in float64, so the table would be one entry short and its ramp off by a rounding step
         return None
     q = np.clip(hu, np.float32(lo), np.float32(hi))
     q -= np.float32(lo)  # exact for integer values below 2**24
@@ -174,3 +176,34 @@ def render(hu: np.ndarray, spec: WindowSpec, center: Sequence[float] = (), width
     if spec.mode == "header":
         return window_uint8(hu, header_window(center, width, original_int=spec.original_int))
     raise ValueError(f"unknown window mode {spec.mode!r}")
+
+
+MAX_TABLE = 1 << 17
+
+
+def render_stored(values: np.ndarray, to_hu: Callable[[np.ndarray], np.ndarray], spec: WindowSpec,
+                  center: Sequence[float] = (), width: Sequence[float] = ()) -> np.ndarray | None:
+    """``render(to_hu(values), spec, center, width)`` of one 2D image of integer stored values, through a
+    table over the range of the values; None when `values` is not that or the range exceeds MAX_TABLE.
+
+    The bytes are the same as the direct path whenever `to_hu` is monotone (a rescale v * slope +
+    intercept is, float rounding included): every table entry goes through the same formula as a pixel of
+    that value would, and the per-image minimum and maximum HU belong to the smallest and largest stored
+    value, which are both in the image and in the table. The image itself is only read three times (min,
+    max, one lookup), and 16-bit images are looked up by their bit pattern without a subtraction pass:
+    0.2 ms instead of about 1 ms for 512 x 512 (scripts/bench_hemorrhage.py, part d).
+    """
+    v = np.asarray(values)
+    if v.ndim != 2 or v.size == 0 or v.dtype.kind not in "iu":
+        return None
+    vmin, vmax = int(v.min()), int(v.max())
+    if vmax - vmin + 1 > MAX_TABLE:
+        return None
+    levels = np.arange(vmin, vmax + 1, dtype=np.int64)
+    table = render(to_hu(levels)[None, :], spec, center, width)[0]  # (n,) or (n, channels) uint8
+    if v.dtype.itemsize > 2:
+        return np.take(table, v - vmin, axis=0)
+    bits = 8 * v.dtype.itemsize
+    full = np.zeros((1 << bits, *table.shape[1:]), np.uint8)
+    full[levels & ((1 << bits) - 1)] = table  # signed values land at their two's-complement pattern
+    return np.take(full, v.view(f"u{v.dtype.itemsize}"), axis=0)

@@ -25,6 +25,7 @@ from hemorrhage.dicom import (
     needs_quirk_fix,
     read_header,
     read_hu,
+    hu_values,
     read_pixels,
     to_hu,
 )
@@ -37,6 +38,7 @@ from hemorrhage.windows import (
     minmax_uint8,
     parse_window_spec,
     render,
+    render_stored,
     three_window_uint8,
     window_uint8,
 )
@@ -290,8 +292,12 @@ def test_lookup_table_path_equals_the_float_formula():
         hu = rng.integers(lo_hu, lo_hu + int(rng.integers(1, 4000)), size=(2, 37, 41)).astype(np.float32)
         centre = float(rng.integers(-200, 800)) + (0.5 if trial % 5 == 0 else 0.0)  # .5: fractional bounds
         w = Window(centre, float(rng.integers(1, 3000)))
-        for img in (hu, hu + 0.25, hu * 1.5):  # integers, then fractional HU (the float path)
+        # integers, then fractional HU (the float path); -0.7: float32 differences are whole numbers
+        # that float64 does not see as such (the table path once indexed past its end there)
+        for img in (hu, hu + 0.25, hu * 1.5, hu - np.float32(0.7)):
             np.testing.assert_array_equal(window_uint8(img, w), minmax_uint8(clip_to_window(img, w)))
+    img = (np.arange(50, 255, dtype=np.float32) * np.float32(-1) + np.float32(3.3)).reshape(5, 41)
+    np.testing.assert_array_equal(window_uint8(img, THREE_WINDOWS[2]), minmax_uint8(img))
 
 
 def test_three_windows_and_specs(samples):
@@ -315,3 +321,77 @@ def test_three_windows_and_specs(samples):
             parse_window_spec(bad)
     header_rendered = render(hu, parse_window_spec("header"), (40,), (80,))
     np.testing.assert_array_equal(header_rendered, window_uint8(hu, BRAIN))
+
+
+# ----------------------------------------------------------------------------------------- stored-value table
+
+
+SPECS = ("header", "three", "brain", "bone", "35.5/75", "-1000/1")
+
+
+def test_stored_value_table_equals_hu_per_pixel():
+    """render_stored (a table over the stored range) against render on per-pixel HU: same bytes for
+    signed, unsigned and 32-bit values, fractional and negative slopes, constant and narrow images."""
+    rng = np.random.default_rng(2)
+    cases = []
+    for trial in range(30):
+        dtype = (np.int16, np.uint16, np.int32, np.uint8)[trial % 4]
+        info = np.iinfo(dtype)
+        lo = int(rng.integers(max(info.min, -3000), min(info.max, 3000) - 1))
+        hi = min(info.max, lo + int(rng.integers(1, 5000)))
+        raw = rng.integers(lo, hi + 1, size=(23, 29)).astype(dtype)
+        slope = (1.0, 0.5, 1.25, -1.0, 2.0, 0.0)[trial % 6]
+        intercept = (-1024.0, 0.0, -1024.7, 3.3, 1000.0)[trial % 5]
+        cases.append((raw, slope, intercept))
+    cases.append((np.full((8, 8), 7, np.int16), 1.0, -1024.0))  # constant
+    cases.append((np.array([[-32768, 32767]], np.int16), 1.0, 0.0))  # the whole signed range
+    for raw, slope, intercept in cases:
+        for name in SPECS:
+            spec = parse_window_spec(name)
+            ours = render_stored(raw, lambda v: hu_values(v, slope, intercept), spec, (40.0,), (80.0,))
+            ref = render(hu_values(raw, slope, intercept), spec, (40.0,), (80.0,))
+            assert ours is not None and ours.dtype == np.uint8
+            np.testing.assert_array_equal(ours, ref, err_msg=f"{raw.dtype} {slope} {intercept} {name}")
+
+
+def test_stored_value_table_declines_what_it_cannot_do():
+    f = lambda v: hu_values(v, 1.0, 0.0)  # noqa: E731
+    spec = parse_window_spec("header")
+    assert render_stored(np.zeros((2, 4, 4), np.int16), f, spec) is None  # a stack: min-max per image
+    assert render_stored(np.zeros((4, 4), np.float32), f, spec) is None  # not integers
+    assert render_stored(np.zeros((0, 4), np.int16), f, spec) is None
+    assert render_stored(np.array([[0, 1 << 20]], np.int32), f, spec) is None  # range beyond MAX_TABLE
+
+
+@pytest.mark.parametrize("key", HEAD_KEYS)
+def test_slice_image_equals_hu_then_window_on_the_real_slices(samples, key):
+    """The table path of slice_image against read_hu + render (pydicom-checked above) on the real slices."""
+    from hemorrhage.prepare import slice_image
+
+    s = read_hu(samples[key])
+    for name in ("header", "three", "subdural"):
+        for original_int in (False, True):
+            spec = parse_window_spec(name, original_int=original_int)
+            h, img, fixed = slice_image(samples[key], spec)
+            ref = render(read_hu(samples[key], original_int=original_int).hu, spec,
+                         s.header.window_center, s.header.window_width)
+            assert h == s.header and fixed == s.quirk_fixed
+            np.testing.assert_array_equal(img, ref)
+
+
+def test_slice_image_on_a_quirk_slice(samples, tmp_path):
+    """BitsStored-12 quirk: the fixed int32 values go through the table and equal HU then window."""
+    from hemorrhage.prepare import slice_image
+
+    ds = pydicom.dcmread(samples.head_693_uncr)
+    hu = apply_modality_lut(ds.pixel_array, ds).astype(np.int64)
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleIntercept = 12, 11, 0, 0
+    ds.PixelData = np.mod(np.clip(hu, -1000, 3095), 4096).astype(np.uint16).tobytes()
+    p = write(ds, tmp_path / "quirk.dcm")
+    for name in ("header", "three"):
+        spec = parse_window_spec(name)
+        _, img, fixed = slice_image(p, spec)
+        s = read_hu(p)
+        assert fixed and s.quirk_fixed
+        np.testing.assert_array_equal(img, render(s.hu, spec, s.header.window_center, s.header.window_width))
+        np.testing.assert_array_equal(s.hu, np.clip(hu, -1000, 3095))
