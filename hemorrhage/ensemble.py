@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from hemorrhage.classes import N_CLASSES
 from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory, load_original_checkpoint
 from hemorrhage.models.cnn import HemorrhageCNN, build_cnn, normalize_uint8
-from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features, predict_both_directions
+from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features, pad_studies, predict_both_directions
 from hemorrhage.models.sequence_checkpoint import Member, SequenceCheckpoint, member_label
 
 log = logging.getLogger(__name__)
@@ -178,24 +179,33 @@ def sequence_folds(members: list[LoadedMember], heads: list[SequenceCheckpoint])
 
 
 @torch.inference_mode()
-def apply_sequence_heads(heads: list[SequenceCheckpoint], folds: list[int], members: list[LoadedMember],
-                         member_probs: dict[str, np.ndarray], member_features: dict[str, np.ndarray],
-                         slice_gap: np.ndarray | None, device: torch.device) -> np.ndarray:
-    """One series: mean over heads and CNN folds of the head's both-direction probabilities -> (S, 6)."""
+def apply_sequence_heads_batch(heads: list[SequenceCheckpoint], folds: list[int], members: list[LoadedMember],
+                               series: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray | None]],
+                               device: torch.device) -> list[np.ndarray]:
+    """Series (member probs {label: (S, folds, 6)}, features {label: (S, folds, d)}, slice gaps (S,)) ->
+    per series (S, 6): the mean over heads and CNN folds of each head's both-direction probabilities.
+
+    The series are right-padded into one batch per (head, fold) and the padding mask keeps them apart: a
+    head is too small to keep a CPU busy, and one call per series spent its time starting threads."""
     by_key = {m.key: m for m in members}
-    results = []
+    lengths = [len(next(iter(p.values()))) for p, _, _ in series]
+    total = [np.zeros((n, N_CLASSES), np.float64) for n in lengths]
+    runs = 0
     for head in heads:
         for fold in folds:
-            feats, probs = [], []
-            for key in head.members:
-                j = by_key[key].folds.index(fold)
-                label = member_label(key)
-                feats.append(torch.from_numpy(member_features[label][:, j]))
-                probs.append(torch.from_numpy(member_probs[label][:, j]))
-            f = pad_features(feats, FEATURE_WIDTH)[None].to(device)  # (1, S, M, 2048)
-            p = torch.stack(probs, 1)[None].to(device)  # (1, S, M, 6)
+            cols = [by_key[key].folds.index(fold) for key in head.members]
+            labels = [member_label(key) for key in head.members]
+            f, mask = pad_studies([pad_features([torch.from_numpy(feats[lb][:, j]) for lb, j in zip(labels, cols)],
+                                                FEATURE_WIDTH) for _, feats, _ in series])
+            p, _ = pad_studies([torch.stack([torch.from_numpy(probs[lb][:, j]) for lb, j in zip(labels, cols)], 1)
+                                for probs, _, _ in series])
             gap = None
             if head.model.cfg.use_slice_gap:
-                gap = torch.from_numpy(np.asarray(slice_gap, np.float32))[None].to(device)
-            results.append(predict_both_directions(head.model, f, p, None, gap)[0].float().cpu().numpy())
-    return np.mean(results, axis=0)
+                gap, _ = pad_studies([torch.from_numpy(np.asarray(g, np.float32)) for _, _, g in series])
+                gap = gap.to(device)
+            out = predict_both_directions(head.model, f.to(device), p.to(device), mask.to(device), gap)
+            out = out.float().cpu().numpy()
+            for i, n in enumerate(lengths):
+                total[i] += out[i, :n]
+            runs += 1
+    return [(t / runs).astype(np.float32) for t in total]

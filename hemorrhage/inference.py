@@ -26,11 +26,13 @@ failed files in the summary (exit 3) after writing everything else.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +45,7 @@ from ctcore.cli import resolved
 from hemorrhage.classes import CLASSES
 from hemorrhage.ensemble import (
     CNNEnsemble,
-    apply_sequence_heads,
+    apply_sequence_heads_batch,
     ensemble_mean,
     resolve_amp,
     resolve_device,
@@ -56,6 +58,7 @@ from hemorrhage.inference_data import (
     SeriesInputs,
     SeriesJob,
     SourceInfo,
+    TTASpec,
     find_series,
     identity_collate,
     parse_tta,
@@ -65,22 +68,23 @@ from hemorrhage.models.sequence import slice_gaps
 from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
 from hemorrhage.prepare import UsageError
 from hemorrhage.series import resolve_workers, write_manifest
-from hemorrhage.windows import parse_window_spec
+from hemorrhage.windows import WindowSpec, parse_window_spec
 
 log = logging.getLogger(__name__)
 
 FLOAT_FORMAT = "%.7g"
+SEQUENCE_CHUNK = 32  # series per sequence-head batch (their features are held until then)
 
 
 @dataclass
-class InferConfig:
+class CNNRunConfig:
+    """What every run of the CNN ensemble over a folder needs (inference, feature extraction)."""
+
     data_dir: Path
-    output: Path = Path("predictions.csv")
     weights_dir: Path = Path("models/2DNet")
     models: list[str] | None = None  # architectures or folder names; None = every folder found
     folds: list[int] | None = None  # None = the folds found (0-4 in the published layout)
     tta: str = "0"  # 0 | flip | N random passes (the original: 10) | random:N
-    sequence_weights: Path | None = None  # a sequence-head file, or a folder of them
     window: str = "header"  # header | three | fixed (brain 40/80) | brain | subdural | bone | C/W
     batch_size: int = 32
     num_workers: int = -1  # DataLoader workers and header readers; -1 = all CPUs, 0 = in this process
@@ -92,6 +96,44 @@ class InferConfig:
     original_int: bool = False
     seed: int = 0  # random TTA draws
     progress: bool = True
+
+
+def add_cnn_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `CNNRunConfig` but --data_dir (hemorrhage_infer.py, hemorrhage_extract_features.py)."""
+    p.add_argument("--weights_dir", type=Path, default=Path("models/2DNet"),
+                   help="folder of <architecture>_<size>/model_epoch_best_{fold}.pth")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="members to use, by architecture or folder name (default: every folder found)")
+    p.add_argument("--folds", nargs="+", type=int, default=None,
+                   help="folds to use; each must exist (default: the folds found, 0-4 when complete)")
+    p.add_argument("--tta", default="0",
+                   help="0: none (the original's centre crop); flip: identity, flip, channel reversal, both; "
+                        "N: N random passes as the original (it used 10); random:N likewise")
+    p.add_argument("--window", default="header",
+                   help="DICOM input: header (the slice's own window, first value), fixed (brain 40/80), three "
+                        "(brain/subdural/bone as channels), brain, subdural, bone or CENTER/WIDTH")
+    p.add_argument("--batch_size", type=int, default=32, help="slices per forward pass")
+    p.add_argument("--num_workers", "-j", type=int, default=-1,
+                   help="decoding worker processes (-1 = all CPUs, 0 = in this process)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                   help="autocast dtype; auto = bf16 on CUDA, none on the CPU")
+    p.add_argument("--input_size", nargs="+", default=[],
+                   help="model input size: N for every member or MEMBER=N (default: the size in the folder name)")
+    p.add_argument("--center_crop", type=float, default=0.8,
+                   help="centre crop ratio resized back, as the original's inference (1 = none)")
+    p.add_argument("--fix_bits_stored_12", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the community fix to BitsStored-12 / intercept > -100 slices (counted)")
+    p.add_argument("--original_int", action="store_true",
+                   help="truncate WindowCenter/Width, RescaleSlope/Intercept with int() as the original did")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random TTA passes")
+    p.add_argument("--no_progress", dest="progress", action="store_false")
+
+
+@dataclass
+class InferConfig(CNNRunConfig):
+    output: Path = Path("predictions.csv")
+    sequence_weights: Path | None = None  # a sequence-head file, or a folder of them
 
 
 @dataclass
@@ -200,7 +242,7 @@ def kaggle_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
     import cv2
     import pydicom
     import timm
@@ -211,7 +253,7 @@ def _versions() -> dict[str, str]:
             "opencv": cv2.__version__, "cuda": torch.version.cuda or ""}
 
 
-def check_inputs(cfg: InferConfig):
+def check_inputs(cfg: CNNRunConfig):
     """Everything that can be wrong with the settings and weights, raised together before any image is read."""
     try:
         tta = parse_tta(cfg.tta)
@@ -231,7 +273,7 @@ def check_inputs(cfg: InferConfig):
                         only=cfg.models or None)
     problems = list(inv.problems)
     heads: list[SequenceCheckpoint] = []
-    if cfg.sequence_weights is not None:
+    if getattr(cfg, "sequence_weights", None) is not None:
         try:
             heads = load_sequence_checkpoints(cfg.sequence_weights)
         except (CheckpointError, FileNotFoundError) as e:
@@ -240,6 +282,23 @@ def check_inputs(cfg: InferConfig):
         raise UsageError("unusable weights (nothing was read from --data_dir):\n"
                          + "\n".join(f"- {p}" for p in problems))
     return tta, spec, device, amp, inv, heads
+
+
+def describe_inputs(tta: TTASpec, spec: WindowSpec, info: SourceInfo, center_crop: float) -> dict[str, str | float]:
+    """How the CNN inputs were made: stored with extracted features and sequence heads, compared at inference."""
+    return {"tta": tta.describe(), "window": info.window if info.kind == "prepared" else spec.describe(),
+            "center_crop": float(center_crop)}
+
+
+def input_mismatches(heads: list[SequenceCheckpoint], now: dict[str, str | float]) -> list[str]:
+    """Where a head's training features were made differently from this run's inputs."""
+    out = []
+    for h in heads:
+        diff = [f"{k}: {h.inputs[k]!r} in training, {now[k]!r} now" for k in now if k in h.inputs and h.inputs[k] != now[k]]
+        if diff:
+            out.append(f"sequence head {h.path.name} was trained on features made otherwise ({'; '.join(diff)}): "
+                       "its inputs shift; extract features with this run's settings or change --tta/--window/--center_crop")
+    return out
 
 
 def run_inference(cfg: InferConfig) -> InferSummary:
@@ -258,6 +317,8 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     timings["discover"] = time.perf_counter() - t
     if info.kind == "prepared":
         log.info("%s is a prepared folder (window %s); --window does not apply", cfg.data_dir, info.window)
+    for warning in input_mismatches(heads, describe_inputs(tta, spec, info, cfg.center_crop)):
+        log.warning("%s", warning)
 
     t = time.perf_counter()
     ens = CNNEnsemble.load(inv, device, amp, input_sizes=sizes, flip_tta=tta.mode == "flip")
@@ -297,41 +358,49 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     return summary
 
 
-def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble,
-                   heads: list[SequenceCheckpoint], folds_seq: list[int], cfg: InferConfig
-                   ) -> tuple[list[SeriesPrediction], list[tuple[str, str, str]], dict[str, float]]:
-    """Stream the series through the ensemble, batching slices across series."""
+@dataclass
+class SeriesOutput:
+    """The CNN outputs of one series, as `stream_series` yields them."""
+
+    job: SeriesJob
+    kept: np.ndarray  # indices into the job's slices (the ones that decoded)
+    quirk: np.ndarray  # (S,) bool: BitsStored-12 fix applied
+    probs: dict[str, np.ndarray]  # member label -> (S, folds, 6), mean over TTA passes
+    features: dict[str, np.ndarray]  # member label -> (S, folds, feature_dim); empty unless asked for
+
+
+def stream_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble, *, batch_size: int,
+                  num_workers: int, want_features: bool = False, progress: bool = True,
+                  failed: list[tuple[str, str, str]] | None = None, timing: dict[str, float] | None = None
+                  ) -> Iterator[SeriesOutput]:
+    """Stream the series through the ensemble, batching slices across series; yields each series in order.
+
+    Files that fail to decode are appended to `failed` as (path, stage, error); a series with no readable
+    slice is logged and not yielded. `timing` accumulates "wait_for_data" and "cnn" seconds.
+    """
     from tqdm.auto import tqdm
 
-    workers = min(resolve_workers(cfg.num_workers), len(jobs))
+    failed = [] if failed is None else failed
+    timing = {} if timing is None else timing
+    timing.setdefault("wait_for_data", 0.0)
+    timing.setdefault("cnn", 0.0)
+    workers = min(resolve_workers(num_workers), len(jobs))
     loader = DataLoader(SeriesInputs(jobs, settings), batch_size=None, shuffle=False, num_workers=workers,
                         collate_fn=identity_collate, pin_memory=ens.device.type == "cuda",
                         prefetch_factor=4 if workers else None)
-    preds: list[SeriesPrediction] = []
-    failed: list[tuple[str, str, str]] = []
-    timing = {"wait_for_data": 0.0, "cnn": 0.0, "sequence": 0.0}
     pending: list[dict] = []
-    want_features = bool(heads)
 
-    def flush() -> None:
+    def flush() -> list[SeriesOutput]:
         t = time.perf_counter()
-        outs = run_group(ens, pending, cfg.batch_size, want_features)
+        outs = run_group(ens, pending, batch_size, want_features)
         timing["cnn"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for item, (probs, feats) in zip(pending, outs):
-            job = jobs[item["index"]]
-            cnn = ensemble_mean(probs)
-            final = cnn
-            if heads:
-                positions = [job.positions[k] for k in item["kept"].tolist()]
-                final = apply_sequence_heads(heads, folds_seq, ens.members, probs, feats,
-                                             np.asarray(slice_gaps(positions)), ens.device)
-            preds.append(SeriesPrediction(job, item["kept"].numpy(), item["quirk"].numpy(), final, cnn))
-        timing["sequence"] += time.perf_counter() - t
+        done = [SeriesOutput(jobs[it["index"]], it["kept"].numpy(), it["quirk"].numpy(), probs, feats)
+                for it, (probs, feats) in zip(pending, outs)]
         pending.clear()
+        return done
 
     with tqdm(total=sum(j.n_slices for j in jobs), desc="predict", unit="slice",
-              disable=None if cfg.progress else True) as bar:
+              disable=None if progress else True) as bar:
         t = time.perf_counter()
         for item in loader:
             timing["wait_for_data"] += time.perf_counter() - t
@@ -341,14 +410,45 @@ def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsem
             failed += [tuple(e) for e in item["errors"]]
             if item["inputs"]:
                 pending.append(item)
-                if sum(len(it["kept"]) for it in pending) >= cfg.batch_size:
-                    flush()
+                if sum(len(it["kept"]) for it in pending) >= batch_size:
+                    yield from flush()
             else:
                 log.error("series %s: no readable slice, left out", job.series_uid)
             bar.update(job.n_slices)
             t = time.perf_counter()
         if pending:
-            flush()
+            yield from flush()
+
+
+def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble,
+                   heads: list[SequenceCheckpoint], folds_seq: list[int], cfg: InferConfig
+                   ) -> tuple[list[SeriesPrediction], list[tuple[str, str, str]], dict[str, float]]:
+    """Every series through the CNN ensemble (`stream_series`) and, if given, the sequence heads."""
+    preds: list[SeriesPrediction] = []
+    failed: list[tuple[str, str, str]] = []
+    timing = {"wait_for_data": 0.0, "cnn": 0.0, "sequence": 0.0}
+    chunk: list[SeriesOutput] = []
+
+    def finish() -> None:
+        t = time.perf_counter()
+        cnn = [ensemble_mean(o.probs) for o in chunk]
+        final = cnn
+        if heads:
+            final = apply_sequence_heads_batch(
+                heads, folds_seq, ens.members,
+                [(o.probs, o.features, np.asarray(slice_gaps([o.job.positions[k] for k in o.kept.tolist()])))
+                 for o in chunk], ens.device)
+        preds.extend(SeriesPrediction(o.job, o.kept, o.quirk, f, c) for o, f, c in zip(chunk, final, cnn))
+        chunk.clear()
+        timing["sequence"] += time.perf_counter() - t
+
+    for out in stream_series(jobs, settings, ens, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                             want_features=bool(heads), progress=cfg.progress, failed=failed, timing=timing):
+        chunk.append(out)
+        if len(chunk) >= SEQUENCE_CHUNK:
+            finish()
+    if chunk:
+        finish()
     return preds, failed, timing
 
 
@@ -396,13 +496,13 @@ def write_run_record(cfg: InferConfig, summary: InferSummary, info: SourceInfo, 
                      "averaging": "sigmoid probabilities: mean over TTA passes, then folds, then members"},
         "sequence_heads": [{"path": str(h.path), "sha256": sha256_file(h.path), "members": [member_label(k) for k in
                             h.members], "fold": h.fold, "epoch": h.epoch, "valLoss": h.val_loss,
-                            "rnn": h.model.cfg.rnn} for h in heads],
+                            "rnn": h.model.cfg.rnn, "trained_on_inputs": h.inputs} for h in heads],
         "sequence_cnn_folds": folds_seq,
         "weights_notes": summary.notes,
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else
                    platform.processor() or platform.machine(), "amp": str(amp).replace("torch.", "") if amp else "none",
                    "channels_last": ens.channels_last},
-        "versions": _versions(),
+        "versions": library_versions(),
         "timings_s": {k: round(v, 3) for k, v in summary.timings.items()},
         "outputs": summary.files,
     }

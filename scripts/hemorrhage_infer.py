@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.inference import InferConfig, run_inference
+from hemorrhage.inference import InferConfig, add_cnn_run_arguments, run_inference
 from hemorrhage.prepare import UsageError
 
 
@@ -36,37 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DICOM folder (searched recursively) or a folder made by hemorrhage_prepare.py")
     p.add_argument("--output", type=Path, default=Path("predictions.csv"),
                    help="Kaggle-format CSV; the other outputs are written beside it with its name as prefix")
-    p.add_argument("--weights_dir", type=Path, default=Path("models/2DNet"),
-                   help="folder of <architecture>_<size>/model_epoch_best_{fold}.pth")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="members to use, by architecture or folder name (default: every folder found)")
-    p.add_argument("--folds", nargs="+", type=int, default=None,
-                   help="folds to use; each must exist (default: the folds found, 0-4 when complete)")
-    p.add_argument("--tta", default="0",
-                   help="0: none (the original's centre crop); flip: identity, flip, channel reversal, both; "
-                        "N: N random passes as the original (it used 10); random:N likewise")
     p.add_argument("--sequence_weights", type=Path, default=None,
                    help="sequence-head checkpoint, or a folder of them (averaged); trained with "
                         "hemorrhage_train_sequence.py (no published weights exist)")
-    p.add_argument("--window", default="header",
-                   help="DICOM input: header (the slice's own window, first value), fixed (brain 40/80), three "
-                        "(brain/subdural/bone as channels), brain, subdural, bone or CENTER/WIDTH")
-    p.add_argument("--batch_size", type=int, default=32, help="slices per forward pass")
-    p.add_argument("--num_workers", "-j", type=int, default=-1,
-                   help="decoding worker processes (-1 = all CPUs, 0 = in this process)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="autocast dtype; auto = bf16 on CUDA, none on the CPU")
-    p.add_argument("--input_size", nargs="+", default=[],
-                   help="model input size: N for every member or MEMBER=N (default: the size in the folder name)")
-    p.add_argument("--center_crop", type=float, default=0.8,
-                   help="centre crop ratio resized back, as the original's inference (1 = none)")
-    p.add_argument("--fix_bits_stored_12", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the community fix to BitsStored-12 / intercept > -100 slices (counted)")
-    p.add_argument("--original_int", action="store_true",
-                   help="truncate WindowCenter/Width, RescaleSlope/Intercept with int() as the original did")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random TTA passes")
-    p.add_argument("--no_progress", dest="progress", action="store_false")
+    add_cnn_run_arguments(p)
     p.add_argument("--verbose", action="store_true")
     return p
 

@@ -3,7 +3,11 @@
 No sequence-head weights were ever published, so the format is ours. One file holds
 
     {"format": "hemorrhage-sequence-v1", "config": asdict(SequenceConfig), "state_dict": {...},
-     "members": [["se_resnext101_32x4d", 256], ...], "epoch": int, "valLoss": float, "fold": int | None}
+     "members": [["se_resnext101_32x4d", 256], ...], "epoch": int, "valLoss": float, "fold": int | None,
+     "inputs": {"tta": ..., "window": ..., "center_crop": ...}}   # how its training features were made
+
+`inputs` (optional) lets inference warn when it feeds the head features made differently (another TTA,
+window or crop shifts the feature distribution the head learned).
 
 `members` are the CNN ensemble members, in the order of the head's model axis M, whose features and
 probabilities it was trained on: inference must feed the same members in the same order. Everything
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ class SequenceCheckpoint:
     epoch: int | None
     val_loss: float | None
     fold: int | None
+    inputs: dict = field(default_factory=dict)  # how the training features were made; {} if unknown
 
 
 def member_label(member: Member) -> str:
@@ -45,7 +50,8 @@ def member_label(member: Member) -> str:
 
 
 def save_sequence_checkpoint(model: SequenceModel, path: str | os.PathLike, members: Sequence[Member],
-                             epoch: int, val_loss: float, fold: int | None = None) -> Path:
+                             epoch: int, val_loss: float, fold: int | None = None,
+                             inputs: dict[str, str | float | int] | None = None) -> Path:
     """Write the head atomically; `members` must match the head's model axis."""
     members = [(str(n), int(s)) for n, s in members]
     if len(members) != model.cfg.num_models:
@@ -55,7 +61,7 @@ def save_sequence_checkpoint(model: SequenceModel, path: str | os.PathLike, memb
     obj = {"format": SEQUENCE_FORMAT, "config": asdict(model.cfg),
            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
            "members": [list(m) for m in members], "epoch": int(epoch), "valLoss": float(val_loss),
-           "fold": None if fold is None else int(fold)}
+           "fold": None if fold is None else int(fold), "inputs": dict(inputs or {})}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
@@ -92,7 +98,9 @@ def load_sequence_checkpoint(path: str | os.PathLike) -> SequenceCheckpoint:
     if len(members) != cfg.num_models:
         raise CheckpointError(f"{path}: {len(members)} members listed for a head of {cfg.num_models} models")
     model.load_state_dict(state, strict=True)
-    return SequenceCheckpoint(path, model.eval(), members, obj.get("epoch"), obj.get("valLoss"), obj.get("fold"))
+    inputs = obj.get("inputs") if isinstance(obj.get("inputs"), dict) else {}
+    return SequenceCheckpoint(path, model.eval(), members, obj.get("epoch"), obj.get("valLoss"), obj.get("fold"),
+                              inputs)
 
 
 def load_sequence_checkpoints(path: str | os.PathLike) -> list[SequenceCheckpoint]:
