@@ -18,6 +18,8 @@ on uint8 in the workers, BCEWithLogits, Adam (5e-4, weight decay 2e-5), the lear
 10 epochs then cosine warm restarts (period 5 epochs, down to 1e-5), 80 epochs. Validation predicts every
 slice of the held-out fold's series exactly as inference does (centre crop 0.8) and scores the
 competition's weighted log loss. bf16 autocast on CUDA by default, fp16 with a GradScaler on request.
+The augmentation is a preset of `hemorrhage.augment` (`augment`); unset, the model's own: the original's
+for every published architecture, "light" for the test-only tiny_densenet.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from torch.utils.data import DataLoader
 
 from ctcore.cli import save_resolved
 from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
+from hemorrhage.augment import augment_preset
 from hemorrhage.ensemble import autocast_context
 from hemorrhage.inference_data import (
     InputSettings,
@@ -48,7 +51,7 @@ from hemorrhage.inference_data import (
 )
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
-from hemorrhage.models.cnn import build_cnn, normalize_uint8
+from hemorrhage.models.cnn import build_cnn, cnn_spec, normalize_uint8
 from hemorrhage.prepare import PrepareConfig, UsageError, run_prepare
 from hemorrhage.series import resolve_workers
 from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds, read_labels
@@ -77,6 +80,7 @@ class TrainConfig:
     samples_per_study: int = 4
     max_draws: int | None = None  # cap on draws per epoch (quick runs)
     window: str = "header"  # for a DICOM --data_dir
+    augment: str | None = None  # hemorrhage.augment.AUGMENT_PRESETS name; None = the model's (CNNSpec.train_augment)
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     device: str | None = None
     num_workers: int = -1
@@ -94,6 +98,13 @@ def lr_at(epoch: int, cfg: TrainConfig) -> float:
         return cfg.lr
     t = (epoch - cfg.constant_epochs) % cfg.restart_period
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / cfg.restart_period)) / 2
+
+
+def resolve_augment(cfg: TrainConfig) -> str:
+    """The augmentation preset of the run: `cfg.augment`, else the model's default; ValueError if unknown."""
+    name = cfg.augment or cnn_spec(cfg.model).train_augment
+    augment_preset(name)
+    return name
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -207,6 +218,7 @@ def run_training(cfg: TrainConfig) -> dict:
         raise UsageError(f"--fold {cfg.fold}: expected 0..{cfg.n_folds - 1}")
     try:
         build_cnn(cfg.model)
+        cfg = replace(cfg, augment=resolve_augment(cfg))  # so train_config_<fold>.yaml names the preset used
     except ValueError as e:
         raise UsageError(str(e)) from e
     info = init_distributed(cfg.use_ddp, cfg.device)
@@ -227,8 +239,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     folds = broadcast_object(folds)
     train = [s for s in series if folds[s.job.study_uid] != cfg.fold]
     val = [s for s in series if folds[s.job.study_uid] == cfg.fold]
-    log.info("fold %d: %d train series (%d studies), %d validation series", cfg.fold, len(train),
-             len({s.job.study_uid for s in train}), len(val))
+    log.info("fold %d: %d train series (%d studies), %d validation series; augmentation %s", cfg.fold, len(train),
+             len({s.job.study_uid for s in train}), len(val), cfg.augment)
     if info.rank == 0:
         member_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, member_dir / f"train_config_{cfg.fold}.yaml")
@@ -254,7 +266,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
 
     workers = resolve_workers(cfg.num_workers)
     sampler = EpochDraws(train, cfg.samples_per_study, cfg.seed, info.rank, info.world_size, cfg.max_draws)
-    dataset = TrainSlices(train, cfg.input_size, cfg.seed)
+    dataset = TrainSlices(train, cfg.input_size, cfg.seed, augment_preset(resolve_augment(cfg)))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
     log_path = member_dir / f"train_log_{cfg.fold}.jsonl"

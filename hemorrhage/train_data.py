@@ -10,10 +10,10 @@ with a triangular weight (``max(1, int(min(i, n-1-i) / 4))``) that favours centr
 passed ``n - 1`` and so never drew a study's last slice, which we do (weight 1). A study with several
 series draws one of them at random. Slices without a label are never drawn but still serve as
 neighbours. Each sample is the three slices ``[s+1, s, s-1]``, resized to the input size (cv2
-bilinear), then augmented as the original (`hemorrhage.augment.augment_train`) on uint8 in the
-DataLoader worker with a generator seeded by (seed, epoch, draw), so a resumed or re-run epoch sees
-the same images. (The original resized to 512 before augmenting and to the input size after; we
-resize first, which is cheaper and differs only in interpolation detail.)
+bilinear), then augmented (`hemorrhage.augment.augment_train`; the original's settings unless the run
+names another preset) on uint8 in the DataLoader worker with a generator seeded by (seed, epoch, draw),
+so a resumed or re-run epoch sees the same images. (The original resized to 512 before augmenting and
+to the input size after; we resize first, which is cheaper and differs only in interpolation detail.)
 """
 
 from __future__ import annotations

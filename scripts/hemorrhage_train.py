@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
+from hemorrhage.augment import AUGMENT_PRESETS
 from hemorrhage.models.cnn import list_cnns
 from hemorrhage.prepare import UsageError
 from hemorrhage.train_cnn import TrainConfig, run_training
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples_per_study", type=int, default=4, help="draws per training study per epoch")
     p.add_argument("--max_draws", type=int, default=None, help="cap on draws per epoch (quick runs)")
     p.add_argument("--window", default="header", help="window used when preparing a DICOM --data_dir")
+    p.add_argument("--augment", default=None, choices=sorted(AUGMENT_PRESETS),
+                   help="augmentation preset (default: the model's own: the original's for the published "
+                        "architectures, light for tiny_densenet)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto = bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--device", default=None, help="cpu, cuda (default: CUDA if available)")

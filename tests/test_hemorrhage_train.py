@@ -1,29 +1,39 @@
-"""scripts/hemorrhage_train.py on synthetic head CT studies: the recipe's pieces, learning, resuming,
-original-format checkpoints that inference loads, bad labels, and a 2-process gloo run."""
+"""scripts/hemorrhage_train.py on synthetic head CT studies: the recipe's pieces, learning (held-out loss
+clearly below the prevalence prior), training samples equal to inference inputs, resuming, original-format
+checkpoints that inference loads, bad labels, and a 2-process gloo run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
+from hemorrhage.augment import AUGMENT_PRESETS, AugmentConfig
 from hemorrhage.classes import CLASSES
+from hemorrhage.inference_data import InputSettings, SeriesInputs, find_series, parse_tta
 from hemorrhage.metrics import baseline_log_loss, prior_baseline, weighted_log_loss
 from hemorrhage.models.checkpoint import read_original_checkpoint
-from hemorrhage.train_cnn import TrainConfig, lr_at
+from hemorrhage.prepare import UsageError
+from hemorrhage.synthetic import read_truth
+from hemorrhage.train_cnn import TrainConfig, lr_at, resolve_augment, run_training
 from hemorrhage.train_data import (
     EpochDraws,
     LabelError,
     TrainSeries,
+    TrainSlices,
     load_or_make_folds,
     make_folds,
     read_labels,
     triangular_weights,
 )
+from hemorrhage.windows import parse_window_spec
 from scripts.hemorrhage_infer import main as infer
 from scripts.hemorrhage_make_synthetic import main as make_synthetic
 from scripts.hemorrhage_train import main as train
@@ -42,8 +52,10 @@ def synth(out: Path, n: int, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def head_sets(tmp_path_factory):
+    """64 training studies (fold 0 of 5 validates) and 24 held-out ones: with 32 training studies the tiny
+    model saw too few distinct heads to generalise; 24 test studies keep the held-out estimate steady."""
     root = tmp_path_factory.mktemp("train_sets")
-    return synth(root / "train", 32, 3), synth(root / "test", 12, 4)
+    return synth(root / "train", 64, 3), synth(root / "test", 24, 4)
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -142,35 +154,92 @@ def test_script_exit_codes_on_bad_input(head_sets, tmp_path):
 # ----------------------------------------------------------------------------------------- learning
 
 
+def test_augment_preset_is_the_models_unless_named():
+    def cfg(**kw):
+        return TrainConfig(labels=Path("x"), data_dir=Path("x"), output_dir=Path("x"), **kw)
+
+    assert resolve_augment(cfg()) == "original"  # every published architecture trains as the original did
+    assert resolve_augment(cfg(model="tiny_densenet")) == "light"
+    assert resolve_augment(cfg(model="tiny_densenet", augment="original")) == "original"
+    assert AUGMENT_PRESETS["original"] == AugmentConfig()
+    light = AUGMENT_PRESETS["light"]
+    assert light.p_shift_scale_rotate == 0 and light.p_erase == 0 and light.crop_ratio[0] < 0.8 < light.crop_ratio[1]
+    with pytest.raises(UsageError, match="unknown augmentation preset 'heavy'; known: original, light"):
+        run_training(cfg(model="tiny_densenet", augment="heavy"))
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model runs many small ops; when the CPU is shared, two OpenMP threads wait on each other at
+    every one of them. With two busy processes beside it, the training fixture took 78 s with two threads
+    and 32 s with one, inference of the test set 34 s and 4 s. Alone on 2 cores, one thread costs ~25%."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(head_sets, tmp_path_factory):
     train_set, _ = head_sets
     out = tmp_path_factory.mktemp("run")
     args = ["--config", TINY, "--labels", str(train_set / "labels.csv"), "--data_dir", str(train_set / "dicom"),
-            "--output_dir", str(out), "--no_progress", "--val_every", "100"]
-    assert train(args) == 0
+            "--output_dir", str(out), "--no_progress"]
+    with one_torch_thread():
+        assert train(args) == 0
     return out, args
 
 
-def test_trained_checkpoint_runs_in_inference_and_training_fits(head_sets, trained):
-    """The best checkpoint loads unchanged in hemorrhage_infer.py; the training loss falls clearly.
+def test_trained_checkpoint_beats_the_prior_on_held_out_studies(head_sets, trained):
+    """The best checkpoint loads unchanged in hemorrhage_infer.py and its weighted log loss on the held-out
+    studies is clearly below the prior's (constant training prevalences).
 
-    Not yet asserted (issue 7 is open): beating the prior baseline on held-out studies. With this tiny
-    budget (6 epochs, ~2,500 images of 64 px) the held-out weighted log loss is about the prior's."""
+    Margin: over training seeds 0-9 (one thread; 0-3 also with two) the ratio ours / prior on these 24
+    studies was 0.58-0.69 (mean 0.62, seed 0 the worst); 0.8 leaves room for thread-count and platform
+    differences. The earlier tiny setup (two growth-8 blocks, the original's warp and erasing, 6 epochs
+    ending at half the learning rate, 32 training studies) scored 1.0-1.1 on 12 and 48 held-out studies."""
     train_set, test_set = head_sets
     out, _ = trained
     pred = out / "infer" / "predictions.csv"
-    assert infer(["--data_dir", str(test_set / "dicom"), "--weights_dir", str(out), "--output", str(pred),
-                  "--no_progress", "--num_workers", "0", "--device", "cpu"]) == 0
+    with one_torch_thread():
+        assert infer(["--data_dir", str(test_set / "dicom"), "--weights_dir", str(out), "--output", str(pred),
+                      "--no_progress", "--num_workers", "0", "--device", "cpu"]) == 0
     p = pd.read_csv(pred).set_index("ID")["Label"]
     truth = read_labels(test_set / "labels.csv")
     probs = np.stack([p[[f"{s}_{c}" for s in truth.index]].to_numpy() for c in CLASSES], 1)
     ours = weighted_log_loss(truth.to_numpy(), probs)
     prior = baseline_log_loss(prior_baseline(read_labels(train_set / "labels.csv").to_numpy()), truth.to_numpy())
-    print(f"held-out weighted log loss: tiny CNN {ours:.4f}, prior baseline {prior:.4f}")
-    assert np.isfinite(ours) and ours < 1.0
+    print(f"held-out weighted log loss: tiny CNN {ours:.4f}, prior baseline {prior:.4f} (ratio {ours / prior:.3f})")
+    assert ours < 0.8 * prior
     log = [json.loads(x) for x in (out / "tiny_densenet_64" / "train_log_0.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < 0.85 * log[0]["train_loss"]
+
+
+def test_training_samples_are_the_inference_inputs_with_their_labels(head_sets, trained):
+    """Guards label/slice alignment, neighbour order and window: without augmentation a training sample is
+    the inference input of the same slice read from the DICOM files (before the centre crop), and its labels
+    are the generator's truth for that slice in position order."""
+    train_set, _ = head_sets
+    out, _ = trained
+    jobs, _ = find_series(out / "prepared", progress=False)
+    labels = read_labels(train_set / "labels.csv")
+    series = [TrainSeries(j, labels.reindex(j.sop_uids).to_numpy(np.float32)) for j in jobs[:8]]
+    off = AugmentConfig(p_reverse=0, p_hflip=0, p_shift_scale_rotate=0, p_erase=0, crop_ratio=(1, 1))
+    samples = TrainSlices(series, 64, 0, off)
+    dicom = {j.series_uid: j for j in find_series(train_set / "dicom", progress=False)[0]}
+    settings = InputSettings(parse_window_spec("header"), (64,), parse_tta("0"), center_crop=1.0)
+    inference = SeriesInputs([dicom[s.job.series_uid] for s in series], settings)
+    for k, s in enumerate(series):
+        truth = read_truth(train_set / "truth" / f"{s.job.series_uid}.npz")
+        assert list(truth["sop_uids"]) == s.job.sop_uids  # truth files list slices in position order
+        np.testing.assert_array_equal(s.labels, truth["labels"].astype(np.float32))
+        expected = inference[k]["inputs"][64][0].numpy()
+        for i in range(s.job.n_slices):
+            x, y = samples[(k, i, 0, 0)]
+            np.testing.assert_array_equal(x.numpy(), expected[i])
+            np.testing.assert_array_equal(y.numpy(), truth["labels"][i].astype(np.float32))
 
 
 def test_checkpoints_logs_and_resume(trained):
@@ -180,16 +249,22 @@ def test_checkpoints_logs_and_resume(trained):
     assert all(not k.startswith("module.") for k in best.state_dict)  # the reader strips the prefix
     raw = torch.load(member / "model_epoch_best_0.pth", weights_only=True)
     assert set(raw) == {"epoch", "state_dict", "valLoss"} and all(k.startswith("module.") for k in raw["state_dict"])
+    tiny = yaml.safe_load(Path(TINY).read_text())
+    epochs = tiny["epochs"]
     lines = [json.loads(x) for x in (member / "train_log_0.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == list(range(6))
-    assert "val_weighted_log_loss" in lines[-1] and "val_weighted_log_loss" not in lines[0]
+    assert [r["epoch"] for r in lines] == list(range(epochs))
+    val = [r["val_weighted_log_loss"] for r in lines]  # validated every epoch: the best one is the checkpoint
+    assert raw["epoch"] == lines[-1]["best_epoch"] == int(np.argmin(val)) and raw["valLoss"] == pytest.approx(min(val))
+    assert yaml.safe_load((member / "train_config_0.yaml").read_text())["augment"] == "light"
     assert (out / "folds.csv").is_file() and (out / "prepared" / "manifest.csv").is_file()
-    # two more epochs from the saved state: the log continues, the schedule picks up at epoch 6
-    assert train([*args, "--resume", "--epochs", "8"]) == 0
+    # two more epochs from the saved state: the log continues, the schedule picks up where it stopped
+    with one_torch_thread():
+        assert train([*args, "--resume", "--epochs", str(epochs + 2)]) == 0
     lines = [json.loads(x) for x in (member / "train_log_0.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == list(range(8))
-    assert lines[6]["lr"] == pytest.approx(lr_at(6, TrainConfig(Path(), Path(), Path(), lr=0.002, constant_epochs=4,
-                                                                  restart_period=2)))
+    assert [r["epoch"] for r in lines] == list(range(epochs + 2))
+    schedule = TrainConfig(Path(), Path(), Path(), lr=tiny["lr"], constant_epochs=tiny["constant_epochs"],
+                           restart_period=tiny["restart_period"])
+    assert lines[epochs]["lr"] == pytest.approx(lr_at(epochs, schedule))
 
 
 # ----------------------------------------------------------------------------------------- DDP
