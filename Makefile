@@ -57,18 +57,34 @@ demo: $(STAMP)
 		--reports $(DEMO_DIR)/ct_rate/test_reports.csv --output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
-	@echo "NOTE: no trained hemorrhage weights yet: the inference below uses RANDOMLY INITIALISED models (the"
-	@echo "      published three architectures, fold 0, run at 128 px to keep the CPU demo short)."
-	$(PY) scripts/hemorrhage_random_weights.py --out_dir $(DEMO_DIR)/hemorrhage_random_weights --folds 0
-	# exit 3 is expected: the synthetic set's two broken files are skipped and listed
-	$(PY) scripts/hemorrhage_infer.py --data_dir $(DEMO_DIR)/rsna/dicom \
-		--weights_dir $(DEMO_DIR)/hemorrhage_random_weights --input_size 128 --no_progress \
-		--output $(DEMO_DIR)/hemorrhage_infer_random_weights/predictions.csv; rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
+	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
+		--out_dir $(DEMO_DIR)/rsna_train --overwrite --n_studies 48 --size 64 --seed 3 --broken 0
+	# the tiny CNN on both folds of a 2-fold split (so every training study has out-of-fold features)
+	for f in 0 1; do $(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_tiny.yaml --no_progress \
+		--labels $(DEMO_DIR)/rsna_train/labels.csv --data_dir $(DEMO_DIR)/rsna_train/dicom \
+		--output_dir $(DEMO_DIR)/hemorrhage_cnn --n_folds 2 --fold $$f || exit 1; done
+	$(PY) scripts/hemorrhage_extract_features.py --data_dir $(DEMO_DIR)/rsna_train/dicom --no_progress \
+		--weights_dir $(DEMO_DIR)/hemorrhage_cnn --output_dir $(DEMO_DIR)/hemorrhage_features --num_workers 0
+	$(PY) scripts/hemorrhage_train_sequence.py --config configs/hemorrhage/sequence_tiny.yaml --no_progress \
+		--features_dir $(DEMO_DIR)/hemorrhage_features --labels $(DEMO_DIR)/rsna_train/labels.csv \
+		--output_dir $(DEMO_DIR)/hemorrhage_sequence --fold 0
+	# held-out studies (another seed, 64 px like the training set); exit 3 is expected: the set's two
+	# broken files are skipped and listed
+	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
+		--out_dir $(DEMO_DIR)/rsna_test --overwrite --n_studies 8 --size 64 --seed 4
+	$(PY) scripts/hemorrhage_infer.py --data_dir $(DEMO_DIR)/rsna_test/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
+		--sequence_weights $(DEMO_DIR)/hemorrhage_sequence --no_progress --num_workers 0 \
+		--output $(DEMO_DIR)/hemorrhage_infer/predictions.csv; rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
+	$(PY) scripts/hemorrhage_eval.py --predictions $(DEMO_DIR)/hemorrhage_infer/predictions.csv \
+		--labels $(DEMO_DIR)/rsna_test/labels.csv --train_labels $(DEMO_DIR)/rsna_train/labels.csv \
+		--per_slice $(DEMO_DIR)/hemorrhage_infer/predictions_per_slice.csv --output_dir $(DEMO_DIR)/hemorrhage_eval
 	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
 	@echo "              $(DEMO_DIR)/ctclip_tiny (latest.pt, best.pt, train_log.jsonl, tensorboard/)"
 	@echo "              $(DEMO_DIR)/ctclip_eval (scores.csv, metrics_per_finding.csv, summary.json, roc_curves.png, retrieval.json)"
-	@echo "              $(DEMO_DIR)/hemorrhage_infer_random_weights (predictions.csv, _per_slice, _per_study, _run.json,"
-	@echo "              _errors, _manifest; random weights: the numbers mean nothing)"
+	@echo "              $(DEMO_DIR)/rsna_train, rsna_test (synthetic head CT studies)  $(DEMO_DIR)/hemorrhage_cnn (tiny CNN,"
+	@echo "              2 folds, original-format checkpoints)  hemorrhage_features (out-of-fold)  hemorrhage_sequence (head)"
+	@echo "              $(DEMO_DIR)/hemorrhage_infer (predictions.csv, _per_slice, _per_study, _run.json, _errors, _manifest)"
+	@echo "              $(DEMO_DIR)/hemorrhage_eval (metrics.json, metrics.csv, roc_curves.png: the tiny model on held-out studies)"
 	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
 
 test: $(STAMP)
