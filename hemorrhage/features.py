@@ -29,6 +29,7 @@ when it exists, reads back, and was made by the same weight files (sha256); a re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -232,8 +233,6 @@ _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 def series_file_names(jobs: list[SeriesJob]) -> list[str]:
     """File stem per job: the SeriesInstanceUID, with the study's UID in front when two studies share it."""
-    import hashlib
-
     def safe(text: str) -> str:
         return text if _SAFE.match(text) else hashlib.sha1(text.encode()).hexdigest()
 
@@ -304,7 +303,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         raise UsageError(str(e)) from e
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir / "extract_config.yaml")
-    names = dict(zip((id(j) for j in jobs), series_file_names(jobs)))
+    stem = dict(zip([(j.study_uid, j.series_uid) for j in jobs], series_file_names(jobs)))
     summary = ExtractSummary(out_dir, n_series=len(jobs), folds=folds, failed=list(info.errors))
     studies = {j.study_uid for j in jobs}
     summary.oof_studies = len(studies & set(study_fold))
@@ -327,7 +326,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
             assigned = study_fold.get(j.study_uid)
             if assigned is not None and assigned != fold:
                 continue
-            if _is_done(out_dir / "features" / f"fold{fold}" / f"{names[id(j)]}.npz", shas):
+            if _is_done(out_dir / "features" / f"fold{fold}" / f"{stem[j.study_uid, j.series_uid]}.npz", shas):
                 summary.done_before += 1
             else:
                 todo.append(j)
@@ -342,7 +341,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
             t = time.perf_counter()
             role = "oof" if res.job.study_uid in study_fold else "test"
             sf = _series_features(res, fold, role, members, labels, shas, inputs)
-            write_series_features(out_dir / "features" / f"fold{fold}" / f"{names[id(res.job)]}.npz", sf)
+            write_series_features(out_dir / "features" / f"fold{fold}" / f"{stem[res.job.study_uid, res.job.series_uid]}.npz", sf)
             summary.written += 1
             summary.n_slices += sf.n_slices
             timing["write"] += time.perf_counter() - t

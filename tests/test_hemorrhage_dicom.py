@@ -22,10 +22,10 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 from hemorrhage.dicom import (
     DicomReadError,
     fix_bits_stored_12,
+    hu_values,
     needs_quirk_fix,
     read_header,
     read_hu,
-    hu_values,
     read_pixels,
     to_hu,
 )
@@ -348,7 +348,8 @@ def test_stored_value_table_equals_hu_per_pixel():
     for raw, slope, intercept in cases:
         for name in SPECS:
             spec = parse_window_spec(name)
-            ours = render_stored(raw, lambda v: hu_values(v, slope, intercept), spec, (40.0,), (80.0,))
+            ours = render_stored(raw, lambda v, s=slope, i=intercept: hu_values(v, s, i), spec, (40.0,),
+                                 (80.0,))
             ref = render(hu_values(raw, slope, intercept), spec, (40.0,), (80.0,))
             assert ours is not None and ours.dtype == np.uint8
             np.testing.assert_array_equal(ours, ref, err_msg=f"{raw.dtype} {slope} {intercept} {name}")
