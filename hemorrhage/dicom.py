@@ -116,37 +116,76 @@ class HUSlice:
 # ----------------------------------------------------------------------------------------- header values
 
 
+_BINARY_INTS = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
+
+
+def _element_value(ds: Dataset, keyword: str):
+    """The value of an element, read straight from the bytes while pydicom has not converted it yet.
+
+    pydicom converts an element on first access (value validation, DS/IS objects, hooks): about 10 us
+    each, so the ~20 elements of a header cost more than decoding a native slice. The header only needs
+    numbers and ASCII text (UI, CS, DS, IS and binary integers), which are parsed here directly; an
+    element that is already converted, a sequence, or of another VR takes pydicom's value. Returns
+    str (backslash-separated for several values), int, a pydicom value, or None when absent or empty.
+    The parity test compares every header field with pydicom's conversion on real and synthetic files.
+    """
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    elem = ds.get_item(tag) if tag is not None else None
+    if elem is None:
+        return None
+    if isinstance(elem, pydicom.DataElement):
+        return elem.value
+    raw = elem.value
+    if not isinstance(raw, bytes):
+        return ds[tag].value
+    vr = elem.VR or pydicom.datadict.dictionary_VR(tag)
+    if vr in _BINARY_INTS:
+        size = struct.calcsize(_BINARY_INTS[vr])
+        if len(raw) < size:
+            return None
+        little = ds.original_encoding[1] is not False
+        return struct.unpack(("<" if little else ">") + _BINARY_INTS[vr], raw[:size])[0]
+    if vr in ("UI", "CS", "DS", "IS", "LO", "SH"):
+        return raw.decode("latin-1").strip(" \x00")
+    return ds[tag].value
+
+
 def _text(ds: Dataset, keyword: str, default: str = "") -> str:
-    value = ds.get(keyword, None)
+    value = _element_value(ds, keyword)
     return default if value is None else str(value).strip()
+
+
+def _split(value) -> list:
+    if isinstance(value, str):
+        return value.split("\\") if value else []
+    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
 
 
 def _floats(ds: Dataset, keyword: str) -> tuple[float, ...]:
     """All values of a numeric (possibly multi-valued) element; () when absent, empty or malformed."""
-    value = ds.get(keyword, None)
+    value = _element_value(ds, keyword)
     if value is None or value == "":
         return ()
-    values = value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
     try:
-        return tuple(float(v) for v in values)
+        return tuple(float(v) for v in _split(value))
     except (TypeError, ValueError):  # e.g. a DS holding text: treated as absent, never guessed
         return ()
 
 
 def _int(ds: Dataset, keyword: str, default: int | None) -> int | None:
-    value = ds.get(keyword, None)
+    value = _element_value(ds, keyword)
     if value is None or value == "":
         return default
     try:
-        return int(float(value))
-    except (TypeError, ValueError):
+        return int(float(_split(value)[0]))
+    except (TypeError, ValueError, IndexError):
         return default
 
 
 def _rescale(ds: Dataset, keyword: str, default: float, path: str) -> float:
     values = _floats(ds, keyword)
-    if keyword in ds and ds[keyword].value not in (None, "") and not values:
-        raise DicomReadError(path, f"{keyword} {ds[keyword].value!r} is not a number")
+    if not values and (value := _element_value(ds, keyword)) not in (None, ""):
+        raise DicomReadError(path, f"{keyword} {value!r} is not a number")
     return values[0] if values else default
 
 
@@ -164,13 +203,11 @@ def header_from_dataset(ds: Dataset, path: str | Path) -> DicomHeader:
         raise DicomReadError(path, f"not a usable DICOM instance: no {', '.join(missing)}")
     orientation = _floats(ds, "ImageOrientationPatient")
     position = _floats(ds, "ImagePositionPatient")
-    image_type = ds.get("ImageType", None)
-    if isinstance(image_type, str):
-        image_type = image_type.split("\\")
+    image_type = _split(_element_value(ds, "ImageType") or "")
     return DicomHeader(
         path=path, study_uid=study, series_uid=series, sop_uid=sop,
         modality=_text(ds, "Modality").upper(),
-        image_type=tuple(str(v).strip().upper() for v in (image_type or ())),
+        image_type=tuple(str(v).strip().upper() for v in image_type),
         orientation=orientation if len(orientation) == 6 else None,
         position=position if len(position) == 3 else None,
         instance_number=_int(ds, "InstanceNumber", None),
@@ -283,10 +320,46 @@ def _incomplete(path: str) -> DicomReadError:
     return DicomReadError(path, "truncated: file ends inside the pixel data" if cut else "no pixel data")
 
 
-def decode_pixels(ds: Dataset, path: str) -> np.ndarray:
-    """Stored pixel values as pydicom decodes them (sign and unused high bits already handled)."""
+def native_pixels(ds: Dataset, h: DicomHeader) -> np.ndarray | None:
+    """The stored values of an uncompressed little-endian single-frame grey slice, viewed in place.
+
+    The same values and dtype as pydicom's ``pixel_array``, without its copy: pydicom masks the unused
+    high bits (BitsStored < BitsAllocated) and sign-extends signed values on every image, a copy and two
+    passes that cost more than our whole window step. Those only change a value that lies outside the
+    BitsStored range, so the view is returned when every value is inside it (the normal case: the min
+    and max are one pass) and None otherwise, or for anything else (compressed, big endian, several
+    frames or samples, odd bit depths, short pixel data): the caller then asks pydicom. The array is
+    read-only; parity with ``pixel_array`` is tested on real and crafted files.
+    """
+    if (h.transfer_syntax not in _NATIVE_SYNTAXES or h.n_frames != 1 or h.bits_allocated not in (8, 16)
+            or not h.photometric.startswith("MONOCHROME") or int(ds.get("SamplesPerPixel", 1) or 1) != 1
+            or h.pixel_representation not in (0, 1) or not 0 < h.bits_stored <= h.bits_allocated):
+        return None
+    data = ds.get("PixelData", None)
+    data = getattr(data, "value", data)
+    nbytes = h.rows * h.columns * h.bits_allocated // 8
+    if not isinstance(data, (bytes, bytearray)) or len(data) < nbytes or nbytes == 0:
+        return None
+    kind = "i" if h.pixel_representation else "u"
+    raw = np.frombuffer(data, dtype=f"<{kind}{h.bits_allocated // 8}", count=h.rows * h.columns)
+    raw = raw.reshape(h.rows, h.columns)
+    if h.bits_stored < h.bits_allocated:
+        lo, hi = (-(1 << (h.bits_stored - 1)), (1 << (h.bits_stored - 1)) - 1) if h.pixel_representation \
+            else (0, (1 << h.bits_stored) - 1)
+        if int(raw.min()) < lo or int(raw.max()) > hi:
+            return None
+    if not raw.dtype.isnative:
+        return None  # a big-endian machine: pydicom swaps the bytes
+    return raw
+
+
+def decode_pixels(ds: Dataset, path: str, h: DicomHeader | None = None) -> np.ndarray:
+    """Stored pixel values as pydicom decodes them (sign and unused high bits already handled); with the
+    header, native slices are viewed in place (`native_pixels`)."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise _incomplete(path)
+    if h is not None and (raw := native_pixels(ds, h)) is not None:
+        return raw
     try:
         return ds.pixel_array
     except Exception as e:  # noqa: BLE001 - decoder plugins raise many types; re-raised with the path
@@ -312,7 +385,7 @@ def read_pixels(path: str | Path) -> tuple[DicomHeader, np.ndarray]:
             raise DicomReadError(path, f"cannot open ({e.strerror or e})") from e
         if not h.is_image:
             raise DicomReadError(path, "not an image (no Rows/Columns)")
-        raw = decode_pixels(ds, path)
+        raw = decode_pixels(ds, path, h)
     want = (h.rows, h.columns) if h.n_frames == 1 else (h.n_frames, h.rows, h.columns)
     if raw.shape != want:
         raise DicomReadError(path, f"decoded shape {raw.shape} differs from the header's {want}")

@@ -396,3 +396,126 @@ def test_slice_image_on_a_quirk_slice(samples, tmp_path):
         assert fixed and s.quirk_fixed
         np.testing.assert_array_equal(img, render(s.hu, spec, s.header.window_center, s.header.window_width))
         np.testing.assert_array_equal(s.hu, np.clip(hu, -1000, 3095))
+
+
+# ----------------------------------------------------------------------------------------- fast paths
+
+
+PYDICOM_NATIVE_FILES = ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm")
+
+
+def header_fields(h) -> dict:
+    return {k: v for k, v in vars(h).items() if k != "path"}
+
+
+def reference_header(path: Path):
+    """The header from a dataset whose elements pydicom has converted (the raw-bytes parser is skipped)."""
+    from hemorrhage.dicom import header_from_dataset
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    for _ in ds:  # iterating converts every element
+        pass
+    for _ in ds.file_meta:
+        pass
+    return header_from_dataset(ds, path)
+
+
+def parity_files(samples, synthetic_head) -> list[Path]:
+    real = [samples.head_j2k_pixelrep, samples.head_693_j2ki, samples.chest_ct_small, samples.head_693_uncr,
+            samples.head_693_unci, samples.head_693_j2kr]
+    synthetic = sorted(p for p in (synthetic_head / "dicom").rglob("*.dcm") if p.stat().st_size > 4096)
+    return [Path(p) for p in real] + [Path(get_testdata_file(n)) for n in PYDICOM_NATIVE_FILES] + synthetic[::3]
+
+
+def test_header_from_raw_bytes_equals_pydicoms_conversion(samples, synthetic_head):
+    """Every header field parsed from the raw element bytes equals the one from pydicom's converted values,
+    on the real slices, pydicom's native test files (implicit VR and big endian included) and the
+    synthetic set (quirk, tilted, localizer, compressed series)."""
+    files = parity_files(samples, synthetic_head)
+    assert len(files) > 20
+    syntaxes = set()
+    for p in files:
+        h = read_header(p)
+        syntaxes.add(h.transfer_syntax)
+        assert header_fields(h) == header_fields(reference_header(p)), p
+        assert header_fields(read_pixels(p)[0]) == header_fields(h), p
+    assert {str(pydicom.uid.ImplicitVRLittleEndian), str(pydicom.uid.ExplicitVRBigEndian),
+            str(pydicom.uid.JPEG2000Lossless)} <= syntaxes
+
+
+def test_raw_header_values_edge_cases(samples, tmp_path):
+    """Multi-valued, padded, empty and non-numeric elements parse as pydicom's values do."""
+    ds = pydicom.dcmread(samples.head_693_uncr)
+    ds.WindowCenter, ds.WindowWidth = ["40", "300.5"], ["80", "2000"]
+    ds.ImageType = ["DERIVED", "SECONDARY", "LOCALIZER"]
+    ds.InstanceNumber, ds.RescaleSlope = None, "1.25"
+    p = write(ds, tmp_path / "edge.dcm")
+    h = read_header(p)
+    assert h.window_center == (40.0, 300.5) and h.window_width == (80.0, 2000.0)
+    assert h.image_type == ("DERIVED", "SECONDARY", "LOCALIZER") and h.is_localizer
+    assert h.instance_number is None and h.slope == 1.25
+    assert header_fields(h) == header_fields(reference_header(p))
+    ds.RescaleIntercept = "-1024"
+    data = write(ds, tmp_path / "ok.dcm").read_bytes()
+    element = b"\x28\x00\x52\x10DS\x06\x00-1024 "  # (0028,1052) explicit VR little endian, even length
+    assert data.count(element) == 1
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(data.replace(element, element[:8] + b"abc   "))  # pydicom refuses to write this itself
+    with pytest.raises(DicomReadError, match="bad.dcm.*RescaleIntercept 'abc' is not a number"):
+        read_header(bad)
+
+
+def test_native_pixels_equal_pydicoms_pixel_array(samples, synthetic_head):
+    """The in-place view of native slices has pydicom's values and dtype; other syntaxes go to pydicom."""
+    from hemorrhage.dicom import header_from_dataset, native_pixels
+
+    viewed = 0
+    for p in parity_files(samples, synthetic_head):
+        ds = pydicom.dcmread(p)
+        ref = ds.pixel_array
+        h, raw = read_pixels(p)
+        assert raw.dtype == ref.dtype and raw.shape == ref.shape, p
+        np.testing.assert_array_equal(raw, ref)
+        view = native_pixels(ds, header_from_dataset(ds, p))
+        if view is not None:
+            viewed += 1
+            assert not view.flags.writeable  # a view of the file's bytes: nobody may write into it
+            np.testing.assert_array_equal(view, ref)
+        elif h.transfer_syntax in (str(pydicom.uid.ExplicitVRLittleEndian), str(pydicom.uid.ImplicitVRLittleEndian)):
+            raise AssertionError(f"{p}: a native little-endian slice was not viewed in place")
+    assert viewed >= 10
+
+
+@pytest.mark.parametrize("signed,extend,garbage", [(False, False, False), (False, False, True),
+                                                   (True, True, False), (True, False, False)])
+def test_native_pixels_unused_high_bits(samples, tmp_path, signed, extend, garbage):
+    """BitsStored 12 in 16 bits: values inside the 12-bit range are viewed; garbage high bits and signed
+    values without sign extension go to pydicom, which masks and extends them. Same values either way."""
+    from hemorrhage.dicom import header_from_dataset, native_pixels
+
+    ds = pydicom.dcmread(samples.head_693_uncr)
+    rng = np.random.default_rng(0)
+    lo, hi = (-2048, 2047) if signed else (0, 4095)
+    values = rng.integers(lo, hi + 1, (ds.Rows, ds.Columns)).astype(np.int32)
+    stored = values & 0x0FFF if signed and not extend else values
+    if garbage:
+        stored = stored | (rng.integers(0, 16, stored.shape) << 12)
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, int(signed)
+    ds.PixelData = stored.astype(np.int16 if signed and extend else np.uint16).tobytes()
+    p = write(ds, tmp_path / "bits.dcm")
+    ref = pydicom.dcmread(p).pixel_array
+    np.testing.assert_array_equal(ref, values)  # pydicom's own handling is the reference
+    h, raw = read_pixels(p)
+    np.testing.assert_array_equal(raw, ref)
+    assert raw.dtype == ref.dtype
+    ds2 = pydicom.dcmread(p)
+    viewed = native_pixels(ds2, header_from_dataset(ds2, p)) is not None
+    assert viewed == (not garbage and (extend or not signed))
+
+
+def test_native_pixels_short_pixel_data_is_an_error(samples, tmp_path):
+    ds = pydicom.dcmread(samples.head_693_uncr)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    p = write(ds, tmp_path / "short.dcm")
+    with pytest.raises(DicomReadError, match="short.dcm"):
+        read_pixels(p)
