@@ -356,3 +356,41 @@ def test_parse_tta_and_input_sizes():
     assert parse_input_sizes(["DenseNet121_change_avg=384"], labels) == {"DenseNet121_change_avg_512": 384}
     with pytest.raises(UsageError):
         parse_input_sizes(["16"], labels)
+
+
+# ----------------------------------------------------------------------------------------- study figure
+
+
+def test_study_figure_of_the_most_suspicious_series(tiny_run, synthetic_head, tmp_path, caplog):
+    """The figure script draws the series with the highest p(any), shows its top slice, marks the labels,
+    and names the file when an input is missing or the series is unknown."""
+    import matplotlib.image
+
+    from hemorrhage.study_figure import shown_slices
+    from scripts.hemorrhage_plot_study import main as plot_study
+
+    _, pred = tiny_run
+    per_slice = pd.read_csv(pred.with_name("predictions_per_slice.csv"), dtype=str)
+    top_series = per_slice.loc[per_slice["any"].astype(float).idxmax(), "SeriesInstanceUID"]
+    out = tmp_path / "study.png"
+    assert plot_study(["--predictions", str(pred), "--labels", str(synthetic_head / "labels.csv"),
+                       "-o", str(out), "--n_images", "4"]) == 0
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 300 and image.shape[1] > 600
+    from hemorrhage.study_figure import StudyFigureConfig, plot_series
+
+    drawn = plot_series(StudyFigureConfig(pred, tmp_path / "again.png", labels=synthetic_head / "labels.csv",
+                                          n_images=4))
+    rows = per_slice[per_slice["SeriesInstanceUID"] == top_series]
+    assert drawn["series"] == top_series and drawn["n_slices"] == len(rows) and drawn["labelled"]
+    assert int(rows["any"].astype(float).to_numpy().argmax()) in drawn["shown"] and len(drawn["shown"]) == 4
+
+    assert shown_slices(np.array([0.1, 0.2, 0.9]), 8) == [0, 1, 2]
+    assert shown_slices(np.array([0.0] * 10 + [1.0] + [0.0] * 9), 4) == [0, 6, 10, 19]  # 13, the nearest pick, gives way to 10
+
+    caplog.set_level("ERROR")
+    assert plot_study(["--predictions", str(pred), "--series", "1.2.3", "-o", str(tmp_path / "x.png")]) == 2
+    assert "predictions_per_slice.csv: no series '1.2.3'" in caplog.text
+    assert plot_study(["--predictions", str(tmp_path / "nothing.csv"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "nothing_per_slice.csv: missing" in caplog.text
+    assert not (tmp_path / "x.png").exists()
