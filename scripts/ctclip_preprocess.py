@@ -6,6 +6,15 @@
 
 Re-running the same command resumes: complete volumes are skipped, failed or interrupted ones are
 redone. Exit status: 0 all volumes done, 3 some failed (listed in the errors CSV), 2 usage error.
+
+One shard of N (a task of a cluster array job, scripts/slurm/ctclip_preprocess.sbatch), written to
+data/train_volumes.shard-03-of-16.h5; merge the shard stores with scripts/ctclip_merge_stores.py:
+
+    python scripts/ctclip_preprocess.py --ct_data_path data/ct_rate/volumes/train \
+        --ct_out_path data/train_volumes.h5 --num_shards 16 --shard_index 3
+
+The shard flags are explicit, never read from SLURM variables: SLURM_ARRAY_TASK_COUNT is the number of
+tasks submitted, which is not N when only some tasks are re-submitted (--array=3,7).
 """
 
 from __future__ import annotations
@@ -38,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resample to this voxel size in mm before fitting (e.g. 0.75 0.75 1.5)")
     p.add_argument("--overwrite", action="store_true", help="start a new store instead of resuming")
     p.add_argument("--limit", type=int, default=None, help="only the first N volumes (sorted by name)")
-    p.add_argument("--errors_csv", type=Path, default=None, help="default: <ct_out_path>.errors.csv")
+    p.add_argument("--errors_csv", type=Path, default=None,
+                   help="default: <ct_out_path>.errors.csv (of the shard store when sharded)")
+    p.add_argument("--num_shards", type=int, default=None,
+                   help="split the volumes into N shards by a hash of the VolumeName (with --shard_index)")
+    p.add_argument("--shard_index", type=int, default=None,
+                   help="do shard I (0..N-1) only, into <ct_out_path stem>.shard-<I>-of-<N>.h5 "
+                        "(e.g. $SLURM_ARRAY_TASK_ID)")
     p.add_argument("--verbose", action="store_true")
     return p
 

@@ -3,6 +3,11 @@
 Workers (a process pool) read and compute; the main process is the single writer of the store
 (`ctclip.data.store`). A volume that fails is named in the log and in the errors CSV and the others
 go on; re-running skips what is complete and retries the rest.
+
+With --num_shards N --shard_index I the run does only shard I of the volumes (`ctclip.data.shards`)
+into its own store, ``<out stem>.shard-<I>-of-<N>.h5``: one task of a cluster array job. Each shard
+store is an ordinary store (resumable, crash-safe) that also records its shard; the shard stores are
+merged afterwards by scripts/ctclip_merge_stores.py.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ctclip.data.nifti import VolumeError, read_nifti
 from ctclip.data.preprocess import LAYOUT, VolumeParams, preprocess_volume
 from ctclip.data.rescale import CsvRescale, RescaleError
+from ctclip.data.shards import check_shard, select_shard, shard_path
 from ctclip.data.store import StoreError, StoreSpec, StoreWriter
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,8 @@ class PreprocessConfig:
     overwrite: bool = False
     limit: int | None = None
     errors_csv: Path | None = None
+    num_shards: int | None = None  # with shard_index: this run does one shard of the volumes
+    shard_index: int | None = None
 
     def volume_params(self) -> VolumeParams:
         return VolumeParams(tuple(self.target_shape), tuple(map(float, self.hu_range)), self.slide_b2u,
@@ -70,11 +78,18 @@ class PreprocessSummary:
     seconds: float = 0.0
     first_seconds: float = 0.0  # until the first volume was stored (start-up cost of the pool)
     decisions: dict[str, int] = field(default_factory=dict)
+    store: Path | None = None
+    shard: tuple[int, int] | None = None
+    shard_volumes: tuple[int, int] = (0, 0)  # (volumes in this shard, volumes in all shards)
 
     def line(self) -> str:
         d = ", ".join(f"{k} {v}" for k, v in sorted(self.decisions.items())) or "none"
+        shard = ""
+        if self.shard is not None:
+            shard = (f"; shard {self.shard[0]} of {self.shard[1]}: {self.shard_volumes[0]} of "
+                     f"{self.shard_volumes[1]} volumes -> {self.store}")
         return (f"preprocess: {self.done} done, {self.skipped} skipped (already in store), "
-                f"{len(self.failed)} failed, {self.seconds:.1f} s; rescale decisions: {d}")
+                f"{len(self.failed)} failed, {self.seconds:.1f} s; rescale decisions: {d}{shard}")
 
 
 def volume_name(path: Path) -> str:
@@ -195,21 +210,36 @@ def run_preprocess(cfg: PreprocessConfig, version: str = "") -> PreprocessSummar
         raise UsageError(f"--rescale must be auto, csv or none, got {cfg.rescale!r}")
     if cfg.rescale == "csv" and cfg.metadata_path is None:
         raise UsageError("--rescale csv needs --metadata_path")
+    try:
+        shard = check_shard(cfg.shard_index, cfg.num_shards)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     files = find_volumes(Path(cfg.ct_data_path))
     if cfg.limit is not None:
         files = files[: cfg.limit]
     meta = load_metadata(Path(cfg.metadata_path)) if cfg.metadata_path is not None else {}
     out = Path(cfg.ct_out_path)
+    errors_path = Path(cfg.errors_csv) if cfg.errors_csv else None
+    summary = PreprocessSummary(shard=shard)
+    if shard is not None:
+        n_all = len(files)
+        files = select_shard(files, *shard, key=volume_name)
+        out = shard_path(out, *shard)
+        errors_path = shard_path(errors_path, *shard) if errors_path is not None else None  # one per task
+        summary.shard_volumes = (len(files), n_all)
+        log.info("shard %d of %d: %d of %d volumes -> %s", *shard, len(files), n_all, out)
+        if not files:
+            log.warning("shard %d of %d has no volumes (of %d): writing an empty store", *shard, n_all)
+    summary.store = out
     if not out.parent.exists():
         log.info("creating output folder %s", out.parent)
     names = [volume_name(p) for p in files]
     try:
-        writer = StoreWriter.open(out, names, StoreSpec(tuple(cfg.target_shape), cfg.store_config(), version),
+        writer = StoreWriter.open(out, names, StoreSpec(tuple(cfg.target_shape), cfg.store_config(), version, shard),
                                   overwrite=cfg.overwrite)
     except StoreError as e:
         raise UsageError(str(e)) from e
-    summary = PreprocessSummary()
-    errors = _ErrorLog(Path(cfg.errors_csv) if cfg.errors_csv else out.with_name(out.name + ".errors.csv"))
+    errors = _ErrorLog(errors_path or out.with_name(out.name + ".errors.csv"))
     try:
         pending = set(writer.pending(names))
         summary.skipped = len(names) - len(pending)

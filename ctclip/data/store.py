@@ -22,9 +22,16 @@ Layout (h5py view)::
                output_spacing (mm per stored voxel, D H W), content_start / content_shape (where
                the resized volume sits inside the padding)
     file attrs: store_version, ctclip_version, target_shape, config (JSON of the preprocessing
-                config), created
+                config); a shard store (scripts/ctclip_preprocess.py --num_shards) also has
+                shard_index and num_shards; a merged virtual store (ctclip/data/shards.py) has
+                virtual_sources (JSON list of the shard stores, relative to its own folder)
 
 Readers using plain h5py must check ``attrs["complete"] == 1``.
+
+A merged virtual store holds no voxels: its datasets are HDF5 virtual datasets that read from the
+shard stores beside it. HDF5 reads a missing source file as zeros without an error, so `VolumeStore`
+checks that every shard store is there when it opens the file, and that a volume is still complete
+in its shard before the first read of it; `StoreWriter` refuses to write into such a store.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ _NUM_ATTRS: dict[str, tuple[tuple[int, ...], str]] = {
     "content_shape": ((3,), "i8"),
 }
 VOLUME_ATTRS = ("complete", *_STR_SIZES, *_NUM_ATTRS)
+SHARD_ATTRS = ("shard_index", "num_shards")
+VIRTUAL_SOURCES_ATTR = "virtual_sources"
 
 
 class StoreError(RuntimeError):
@@ -101,6 +110,18 @@ class StoreSpec:
     target_shape: tuple[int, int, int]
     config: Mapping[str, Any]  # the resolved preprocessing config, compared on resume
     version: str = ""
+    shard: tuple[int, int] | None = None  # (shard_index, num_shards) of a shard store, compared on resume
+
+
+def store_shard(attrs: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(shard_index, num_shards) from a store's file attributes; None for an unsharded store."""
+    if "num_shards" not in attrs:
+        return None
+    return int(attrs["shard_index"]), int(attrs["num_shards"])
+
+
+def _shard_label(shard: tuple[int, ...] | None) -> str:
+    return "an unsharded store" if shard is None else f"shard {shard[0]} of {shard[1]}"
 
 
 class StoreWriter:
@@ -152,6 +173,8 @@ class StoreWriter:
                 f.attrs["ctclip_version"] = spec.version
                 f.attrs["target_shape"] = np.asarray(spec.target_shape, dtype="i8")
                 f.attrs["config"] = json.dumps(dict(spec.config), sort_keys=True)
+                if spec.shard is not None:
+                    f.attrs["shard_index"], f.attrs["num_shards"] = (int(x) for x in spec.shard)
                 for name in names:
                     _create_volume_dataset(f, name, spec.target_shape)
             os.replace(tmp, path)  # the store appears whole or not at all
@@ -160,6 +183,10 @@ class StoreWriter:
 
     @staticmethod
     def _check_compatible(path: Path, f: h5py.File, spec: StoreSpec) -> None:
+        if VIRTUAL_SOURCES_ATTR in f.attrs:
+            # writing into it would write through the virtual datasets into the shard stores
+            raise StoreError(f"{path}: is a merged virtual store (views into shard stores); preprocess into the "
+                             "shard stores and merge again, or write another output file")
         version = int(f.attrs.get("store_version", -1))
         if version != STORE_VERSION:
             raise StoreError(f"{path}: store version {version}, this code writes {STORE_VERSION}; use --overwrite")
@@ -173,6 +200,10 @@ class StoreWriter:
         if diff:
             raise StoreError(f"{path}: was written with a different preprocessing config ({', '.join(diff)} "
                              "differ); use another output file or --overwrite")
+        stored, wanted = store_shard(f.attrs), None if spec.shard is None else tuple(int(x) for x in spec.shard)
+        if stored != wanted:
+            raise StoreError(f"{path}: holds {_shard_label(stored)}, asked for {_shard_label(wanted)}; "
+                             "use another output file or --overwrite")
 
     def is_complete(self, name: str) -> bool:
         return name in self._f and int(self._f[name].attrs["complete"]) == 1
@@ -229,15 +260,43 @@ class VolumeStore:
         self._names: list[str] | None = None
         self._complete: frozenset[str] = frozenset()
         self._datasets: dict[str, h5py.Dataset] = {}
+        self._sources: dict[str, h5py.File] = {}  # merged virtual store: its shard stores, by relative path
 
     @property
     def file(self) -> h5py.File:
         if self._f is None or self._pid != os.getpid():
             # a handle inherited through fork is never reused: each process opens its own
-            self._f = h5py.File(self.path, "r")
+            f = h5py.File(self.path, "r")
+            try:
+                self._check_virtual_sources(f)
+            except BaseException:
+                f.close()
+                raise
+            self._f = f
             self._pid = os.getpid()
             self._datasets = {}
+            self._sources = {}
         return self._f
+
+    def _check_virtual_sources(self, f: h5py.File) -> None:
+        if VIRTUAL_SOURCES_ATTR not in f.attrs:
+            return
+        missing = [s for s in json.loads(f.attrs[VIRTUAL_SOURCES_ATTR]) if not (self.path.parent / s).is_file()]
+        if missing:
+            raise StoreError(f"{self.path}: merged virtual store whose shard store(s) {', '.join(missing)} are missing "
+                             f"(paths are relative to {self.path.parent}); HDF5 would read their volumes as zeros. "
+                             "Keep the shard stores beside it, or merge with --mode copy")
+
+    def _check_virtual_volume(self, name: str, ds: h5py.Dataset) -> None:
+        """A virtual volume is only as complete as the shard it points into (which may have been rebuilt)."""
+        for src in ds.virtual_sources():
+            handle = self._sources.get(src.file_name)
+            if handle is None:
+                handle = self._sources[src.file_name] = h5py.File(self.path.parent / src.file_name, "r")
+            obj = handle.get(src.dset_name)
+            if not isinstance(obj, h5py.Dataset) or int(obj.attrs.get("complete", 0)) != 1 or obj.shape != ds.shape:
+                raise StoreError(f"{self.path}: volume {name!r} points into {src.file_name}, where it is no longer "
+                                 "a complete volume (the shard store changed after merging); merge again")
 
     def names(self) -> list[str]:
         """Names of complete volumes, sorted."""
@@ -262,7 +321,10 @@ class VolumeStore:
             raise KeyError(f"{self.path}: no complete volume named {name!r}")
         ds = self._datasets.get(name)
         if ds is None:
-            ds = self._datasets[name] = f[name]
+            ds = f[name]
+            if ds.is_virtual:
+                self._check_virtual_volume(name, ds)
+            self._datasets[name] = ds
         return ds
 
     def read(self, name: str) -> np.ndarray:
@@ -294,13 +356,15 @@ class VolumeStore:
 
     def close(self) -> None:
         if self._f is not None and self._pid == os.getpid():
+            for handle in self._sources.values():
+                handle.close()
             self._f.close()
-        self._f, self._pid, self._datasets = None, None, {}
+        self._f, self._pid, self._datasets, self._sources = None, None, {}, {}
 
     def __getstate__(self) -> dict[str, Any]:
-        # pickled into spawned workers without the handle
+        # pickled into spawned workers without the handles
         state = dict(self.__dict__)
-        state.update(_f=None, _pid=None, _datasets={})
+        state.update(_f=None, _pid=None, _datasets={}, _sources={})
         return state
 
     def __enter__(self) -> VolumeStore:
