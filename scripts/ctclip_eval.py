@@ -1,8 +1,8 @@
 """Zero-shot evaluation of a trained 3D CLIP model on the 18 CT-RATE findings (seed: eval.py / zero_shot.py).
 
     # our protocol: percentile bootstrap CIs (1000 resamples of patients), Youden operating point
-    python scripts/ctclip_eval.py --model_path runs/vitb/best.pt --test_data data/valid_volumes.h5 \
-        --test_labels data/ct_rate/test_predicted_labels.csv --reports data/ct_rate/test_reports.csv \
+    python scripts/ctclip_eval.py --model_path runs/vitb/best.pt --test_data data/valid_volumes.h5 \\
+        --test_labels data/ct_rate/test_predicted_labels.csv --reports data/ct_rate/test_reports.csv \\
         --output_dir runs/vitb/eval_test
     # the CT-CLIP reference code's numbers, for comparison with published tables
     python scripts/ctclip_eval.py ... --metric_protocol ctclip --output_dir runs/vitb/eval_test_ctclip

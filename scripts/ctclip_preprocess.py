@@ -1,7 +1,7 @@
 """CT-RATE NIfTI volumes -> one HDF5 store of uint8 volumes (DESIGN 4.2).
 
-    python scripts/ctclip_preprocess.py --ct_data_path data/ct_rate/volumes/train \
-        --ct_out_path data/train_volumes.h5 --metadata_path data/ct_rate/train_metadata.csv \
+    python scripts/ctclip_preprocess.py --ct_data_path data/ct_rate/volumes/train \\
+        --ct_out_path data/train_volumes.h5 --metadata_path data/ct_rate/train_metadata.csv \\
         --target_shape 160 224 224 --num_workers 4
 
 Re-running the same command resumes: complete volumes are skipped, failed or interrupted ones are
@@ -10,7 +10,7 @@ redone. Exit status: 0 all volumes done, 3 some failed (listed in the errors CSV
 One shard of N (a task of a cluster array job, scripts/slurm/ctclip_preprocess.sbatch), written to
 data/train_volumes.shard-03-of-16.h5; merge the shard stores with scripts/ctclip_merge_stores.py:
 
-    python scripts/ctclip_preprocess.py --ct_data_path data/ct_rate/volumes/train \
+    python scripts/ctclip_preprocess.py --ct_data_path data/ct_rate/volumes/train \\
         --ct_out_path data/train_volumes.h5 --num_shards 16 --shard_index 3
 
 The shard flags are explicit, never read from SLURM variables: SLURM_ARRAY_TASK_COUNT is the number of
