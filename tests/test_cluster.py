@@ -10,7 +10,6 @@ commands that record what they were asked to do.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import re
 import shlex
@@ -28,9 +27,9 @@ import torch
 from ctclip.data.dataset import CTReportDataset
 from ctclip.data.shards import check_shard, select_shard, shard_of, shard_path
 from ctclip.data.store import StoreError, StoreSpec, StoreWriter, VolumeStore
-from ctcore.cli import add_config_flag
 from scripts.ctclip_merge_stores import main as merge
 from scripts.ctclip_preprocess import main as preprocess
+from tests.script_calls import bad_flags, invocations, logical_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "scripts" / "slurm"
@@ -296,94 +295,6 @@ def test_copy_merge_resumes_and_follows_changed_shards(synthetic_chest, shard_di
 
 # --------------------------------------------------------------------------------- the job scripts
 
-def _logical_lines(text: str, comments: bool) -> list[str]:
-    """Shell code lines (comments=False) or the text of comment lines (True), continuations joined."""
-    out, current = [], ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("#") != comments:
-            continue
-        if comments:
-            line = line.lstrip("#").strip()
-        if line.endswith("\\"):
-            current += line[:-1] + " "
-            continue
-        out.append(current + line)
-        current = ""
-    return [*out, current] if current else out
-
-
-def _tokens(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError:  # unbalanced quotes in prose
-        return line.split()
-
-
-_SCRIPT = re.compile(r"(?:^|/)scripts/(\w+)\.py$")
-_JOB = re.compile(r"(?:^|/)scripts/slurm/(\w+\.(?:sbatch|sh))$")
-_STOP = {"|", "||", "&&", ";", "&"}
-
-
-def _invocations(line: str) -> list[tuple[str, str, list[str], bool]]:
-    """(kind, target, flags, passes "$@") for every `scripts/X.py`, `-m torch.distributed.run` and
-    `scripts/slurm/X.sbatch` on a logical line; flags are the option tokens that follow it."""
-    toks = [t.rstrip(");") for t in _tokens(line)]
-    found = []
-    for i, tok in enumerate(toks):
-        if m := _SCRIPT.search(tok):
-            kind, target = "script", m.group(1)
-        elif m := _JOB.search(tok):
-            kind, target = "job", m.group(1)
-        elif tok == "torch.distributed.run" and i > 0 and toks[i - 1] == "-m":
-            kind, target = "torchrun", tok
-        else:
-            continue
-        flags, passes_all = [], False
-        for t in toks[i + 1:]:
-            if t in _STOP or t.startswith((">", "2>")) or _SCRIPT.search(t):
-                break
-            passes_all |= t == "$@"
-            if t.startswith("-") and t not in ("-", "--") and not re.fullmatch(r"-[\d.]+", t):
-                flags.append(t.split("=", 1)[0])
-        found.append((kind, target, flags, passes_all))
-    return found
-
-
-def _options(target: str) -> set[str]:
-    if target == "torch.distributed.run":
-        from torch.distributed.run import get_args_parser
-
-        return set(get_args_parser()._option_string_actions)
-    assert (ROOT / "scripts" / f"{target}.py").is_file(), f"scripts/{target}.py does not exist"
-    parser = importlib.import_module(f"scripts.{target}").build_parser()
-    if "--config" not in parser._option_string_actions:
-        add_config_flag(parser)  # ctcore.cli.parse_args adds it to every script
-    return set(parser._option_string_actions)
-
-
-def _job_target(job: str) -> str:
-    """The script a job file hands "$@" to."""
-    targets = [t for line in _logical_lines((SLURM / job).read_text(), comments=False)
-               for kind, t, _, passes_all in _invocations(line) if passes_all and kind == "script"]
-    assert len(targets) == 1, f"{job}: expected one scripts/X.py ... \"$@\", found {targets}"
-    return targets[0]
-
-
-def _bad_flags(lines: list[str]) -> list[str]:
-    problems = []
-    for line in lines:
-        for kind, target, flags, _ in _invocations(line):
-            if kind == "job":
-                assert (SLURM / target).is_file(), f"scripts/slurm/{target} does not exist: {line}"
-                if target.endswith(".sh"):
-                    continue
-                target = _job_target(target)
-            known = _options(target)
-            problems += [f"{target}: {flag} (in: {line[:120]})" for flag in flags if flag not in known]
-    return problems
-
-
 def _readme_cluster_section() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index("## Running on a cluster")
@@ -393,12 +304,12 @@ def _readme_cluster_section() -> str:
 
 def test_flag_checker_catches_a_renamed_flag():
     # the check below must be able to fail: a flag that is not in the parser, direct or through a job
-    assert _bad_flags(["python scripts/ctclip_merge_stores.py --stores a.h5 --out b.h5 --mode copy"]) == []
-    assert _bad_flags(["python scripts/ctclip_merge_stores.py --stores a.h5 --output b.h5"]) == [
+    assert bad_flags(["python scripts/ctclip_merge_stores.py --stores a.h5 --out b.h5 --mode copy"]) == []
+    assert bad_flags(["python scripts/ctclip_merge_stores.py --stores a.h5 --output b.h5"]) == [
         "ctclip_merge_stores: --output (in: python scripts/ctclip_merge_stores.py --stores a.h5 --output b.h5)"]
-    assert len(_bad_flags(["sbatch --array=0-3 scripts/slurm/ctclip_preprocess.sbatch --num_shard 4"])) == 1
-    assert len(_bad_flags(["srun python -m torch.distributed.run --nnode 2 scripts/ctclip_train.py --use_ddp"])) == 1
-    assert _bad_flags(["python scripts/ctclip_preprocess.py --hu_range -1000 500 --no-slide_b2u"]) == []
+    assert len(bad_flags(["sbatch --array=0-3 scripts/slurm/ctclip_preprocess.sbatch --num_shard 4"])) == 1
+    assert len(bad_flags(["srun python -m torch.distributed.run --nnode 2 scripts/ctclip_train.py --use_ddp"])) == 1
+    assert bad_flags(["python scripts/ctclip_preprocess.py --hu_range -1000 500 --no-slide_b2u"]) == []
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
@@ -408,22 +319,22 @@ def test_job_script_is_valid_bash_and_calls_existing_flags(path):
     assert r.returncode == 0, r.stderr
     if path.name != "common.sh":  # (sourced, not run)
         assert "set -euo pipefail" in text and text.startswith("#!/bin/bash")
-        usage = _logical_lines(text.split("set -euo pipefail")[0], comments=True)
+        usage = logical_lines(text.split("set -euo pipefail")[0], comments=True)
         assert any(f"scripts/slurm/{path.name}" in line for line in usage), "no usage line in the header"
-    lines = _logical_lines(text, comments=False) + _logical_lines(text, comments=True)
-    invoked = [inv for line in lines for inv in _invocations(line)]
+    lines = logical_lines(text, comments=False) + logical_lines(text, comments=True)
+    invoked = [inv for line in lines for inv in invocations(line)]
     assert invoked or path.name == "common.sh"
-    assert _bad_flags(lines) == []
+    assert bad_flags(lines) == []
 
 
 def test_readme_cluster_commands_use_existing_flags():
     section = _readme_cluster_section()
     lines = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-             for line in _logical_lines(block, comments=False)]
-    jobs = {t for line in lines for kind, t, _, _ in _invocations(line) if kind == "job"}
+             for line in logical_lines(block, comments=False)]
+    jobs = {t for line in lines for kind, t, _, _ in invocations(line) if kind == "job"}
     assert {"ctclip_preprocess.sbatch", "ctclip_merge.sbatch", "ctclip_train.sbatch",
             "hemorrhage_infer.sbatch"} <= jobs
-    assert _bad_flags(lines) == []
+    assert bad_flags(lines) == []
 
 
 def _fake_command(folder: Path, name: str, body: str) -> None:
@@ -486,7 +397,7 @@ case $n in 0) echo 101 ;; 1) echo "102;cluster" ;; *) echo 103 ;; esac
     for a in argv:
         j = next(i for i, t in enumerate(a) if t.startswith("scripts/slurm/"))
         jobs.append((a[j], a[j + 1:]))
-        assert _bad_flags([shlex.join(a)]) == []
+        assert bad_flags([shlex.join(a)]) == []
     assert [j for j, _ in jobs] == [f"scripts/slurm/{n}" for n in
                                     ("ctclip_preprocess.sbatch", "ctclip_merge.sbatch", "ctclip_train.sbatch")]
     assert jobs[2][1][:2] == ["--ct_filepath", str(store)]
