@@ -253,9 +253,10 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        lr = opt.param_groups[0]["lr"]  # the epoch's own: after sched.step() it would be the next epoch's
         sched.step()
         val_loss, cnn_loss, n_val = evaluate(model, val_ds, cfg, device)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+        row = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
                "val_weighted_log_loss": val_loss, "cnn_val_weighted_log_loss": cnn_loss, "val_slices": n_val}
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
