@@ -13,6 +13,7 @@ depend on how many processes ran them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -49,6 +50,7 @@ from ctclip.losses import ClipLoss, contrastive_loss_with_cached
 from ctclip.models.clip3d import param_groups
 from ctclip.models.registry import ModelConfig, build_model
 from ctclip.train_utils import (
+    BudgetClock,
     GlobalBatchSampler,
     RunLog,
     Throughput,
@@ -56,7 +58,14 @@ from ctclip.train_utils import (
     cosine_with_warmup,
     max_memory_mb,
 )
-from ctclip.zeroshot import auroc_per_finding, encode_loader, mean_defined, prompt_features, zero_shot_scores
+from ctclip.zeroshot import (
+    auroc_per_finding,
+    encode_loader,
+    load_templates,
+    mean_defined,
+    prompt_features,
+    zero_shot_scores,
+)
 from ctcore.cli import resolved, save_resolved
 from ctcore.distributed import (
     DistInfo,
@@ -93,8 +102,11 @@ class TrainConfig:
     cache_features: bool = False
     max_steps: int | None = None
     stop_at_step: int | None = None  # leave after this step (saving latest.pt), keeping the full run's schedule
+    max_minutes: float | None = None  # training budget: stop (saving latest.pt) once this much is used
+    budget_clock: str = "cpu"  # cpu: process CPU time (user+sys, all threads) | wall (see BudgetClock)
     do_validate: bool = False
     valid_interval: int = 200
+    val_templates: str = "ctclip"  # zero-shot prompts of the validation: a preset or a file (ctclip.zeroshot)
     val_ct_filepath: Path | None = None
     val_label_path: Path | None = None
     use_ddp: bool = False
@@ -131,6 +143,27 @@ def _check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
         raise SetupError("--do_validate needs --val_ct_filepath and --val_label_path")
     if cfg.cache_features and not cfg.model.freeze_dinov2:
         raise SetupError("--cache_features needs --freeze_dinov2 (a trained backbone changes its features)")
+    if cfg.do_validate:
+        try:
+            load_templates(cfg.val_templates)
+        except ValueError as e:
+            raise SetupError(str(e).replace("--templates", "--val_templates")) from e
+    _warn_truncation(cfg, data)
+
+
+def _warn_truncation(cfg: TrainConfig, data: CTReportDataset, sample: int = 2000) -> None:
+    """Reports longer than the text context are cut: whatever comes after the cut (with
+    findings_impressions, the whole impression) never reaches the text tower. Checked on a sample."""
+    from ctclip.models.text import get_tokenizer
+
+    tok = get_tokenizer(cfg.model.context_length)
+    texts = data.texts[:: max(1, len(data.texts) // sample)]
+    lengths = [len(tok.encode(t)) + 2 for t in texts]  # + start and end of text
+    cut = sum(n > cfg.model.context_length for n in lengths)
+    if cut:
+        log.warning("%d of %d sampled reports (%s) are longer than the context length %d tokens (longest %d) "
+                    "and are truncated; see --context_length / --text_column", cut, len(texts), cfg.text_column,
+                    cfg.model.context_length, max(lengths))
 
 
 def _store_shape(path: Path) -> list[int]:
@@ -154,6 +187,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     store_shape = _store_shape(Path(cfg.ct_filepath))
     resume_path = resolve_resume(cfg.resume, out)
     ckpt = load_checkpoint(resume_path) if resume_path else None
+    # started before the model is built: building it and the feature cache is part of the budget
+    clock = BudgetClock(cfg.max_minutes, cfg.budget_clock, used=float(ckpt.get("budget_used_s", 0.0)) if ckpt else 0.0)
     if ckpt is not None:
         check_model_config(ckpt["model_config"], asdict(cfg.model), resume_path)
         if ckpt["store_shape"] != store_shape:
@@ -176,7 +211,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         step_module = DistributedDataParallel(step_module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(cfg.warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(
+        cfg.warmup_steps, total_steps, clock.progress if cfg.max_minutes is not None else None))
     step = epoch = start_in_epoch = 0
     best = float("-inf")
     if ckpt is not None:
@@ -194,8 +230,10 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     loss_fn = ClipLoss()
     meter = Throughput()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not dist.is_main)
-    summary: dict[str, Any] = {"steps": step, "best_metric": best}
+    summary: dict[str, Any] = {"steps": step, "best_metric": best, "stopped_by": "steps"}
     stopping = False
+    save = functools.partial(_save, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                             store_shape=store_shape, clock=clock)
     while step < total_steps and not stopping:
         sampler.set_epoch(epoch, start_in_epoch)
         micro: list = []
@@ -210,26 +248,36 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             step_in_epoch += 1
             meter.add(cfg.batch_size)
             bar.update(1)
+            if cfg.max_minutes is not None and dist.distributed:
+                clock.share(broadcast_object)
+            over_budget = clock.exhausted()
+            stopping = over_budget or (cfg.stop_at_step is not None and step >= cfg.stop_at_step)
+            if over_budget:
+                summary["stopped_by"] = "budget"
+            elif stopping:
+                summary["stopped_by"] = "stop_at_step"
             summary.update(steps=step, last_loss=loss)
-            if step % cfg.log_interval == 0 or step == total_steps:
+            last = stopping or step >= total_steps
+            if step % cfg.log_interval == 0 or last:
                 temperature = float(1.0 / model.temperature_scale().detach())
                 runlog.write({"kind": "train", "step": step, "epoch": epoch, "loss": loss,
                               "lr": scheduler.get_last_lr()[0], "temperature": temperature,
-                              "volumes_per_s": meter.rate(), "max_memory_mb": max_memory_mb(dist.device)})
+                              "volumes_per_s": meter.rate(), "max_memory_mb": max_memory_mb(dist.device),
+                              **_clock_fields(clock), **({"stopped_by": summary["stopped_by"]} if last else {})})
                 bar.set_postfix(loss=f"{loss:.4f}")
-            if cfg.do_validate and step % cfg.valid_interval == 0:
-                metric = _validate(cfg, model, dist, autocast, runlog, step, epoch)
+            # the last step is validated too, so that a budget-limited run's final model is scored
+            if cfg.do_validate and (step % cfg.valid_interval == 0 or last):
+                at = _clock_fields(clock)
+                with clock.paused():  # validation is not training: it does not use up the budget
+                    metric = _validate(cfg, model, dist, autocast, runlog, step, epoch, at)
                 if dist.is_main and metric > best:
                     best = metric
-                    _save(out / "best.pt", cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch,
-                          best, store_shape)
+                    save(out / "best.pt", step=step, epoch=epoch, step_in_epoch=step_in_epoch, best=best)
                 best = broadcast_object(best)
                 summary["best_metric"] = best
-            stopping = cfg.stop_at_step is not None and step >= cfg.stop_at_step
-            if step % cfg.save_interval == 0 or step == total_steps or stopping:
+            if step % cfg.save_interval == 0 or last:
                 if dist.is_main:
-                    _save(out / "latest.pt", cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch,
-                          best, store_shape)
+                    save(out / "latest.pt", step=step, epoch=epoch, step_in_epoch=step_in_epoch, best=best)
                 barrier()
             if step >= total_steps or stopping:
                 break
@@ -237,10 +285,18 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
             epoch += 1
             start_in_epoch = 0
             continue
-        break  # max_steps or stop_at_step reached inside the epoch
+        break  # max_steps, stop_at_step or the budget reached inside the epoch
     bar.close()
+    summary.update(_clock_fields(clock))
     runlog.close()
     return summary
+
+
+def _clock_fields(clock: BudgetClock) -> dict[str, float]:
+    """Time spent so far: the budget's clock (validation excluded) and this process's CPU and wall
+    time (validation included), in minutes."""
+    return {"budget_minutes": clock.used() / 60.0, "cpu_minutes": clock.cpu_minutes(),
+            "wall_minutes": clock.wall_minutes()}
 
 
 def _optimizer_step(step_module, micro, loss_fn, optimizer, scheduler, scaler, autocast, cfg, dist) -> float:
@@ -304,16 +360,17 @@ def _accumulated_backward(step_module, micro, autocast, scaler, device) -> float
     return value
 
 
-def _save(path, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape) -> None:
+def _save(path, *, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape,
+          clock) -> None:
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
         "step_in_epoch": step_in_epoch, "best_metric": best, "rng": rng_state(), "config": resolved(cfg),
-        "model_config": asdict(cfg.model), "store_shape": store_shape,
+        "model_config": asdict(cfg.model), "store_shape": store_shape, "budget_used_s": clock.used(),
     })
 
 
-def _validate(cfg, model, dist, autocast, runlog, step, epoch) -> float:
+def _validate(cfg, model, dist, autocast, runlog, step, epoch, at: dict[str, float]) -> float:
     """Zero-shot mean AUROC on the validation labels (rank 0 computes; the others wait)."""
     metric = float("nan")
     if dist.is_main:
@@ -324,12 +381,13 @@ def _validate(cfg, model, dist, autocast, runlog, step, epoch) -> float:
         loader = make_loader(val, batch_size=max(1, cfg.batch_size // (cfg.grad_accum * dist.world_size)),
                              num_workers=min(cfg.num_workers, 2))
         feats, labels = encode_loader(model, loader, dist.device, autocast)
-        scale = float(model.temperature_scale())
-        scores = zero_shot_scores(feats, prompt_features(model, device=dist.device), scale)
+        scale = float(model.temperature_scale().detach())
+        prompts = prompt_features(model, templates=load_templates(cfg.val_templates), device=dist.device)
+        scores = zero_shot_scores(feats, prompts, scale)
         aurocs = auroc_per_finding(labels, scores)
         metric = mean_defined(aurocs)
         runlog.write({"kind": "valid", "step": step, "epoch": epoch, "mean_auroc": metric,
-                      "n_volumes": len(val), "seconds": time.perf_counter() - t0,
+                      "n_volumes": len(val), "seconds": time.perf_counter() - t0, **at,
                       **{f"auroc/{k}": v for k, v in aurocs.items() if not math.isnan(v)}})
         model.train(was_training)
     barrier()

@@ -28,14 +28,76 @@ def autocast_factory(precision: str, device: torch.device) -> tuple[Callable[[],
     raise ValueError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
 
 
-def cosine_with_warmup(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup from ~0 to 1, then cosine to 0 at total_steps."""
+def cosine_with_warmup(warmup_steps: int, total_steps: int,
+                       budget_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
+    """LR multiplier: linear warmup from ~0 to 1, then cosine to 0 at total_steps.
+
+    With `budget_progress` (the used share of a time budget, 0..1) the cosine follows whichever of
+    steps and budget is further along, so a run stopped by its budget ends at a low learning rate
+    instead of being cut off at its peak."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if budget_progress is not None:
+            progress = max(progress, min(1.0, budget_progress()))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return factor
+
+
+BUDGET_CLOCKS = ("cpu", "wall")
+
+
+class BudgetClock:
+    """Seconds a training run has used of its budget (`--max_minutes`, `--budget_clock`).
+
+    cpu: `time.process_time()`, user + system time of every thread of this process (DataLoader worker
+    processes are not counted: budgeted runs should use --num_workers 0); robust to other jobs on a
+    shared machine, and on N threads it runs out N times faster than the wall clock. wall:
+    `time.perf_counter()`. Spans inside `paused()` (validation) are not counted. `used` carries the
+    seconds of earlier runs over a resume. Without a budget (`minutes` None) it only measures."""
+
+    def __init__(self, minutes: float | None, kind: str = "cpu", used: float = 0.0):
+        if kind not in BUDGET_CLOCKS:
+            raise ValueError(f"--budget_clock must be one of {', '.join(BUDGET_CLOCKS)}, got {kind!r}")
+        if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+            raise ValueError(f"--max_minutes must be a positive number, got {minutes!r}")
+        self.limit_s = None if minutes is None else 60.0 * minutes
+        self.kind = kind
+        self._now = time.process_time if kind == "cpu" else time.perf_counter
+        self._start = self._now() - used
+        self._shared_used: float | None = None  # rank 0's reading in a distributed run (see share)
+        self.cpu0, self.wall0 = time.process_time(), time.perf_counter()
+
+    def used(self) -> float:
+        """Budget seconds used so far (rank 0's reading after `share`)."""
+        return self._shared_used if self._shared_used is not None else self._now() - self._start
+
+    def share(self, broadcast: Callable[[Any], Any]) -> None:
+        """Take rank 0's reading on every rank, so that all ranks follow one schedule and stop together."""
+        self._shared_used = None
+        self._shared_used = float(broadcast(self.used()))
+
+    def progress(self) -> float:
+        return 0.0 if self.limit_s is None else self.used() / self.limit_s
+
+    def exhausted(self) -> bool:
+        return self.limit_s is not None and self.used() >= self.limit_s
+
+    def cpu_minutes(self) -> float:
+        """CPU minutes of this process since the clock was made (validation included)."""
+        return (time.process_time() - self.cpu0) / 60.0
+
+    def wall_minutes(self) -> float:
+        return (time.perf_counter() - self.wall0) / 60.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        t0 = self._now()
+        try:
+            yield
+        finally:
+            self._start += self._now() - t0
 
 
 class GlobalBatchSampler(Sampler[list[int]]):

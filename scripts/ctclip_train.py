@@ -1,7 +1,7 @@
 """Train the 3D CLIP model (seed: run_train.py).
 
     # one process (GPU if available, else CPU)
-    python scripts/ctclip_train.py --ct_filepath data/train_volumes.h5 \
+    python scripts/ctclip_train.py --ct_filepath data/train_volumes.h5 \\
         --txt_filepath data/ct_rate/train_reports.csv --batch_size 32 --epochs 40 --output_dir runs/vitb
     # several GPUs on one node
     torchrun --nproc_per_node=4 scripts/ctclip_train.py --use_ddp --ct_filepath ... --txt_filepath ...
@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max_steps", type=int, default=None, help="train for this many optimizer steps (sets the schedule)")
     a("--stop_at_step", type=int, default=None,
       help="leave after this step, saving latest.pt, with the schedule of the full run (time-limited jobs; resume later)")
+    a("--max_minutes", type=float, default=None,
+      help="training budget in minutes of --budget_clock: stop there (saving latest.pt; validation not counted); "
+           "the cosine schedule follows the budget, so the run ends at a low learning rate")
+    a("--budget_clock", choices=["cpu", "wall"], default="cpu",
+      help="cpu: CPU time of this process, user+sys over all its threads (use --num_workers 0); wall: elapsed time")
     a("--lr", type=float, default=1e-4)
     a("--weight_decay", type=float, default=0.2)
     a("--warmup_steps", type=int, default=500)
@@ -69,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--valid_interval", type=int, default=200)
     a("--val_ct_filepath", type=Path, default=None)
     a("--val_label_path", type=Path, default=None)
+    a("--val_templates", default="ctclip",
+      help="zero-shot prompts of the validation: a preset (ctclip, ensemble) or a template file (as ctclip_eval.py)")
     a("--use_ddp", action="store_true", help="distributed data parallel (run under torchrun or srun)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a("--verbose", action="store_true")
