@@ -1,0 +1,113 @@
+"""The chest learning benchmark end to end at a toy size, and the training budget it relies on
+(`--max_minutes`: the run stops at the budget, logs its clocks, and resumes with the budget used)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from ctclip.train_utils import BudgetClock, cosine_with_warmup
+from scripts import bench_learning_ctclip as bench
+from scripts.ctclip_train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_args(chest: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "ctclip" / "train_tiny.yaml"), "--ct_filepath", str(chest / "train.h5"),
+            "--txt_filepath", str(chest / "train_reports.csv"), "--output_dir", str(out), "--device", "cpu",
+            "--log_interval", "1", *extra]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_budget_stops_training_and_resume_keeps_the_used_budget(synthetic_chest, tmp_path):
+    out = tmp_path / "run"
+    # 0.02 min = 1.2 s of CPU: far fewer than the 10 000 steps asked for; warmup 1 step, so that the run
+    # is past its warmup on a slow or busy machine too (2 threads on shared cores burn CPU time waiting)
+    assert train_main(_train_args(synthetic_chest, out, "--max_steps", "10000", "--max_minutes", "0.02",
+                                  "--warmup_steps", "1")) == 0
+    recs = _records(out)
+    train = [r for r in recs if r["kind"] == "train"]
+    end = train[-1]
+    assert end["stopped_by"] == "budget" and 1 <= end["step"] < 10000
+    assert 0.02 <= train[-1]["budget_minutes"] < 0.02 + 0.05  # stopped at the first step past the budget
+    assert all(r["cpu_minutes"] > 0 and r["wall_minutes"] > 0 for r in train)
+    minutes = [r["budget_minutes"] for r in train]
+    assert minutes == sorted(minutes)
+    # the cosine followed the budget: the last step's learning rate is near 0, not the peak
+    assert train[-1]["lr"] < 0.05 * 1e-3
+    # a resumed run starts with the budget already used: it stops after one more step
+    assert train_main(_train_args(synthetic_chest, out, "--max_steps", "10000", "--max_minutes", "0.02",
+                                  "--warmup_steps", "1", "--resume", "latest")) == 0
+    again = _records(out)[len(recs):]
+    assert again[-1]["stopped_by"] == "budget" and again[-1]["step"] == end["step"] + 1
+    assert again[-1]["budget_minutes"] >= end["budget_minutes"]  # counted on from the checkpoint
+
+
+def test_wall_budget_bad_options_and_truncation_warning(synthetic_chest, tmp_path, caplog):
+    assert train_main(_train_args(synthetic_chest, tmp_path / "w", "--max_steps", "10000", "--max_minutes", "0.01",
+                                  "--budget_clock", "wall")) == 0
+    assert _records(tmp_path / "w")[-1]["stopped_by"] == "budget"
+    # findings + impressions of the synthetic reports are far longer than 77 tokens: said, not silent
+    assert "longer than the context length 77" in caplog.text
+    assert train_main(_train_args(synthetic_chest, tmp_path / "b", "--max_steps", "3", "--max_minutes", "-1")) == 2
+    assert train_main(_train_args(synthetic_chest, tmp_path / "t", "--max_steps", "3", "--do_validate",
+                                  "--val_ct_filepath", str(synthetic_chest / "valid.h5"),
+                                  "--val_label_path", str(synthetic_chest / "valid_predicted_labels.csv"),
+                                  "--val_templates", str(tmp_path / "missing.yaml"))) == 2
+
+
+def test_budget_clock_pause_and_schedule():
+    clock = BudgetClock(1.0, "wall")
+    with clock.paused():
+        inside = clock.used()
+        sum(range(2_000_000))
+    assert clock.used() - inside < 0.05  # the paused span is not counted
+    progress = {"p": 0.0}
+    f = cosine_with_warmup(2, 1000, lambda: progress["p"])
+    assert f(0) == 0.5 and f(10) > 0.99
+    progress["p"] = 1.0
+    assert f(10) == pytest.approx(0.0)  # budget used up: the cosine is at its end, whatever the step
+    with pytest.raises(ValueError, match="budget_clock"):
+        BudgetClock(1.0, "gpu")
+
+
+def test_benchmark_run_at_toy_size(tmp_path):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    synth = tmp_path / "synth.yaml"
+    synth.write_text("n_patients: 14\nsize: [32, 32]\nslices: 12\nvalid_fraction: 0.45\nrecons_per_scan: [1, 1]\n"
+                     "empty_impression_rate: 0.0\nintercept_8192_rate: 0.0\n")
+    prep = tmp_path / "prep.yaml"
+    prep.write_text("target_shape: [12, 32, 32]\nnum_workers: 0\n")
+    args = parser.parse_args(["--ctclip_synth_config", str(synth), "--ctclip_preprocess_config", str(prep),
+                              "--ctclip_budget_minutes", "0.02", "--ctclip_val_volumes", "2",
+                              "--ctclip_n_bootstrap", "20", "--ctclip_valid_interval", "1000",
+                              "--ctclip_batch_size", "4"])
+    result = bench.run(args, tmp_path / "work")
+    json.dumps(result)  # JSON-serialisable
+    assert set(result["variants"]) == {"e2e", "cached"}
+    for v in result["variants"].values():
+        assert v["stopped_by"] == "budget" and v["steps"] >= 1
+        auroc = v["test"]["mean_auroc"]
+        assert auroc["n_findings"] >= 1 and 0.0 <= auroc["value"] <= 1.0
+        assert Path(v["test"]["roc_figure"]).is_file()
+        assert set(v["test"]["per_finding_auroc"]) <= set(bench_findings())
+    figure = Path(result["figure"])
+    assert figure.is_file() and figure.stat().st_size > 10_000
+    assert result["goal"]["met"] == (result["goal"]["best"] >= 0.85)
+    text = bench.report(result)
+    assert "| end-to-end |" in text and "frozen backbone" in text and ("met" in text)
+    assert result["machine"]["torch_threads"] == 1
+
+
+def bench_findings() -> tuple[str, ...]:
+    from ctclip.findings import FINDINGS
+
+    return FINDINGS
