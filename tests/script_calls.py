@@ -34,8 +34,11 @@ def logical_lines(text: str, comments: bool) -> list[str]:
 
 
 def _tokens(line: str) -> list[str]:
+    """Shell words; ';', '&' and '|' are words of their own even when glued to one ("out.csv;")."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
     try:
-        return shlex.split(line)
+        return list(lexer)
     except ValueError:  # unbalanced quotes in prose
         return line.split()
 
@@ -48,7 +51,7 @@ _STOP = {"|", "||", "&&", ";", "&"}
 def invocations(line: str) -> list[tuple[str, str, list[str], bool]]:
     """(kind, target, flags, passes "$@") for every `scripts/X.py`, `-m torch.distributed.run` and
     `scripts/slurm/X.sbatch` on a logical line; flags are the option tokens that follow it."""
-    toks = [t.rstrip(");") for t in _tokens(line)]
+    toks = [t if t in _STOP else t.rstrip(");") for t in _tokens(line)]
     found = []
     for i, tok in enumerate(toks):
         if m := _SCRIPT.search(tok):

@@ -1,0 +1,45 @@
+"""Every command the README shows and every step of `make demo` calls an existing script with flags that
+script accepts (checked against its own argparse parser), so a renamed flag fails here first."""
+
+from __future__ import annotations
+
+import re
+
+from tests.script_calls import ROOT, bad_flags, invocations, logical_lines
+
+
+def readme_lines() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+    return [line for lang, block in blocks if lang in ("bash", "sh", "")
+            for line in logical_lines(block, comments=False)]
+
+
+def makefile_recipe(target: str) -> list[str]:
+    """The recipe lines of one Makefile target, continuations joined, '$$' read as the shell's '$'."""
+    text = (ROOT / "Makefile").read_text()
+    m = re.search(rf"^{target}:.*?\n((?:\t.*\n|\n)*)", text, flags=re.M)
+    assert m, f"no target {target!r} in the Makefile"
+    body = "\n".join(line[1:] for line in m.group(1).splitlines() if line.startswith("\t"))
+    return [line.lstrip("@-").replace("$$", "$") for line in logical_lines(body, comments=False)]
+
+
+def test_readme_commands_use_existing_scripts_and_flags():
+    lines = readme_lines()
+    calls = [inv for line in lines for inv in invocations(line)]
+    assert len({target for _, target, _, _ in calls}) >= 15  # the README shows most scripts
+    assert bad_flags(lines) == []
+
+
+def test_demo_steps_use_existing_scripts_and_flags():
+    lines = makefile_recipe("demo")
+    called = {target for line in lines for kind, target, _, _ in invocations(line) if kind == "script"}
+    assert {"fetch_samples", "ctclip_make_synthetic", "ctclip_preprocess", "ctclip_split", "ctclip_train",
+            "ctclip_eval", "hemorrhage_make_synthetic", "hemorrhage_train", "hemorrhage_infer", "hemorrhage_eval",
+            "hemorrhage_plot_study", "demo_summary"} <= called
+    assert bad_flags(lines) == []
+
+
+def test_the_checker_sees_a_bad_flag_in_a_recipe():
+    assert bad_flags(["$(PY) scripts/hemorrhage_eval.py --predictions P --labels L --output_dir O"]) == []
+    assert len(bad_flags(["$(PY) scripts/hemorrhage_eval.py --prediction P"])) == 1
