@@ -26,6 +26,7 @@ from ctclip.data.reports import TableError
 from ctclip.models.registry import model_config_from_yaml
 from ctclip.train import SetupError, TrainConfig, train
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.distributed import read_launch_env
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ctclip"
 
@@ -107,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SetupError, CheckpointError, TableError, FileNotFoundError, ValueError) as e:
         logging.getLogger("ctclip_train").error("%s", e)
         return 2
-    print(f"train: {json.dumps(summary)} -> {cfg.output_dir}")
+    launch = read_launch_env() if cfg.use_ddp else None
+    if launch is None or launch.rank == 0:  # one summary line per run, not one per rank
+        print(f"train: {json.dumps(summary)} -> {cfg.output_dir}")
     return 0
 
 

@@ -128,6 +128,7 @@ def test_torchrun_two_processes_matches_one(chest, tmp_path):
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in two.glob("*.pt")) == ["latest.pt"]  # one checkpoint, written once
+    assert res.stdout.count("train: {") == 1  # one summary line, from rank 0
     a, b = _losses(one), _losses(two)
     assert sorted(b) == [1, 2, 3]  # rank 0 logs, once per step
     for step in a:  # same global batches, same result for any number of processes
