@@ -72,3 +72,21 @@ def test_flags_live_in_a_shared_parser_and_a_head_needs_every_fold(tmp_path):
     with pytest.raises(ValueError, match="expected folds in 0..1"):
         run(args, tmp_path)
     assert not any(tmp_path.iterdir())  # refused before anything was made
+
+
+def test_combined_script_runs_a_part_and_keeps_its_figure(tmp_path, capsys):
+    """scripts/bench_learning.py: the parts' flags share one parser; without --work_dir the figure is
+    copied next to the JSON before the temporary folder goes away."""
+    from scripts.bench_learning import build_parser
+    from scripts.bench_learning import main as combined
+
+    flags = {a for action in build_parser()._actions for a in action.option_strings}
+    assert {"--part", "--hem_n_train", "--ctclip_budget_minutes"} <= flags
+    out = tmp_path / "out" / "learning.json"
+    assert combined(["--part", "hemorrhage", *TINY, "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert list(r["parts"]) == ["hemorrhage"] and r["command"].startswith("python scripts/bench_learning.py --part")
+    figure = r["parts"]["hemorrhage"]["figure"]
+    assert figure.startswith(str(out.parent)) and (out.parent / "bench_learning_figures").is_dir()
+    assert json.loads(out.read_text())["parts"]["hemorrhage"]["ratio_to_prior"] > 0
+    assert "ratio to the prior" in capsys.readouterr().out
