@@ -39,6 +39,10 @@ venv: $(STAMP)
 # make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 10-15
 # minutes on 2 cores; `make -n demo` lists the calls). Outputs go to $(DEMO_DIR)/; the last step prints
 # the key numbers and the path of every output.
+# one torch/OpenMP thread per process: the tiny models run many small ops, and on a shared 2-core
+# machine two threads wait on each other at every one of them (2-8x slower); alone, one thread
+# costs ~25%. Override with `make demo OMP_NUM_THREADS=2`.
+demo: export OMP_NUM_THREADS ?= 1
 CT  := $(DEMO_DIR)/ct_rate
 RSNA := $(DEMO_DIR)/rsna
 demo: $(STAMP)
