@@ -18,9 +18,11 @@ def readme_lines() -> list[str]:
 def makefile_recipe(target: str) -> list[str]:
     """The recipe lines of one Makefile target, continuations joined, '$$' read as the shell's '$'."""
     text = (ROOT / "Makefile").read_text()
-    m = re.search(rf"^{target}:.*?\n((?:\t.*\n|\n)*)", text, flags=re.M)
-    assert m, f"no target {target!r} in the Makefile"
-    body = "\n".join(line[1:] for line in m.group(1).splitlines() if line.startswith("\t"))
+    # the rule with a recipe (a target-specific variable line such as "demo: export X = 1" has none)
+    bodies = [m.group(1) for m in re.finditer(rf"^{target}:.*\n((?:\t.*\n|\n)*)", text, flags=re.M)
+              if m.group(1).strip()]
+    assert len(bodies) == 1, f"expected one recipe of {target!r} in the Makefile, found {len(bodies)}"
+    body = "\n".join(line[1:] for line in bodies[0].splitlines() if line.startswith("\t"))
     return [line.lstrip("@-").replace("$$", "$") for line in logical_lines(body, comments=False)]
 
 
