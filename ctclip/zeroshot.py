@@ -8,7 +8,10 @@ the normalised text embeddings, normalised again). Used for validation during tr
 
 Template files (`--templates path`): YAML or JSON ``{"positive": [...], "negative": [...]}``, or a text
 file whose first line is the positive and second line the negative template. In a template, ``{}``
-is the finding as named in the labels CSV and ``{lower}`` the same in lower case.
+is the finding as named in the labels CSV and ``{lower}`` the same in lower case. Every positive
+template names the finding; a negative template may instead be a shared normal reference without a
+placeholder ("No significant pathology."), the same for every finding: a text tower that never saw
+"No <finding>." in its reports scores such a reference better than a negated finding name.
 """
 
 from __future__ import annotations
@@ -73,8 +76,11 @@ def load_templates(spec: str | Path) -> Templates:
             raise ValueError(f"--templates {path}: a text file needs exactly 2 lines (positive, negative)")
         pos, neg = [lines[0]], [lines[1]]
     for t in [*pos, *neg]:
-        if not isinstance(t, str) or not re.search(r"\{(lower)?\}", t):
-            raise ValueError(f"--templates {path}: template {t!r} has no {{}} or {{lower}} placeholder")
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"--templates {path}: template {t!r} is not a non-empty string")
+    for t in pos:  # a positive without the finding's name would be the same prompt for every finding
+        if not re.search(r"\{(lower)?\}", t):
+            raise ValueError(f"--templates {path}: positive template {t!r} has no {{}} or {{lower}} placeholder")
     if not pos or not neg:
         raise ValueError(f"--templates {path}: needs at least one positive and one negative template")
     return Templates(tuple(pos), tuple(neg))

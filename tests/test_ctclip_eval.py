@@ -195,8 +195,16 @@ def test_templates_presets_and_files(tmp_path):
     txt.write_text("{} seen.\n{} not seen.\n")
     assert load_templates(txt).positive == ("{} seen.",)
     txt.write_text("no placeholder\nnone\n")
-    with pytest.raises(ValueError, match="placeholder"):
+    with pytest.raises(ValueError, match="positive template 'no placeholder' has no"):
         load_templates(txt)
+    # a negative may be a shared normal reference: the same prompt for every finding
+    f.write_text("positive: '{}.'\nnegative: ['No significant pathology.', 'Normal chest CT.']\n")
+    ref = load_templates(f)
+    assert ref.render("Emphysema") == (["Emphysema."], ["No significant pathology.", "Normal chest CT."])
+    assert ref.render("Lung nodule")[1] == ref.render("Emphysema")[1]
+    f.write_text("positive: '{}.'\nnegative: ['']\n")
+    with pytest.raises(ValueError, match="not a non-empty string"):
+        load_templates(f)
 
 
 def test_prompt_ensemble_is_the_normalised_mean(trained):
