@@ -68,15 +68,33 @@ demo: $(STAMP)
 		--reports $(CT)/test_reports.csv --templates configs/ctclip/templates_learning.yaml \
 		--output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
 	# ---- head: synthetic head CT DICOM studies built on the real brain atlas (160 for training; 48
-	#      held out, with compressed and quirk series and two broken files), one fold of a tiny CNN,
-	#      inference (exit 3 = done, the broken files skipped and listed), evaluation, a study figure
+	#      held out, with compressed and quirk series and two broken files); a tiny CNN on both folds of a
+	#      2-fold split by study, so that every training study has out-of-fold features; the sequence head
+	#      of each fold on those features; inference on the held-out studies by the CNN alone and by
+	#      CNN + sequence head (exit 3 = done, the broken files skipped and listed), both evaluated; a study
+	#      figure of CNN + head
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(RSNA)_train --overwrite --n_studies 160 --size 128 --seed 3 --broken 0
-	$(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_demo.yaml --no_progress \
+	$(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_demo.yaml --no_progress --fold 0 \
 		--labels $(RSNA)_train/labels.csv --data_dir $(RSNA)_train/dicom --output_dir $(DEMO_DIR)/hemorrhage_cnn
+	$(PY) scripts/hemorrhage_train.py --config configs/hemorrhage/train_demo.yaml --no_progress --fold 1 \
+		--labels $(RSNA)_train/labels.csv --data_dir $(RSNA)_train/dicom --output_dir $(DEMO_DIR)/hemorrhage_cnn
+	$(PY) scripts/hemorrhage_extract_features.py --data_dir $(RSNA)_train/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
+		--no_progress --num_workers 0 --output_dir $(DEMO_DIR)/hemorrhage_features
+	$(PY) scripts/hemorrhage_train_sequence.py --config configs/hemorrhage/sequence_demo.yaml --no_progress --fold 0 \
+		--features_dir $(DEMO_DIR)/hemorrhage_features --labels $(RSNA)_train/labels.csv --output_dir $(DEMO_DIR)/hemorrhage_sequence
+	$(PY) scripts/hemorrhage_train_sequence.py --config configs/hemorrhage/sequence_demo.yaml --no_progress --fold 1 \
+		--features_dir $(DEMO_DIR)/hemorrhage_features --labels $(RSNA)_train/labels.csv --output_dir $(DEMO_DIR)/hemorrhage_sequence
 	$(PY) scripts/hemorrhage_make_synthetic.py --config configs/hemorrhage/synthetic_small.yaml \
 		--out_dir $(RSNA)_test --overwrite --n_studies 48 --size 128 --seed 4 --montage $(DEMO_DIR)/head_montage.png
 	$(PY) scripts/hemorrhage_infer.py --data_dir $(RSNA)_test/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
+		--no_progress --num_workers 0 --output $(DEMO_DIR)/hemorrhage_infer_cnn/predictions.csv; \
+		rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
+	$(PY) scripts/hemorrhage_eval.py --predictions $(DEMO_DIR)/hemorrhage_infer_cnn/predictions.csv \
+		--labels $(RSNA)_test/labels.csv --train_labels $(RSNA)_train/labels.csv \
+		--per_slice $(DEMO_DIR)/hemorrhage_infer_cnn/predictions_per_slice.csv --output_dir $(DEMO_DIR)/hemorrhage_eval_cnn
+	$(PY) scripts/hemorrhage_infer.py --data_dir $(RSNA)_test/dicom --weights_dir $(DEMO_DIR)/hemorrhage_cnn \
+		--sequence_weights $(DEMO_DIR)/hemorrhage_sequence \
 		--no_progress --num_workers 0 --output $(DEMO_DIR)/hemorrhage_infer/predictions.csv; \
 		rc=$$?; test $$rc -eq 0 -o $$rc -eq 3
 	$(PY) scripts/hemorrhage_eval.py --predictions $(DEMO_DIR)/hemorrhage_infer/predictions.csv \

@@ -3,7 +3,8 @@
     python scripts/demo_summary.py --demo_dir demo_output [--started UNIX_SECONDS] [--json demo_output/summary.json]
 
 Reads only files the demo's steps wrote (JSON, CSV, JSONL): the chest CLIP's training log and zero-shot
-summary, the hemorrhage CNN's training log, evaluation metrics and study figure. Folders of many inputs
+summary; the hemorrhage evaluations of the held-out studies by the CNN alone (hemorrhage_eval_cnn/) and by
+CNN + sequence head (hemorrhage_eval/), side by side, and the heads' training logs. Folders of many inputs
 (NIfTI volumes, DICOM trees, feature files) are listed as one line with their file count. Exit status 2
 when an expected output is missing: the demo did not finish.
 """
@@ -60,12 +61,64 @@ def chest_numbers(demo: Path) -> dict:
     return out
 
 
-def head_numbers(demo: Path) -> dict:
-    m = _load(demo / "hemorrhage_eval" / "metrics.json")
-    wll, prior = m["weighted_log_loss"], m["baseline"]["weighted_log_loss"]
+# the two hemorrhage evaluations of the held-out studies: (key, label, folder under the demo folder)
+HEAD_RUNS = (("cnn", "CNN alone", "hemorrhage_eval_cnn"),
+             ("cnn_sequence_head", "CNN + sequence head", "hemorrhage_eval"))
+
+
+def _head_run(metrics: dict) -> dict:
+    wll, prior = metrics["weighted_log_loss"], metrics["baseline"]["weighted_log_loss"]
     return {"weighted_log_loss": wll, "prior_weighted_log_loss": prior, "ratio_to_prior": wll["value"] / prior,
-            "mean_auroc": m["mean_auroc"],
-            "auroc": {k: v["auroc"] for k, v in m["per_class"].items() if v.get("auroc") is not None}}
+            "mean_auroc": metrics["mean_auroc"],
+            "auroc": {k: v["auroc"] for k, v in metrics["per_class"].items() if v.get("auroc") is not None}}
+
+
+def head_numbers(demo: Path) -> dict:
+    """Both held-out evaluations (CNN alone, CNN + sequence head) and the heads' validation per fold."""
+    metrics = {key: _load(demo / folder / "metrics.json") for key, _, folder in HEAD_RUNS}
+    out: dict = {key: _head_run(m) for key, m in metrics.items()}
+    m = metrics["cnn_sequence_head"]
+    out.update(prior_weighted_log_loss=m["baseline"]["weighted_log_loss"],
+               slices=m.get("matching", {}).get("n_slices_evaluated"),
+               studies=m.get("bootstrap", {}).get("n_units"), ci=m.get("bootstrap", {}).get("ci"))
+    folds = {}
+    for path in sorted((demo / "hemorrhage_sequence").glob("train_log_*.jsonl")):
+        log = _train_log(path)
+        if len(log) and "val_weighted_log_loss" in log:
+            best = log.loc[log["val_weighted_log_loss"].idxmin()]
+            folds[path.stem.rsplit("_", 1)[1]] = {
+                "best_epoch": int(best["epoch"]), "epochs": len(log),
+                "val_weighted_log_loss": float(best["val_weighted_log_loss"]),
+                "cnn_val_weighted_log_loss": float(best["cnn_val_weighted_log_loss"])}
+    out["sequence_validation"] = folds
+    return out
+
+
+def head_lines(head: dict) -> list[str]:
+    """The held-out scores of CNN alone and CNN + sequence head side by side, then the heads' validation."""
+    ci = f"{head['ci']:.0%} CI" if head.get("ci") else "CI"
+    where = (f"{head['studies']} held-out studies, {head['slices']} slices"
+             if head.get("studies") and head.get("slices") else "held-out studies")
+    rows = [("", f"weighted log loss [{ci}]", "ratio to prior", f"mean AUROC [{ci}]"),
+            ("prevalence prior", f"{head['prior_weighted_log_loss']:.4f}", "1.00", "")]
+    rows += [(label, _ci(head[key]["weighted_log_loss"], 4), f"{head[key]['ratio_to_prior']:.2f}",
+              _ci(head[key]["mean_auroc"])) for key, label, _ in HEAD_RUNS]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"head CT hemorrhage (tiny CNN, synthetic studies; {where}; study bootstrap):"]
+    lines += ["  " + "   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for key, label, _ in HEAD_RUNS:
+        per_class = ", ".join(f"{k} {v:.2f}" for k, v in head[key]["auroc"].items())
+        lines.append(f"  AUROC per class, {label}: {per_class}")
+    n = head[HEAD_RUNS[0][0]]["mean_auroc"].get("n_classes")
+    if n:
+        lines.append(f"  (mean AUROC: over the {n} classes, any included, with both labels on held-out slices)")
+    if head.get("sequence_validation"):
+        folds = "; ".join(f"fold {k} {v['val_weighted_log_loss']:.4f} vs CNN alone "
+                          f"{v['cnn_val_weighted_log_loss']:.4f} (epoch {v['best_epoch'] + 1} of {v['epochs']})"
+                          for k, v in head["sequence_validation"].items())
+        lines.append(f"  sequence heads, weighted log loss on their validation fold (out-of-fold CNN features): "
+                     f"{folds}")
+    return lines
 
 
 def outputs(demo: Path) -> list[str]:
@@ -98,10 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  zero-shot macro AUROC on {chest['test_volumes']} held-out test volumes "
           f"({chest['findings_in_macro']} findings with both classes; 95% CI by patient): "
           f"{_ci(chest['macro_auroc'])}")
-    print(f"head CT hemorrhage (tiny CNN, synthetic studies): weighted log loss {_ci(head['weighted_log_loss'], 4)} "
-          f"vs {head['prior_weighted_log_loss']:.4f} for the prevalence prior (ratio {head['ratio_to_prior']:.2f})")
-    print(f"  mean AUROC over the five subtypes {_ci(head['mean_auroc'])}; per class: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in head["auroc"].items()))
+    for line in head_lines(head):
+        print(line)
     if args.started is not None:
         print(f"total demo time: {(time.time() - args.started) / 60:.1f} min")
     print("\noutputs:")

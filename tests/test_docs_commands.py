@@ -37,8 +37,9 @@ def test_demo_steps_use_existing_scripts_and_flags():
     lines = makefile_recipe("demo")
     called = {target for line in lines for kind, target, _, _ in invocations(line) if kind == "script"}
     assert {"fetch_samples", "ctclip_make_synthetic", "ctclip_preprocess", "ctclip_split", "ctclip_train",
-            "ctclip_eval", "hemorrhage_make_synthetic", "hemorrhage_train", "hemorrhage_infer", "hemorrhage_eval",
-            "hemorrhage_plot_study", "demo_summary"} <= called
+            "ctclip_eval", "hemorrhage_make_synthetic", "hemorrhage_train", "hemorrhage_extract_features",
+            "hemorrhage_train_sequence", "hemorrhage_infer", "hemorrhage_eval", "hemorrhage_plot_study",
+            "demo_summary"} <= called
     assert bad_flags(lines) == []
 
 
