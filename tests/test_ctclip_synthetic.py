@@ -14,13 +14,14 @@ from scipy import ndimage as ndi
 
 from ctclip.data.synthetic import generate_chest_dataset
 from ctclip.data.synthetic_anatomy import load_chest_base
+from ctclip.data.synthetic_canvas import depth_in_plane
 from ctclip.data.synthetic_config import ChestSynthConfig
 from ctclip.data.synthetic_findings import PLANTABLE
 from ctclip.data.synthetic_io import load_finding_masks, volume_path
 from ctclip.data.synthetic_lung_planters import LOBE_WORDS
 from ctclip.data.synthetic_montage import canonical_masks, load_hu, read_tables
 from ctclip.data.synthetic_reports import NEGATIVE, compose_report
-from ctclip.data.synthetic_volume import draw_volume_spec, reconstruct, synthesize_scan
+from ctclip.data.synthetic_volume import ScanSpec, draw_volume_spec, reconstruct, synthesize_scan
 from ctclip.findings import FINDINGS
 
 # the documented CT-RATE label order (DESIGN.md 4.1), written out here as the test's own oracle
@@ -59,6 +60,12 @@ HU_RANGES = {
     "Arterial wall calcification": (300, 2000),
     "Coronary artery wall calcification": (250, 2000),
     "Medical material": (600, 3100),
+    "Hiatal hernia": (-850, 0),  # gas, fluid and the soft-tissue wall of the herniated stomach together
+    "Pulmonary fibrotic sequela": (-300, 100),  # soft-tissue scars, thin enough for partial volume
+    "Bronchiectasis": (-900, -100),  # air lumens inside thin soft-tissue walls
+    "Peribronchial thickening": (-150, 120),  # the thickened soft-tissue walls only
+    "Interlobular septal thickening": (-450, 50),  # thin septal lines
+    "Mosaic attenuation pattern": (-950, -650),  # darker and brighter lung patches together
 }
 NAME = re.compile(r"^(train|valid)_(\d+)_([a-z])_(\d+)\.nii\.gz$")
 SMALL = {"size": (64, 64), "slices": 24}
@@ -214,14 +221,12 @@ def test_labels_agree_with_masks_and_planted_density(raw_set, tables):
         canon = canonical_masks(raw_set, name)
         for f in CT_RATE_FINDINGS:
             assert bool(masks[f].any()) == bool(row[f] == 1), (name, f)
-            if f not in PLANTABLE:
-                assert row[f] == 0
             if row[f] == 1:
                 lo, hi = HU_RANGES[f]
                 mean = float(hu[canon[f]].mean())
                 assert lo <= mean <= hi, (name, f, mean)
                 seen.add(f)
-    assert len(seen) >= 8
+    assert seen == set(CT_RATE_FINDINGS)  # this small set (seed 3) has every finding at least once
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +245,7 @@ def test_every_planter_places_its_finding_plausibly(all_findings_volume):
     lut = lambda *names: np.isin(anat, [ids[n] for n in names])  # noqa: E731
     lung = lut(*LOBE_WORDS)
     heart = lut("heart", "atrial_appendage_left")
+    assert set(PLANTABLE) == set(FINDINGS)  # every CT-RATE finding has a planter
     assert set(vol.finding_masks) == set(PLANTABLE)
     assert all(vol.labels[f] == (f in PLANTABLE) for f in FINDINGS)
     m = vol.finding_masks
@@ -263,6 +269,41 @@ def test_every_planter_places_its_finding_plausibly(all_findings_volume):
     assert trachea[m["Lymphadenopathy"]].min() <= 40.0
     veins = lut("superior_vena_cava", "brachiocephalic_vein_right", "heart")
     assert veins[m["Medical material"]].mean() >= 0.5
+    # the hiatal hernia: herniated stomach just above the gastro-esophageal junction (the esophagus
+    # label's lowest slice), behind the heart, near the esophagus, never in the heart or the aorta
+    hernia, eso = m["Hiatal hernia"], lut("esophagus")
+    assert (anat[hernia] == ids["stomach"]).all() and not (heart | lut("aorta"))[hernia].any()
+    hx, hy, hz = (np.nonzero(hernia)[k].mean() for k in range(3))
+    assert 0 <= (hz - np.nonzero(eso)[2].min()) * sp[2] <= 60.0
+    assert hy < np.nonzero(heart)[1].mean()
+    assert abs(hx - np.nonzero(eso)[0].mean()) * sp[0] <= 40.0
+    # the lung findings stay in the lung
+    for f in (
+        "Pulmonary fibrotic sequela",
+        "Bronchiectasis",
+        "Peribronchial thickening",
+        "Interlobular septal thickening",
+        "Mosaic attenuation pattern",
+    ):
+        assert lung[m[f]].all(), f
+    lung_z = np.nonzero(lung)[2].mean()
+    z_of = lambda f: np.nonzero(m[f])[2].mean()  # noqa: E731
+    # scars favour the upper zones; bronchiectasis and septal lines the bases (septa under the pleura)
+    assert z_of("Pulmonary fibrotic sequela") > lung_z
+    assert lut("lung_lower_lobe_left", "lung_lower_lobe_right")[m["Bronchiectasis"]].mean() >= 0.8
+    assert z_of("Bronchiectasis") < lung_z and z_of("Interlobular septal thickening") < lung_z
+    depth = depth_in_plane(lung, sp)
+    assert depth[m["Interlobular septal thickening"]].mean() < depth[lung].mean()
+    # thickened bronchial walls run from the hila (below the carina) down into the lower lungs
+    carina_z = np.nonzero(lut("trachea"))[2].min()
+    carina = np.array([*np.argwhere(lut("trachea")[:, :, carina_z]).mean(axis=0), carina_z])
+    walls = np.argwhere(m["Peribronchial thickening"])
+    assert walls[:, 2].max() <= carina_z
+    assert np.median(np.sqrt((((walls - carina) * sp) ** 2).sum(axis=1))) <= 100.0
+    # a mosaic is darker and brighter than the untouched lung
+    untouched = np.median(vol.hu[lung & ~np.any(list(m.values()), axis=0)])
+    low, high = np.percentile(vol.hu[m["Mosaic attenuation pattern"]], [20, 80])
+    assert low < untouched - 50 and high > untouched + 50, (low, untouched, high)
 
 
 def test_cardiomegaly_enlarges_the_heart(all_findings_volume):
@@ -272,6 +313,53 @@ def test_cardiomegaly_enlarges_the_heart(all_findings_volume):
     heart = lambda a: np.isin(a, [base.ids["heart"], base.ids["atrial_appendage_left"]]).sum()  # noqa: E731
     assert heart(vol.anatomy) > 1.2 * heart(plain.anatomy)
     assert "Cardiomegaly" not in plain.masks and vol.details["Cardiomegaly"]["ctr"] > 0.5
+
+
+# (HU step, voxels): at the learning benchmark's grid (64 x 64 x 32, voxels ~5.6 x 5.6 x 9.4 mm) each
+# finding alone changes at least this many voxels of the noise-free scan by at least the step. Measured
+# over 40 draws (rng [9, 0..39], each finding alone vs the same scan without it), the fewest voxels were:
+# cardiomegaly 273 (>= 300 HU), pericardial effusion 133 (>= 100), pleural effusion 152, atelectasis 32,
+# consolidation 90, hiatal hernia 57, fibrotic sequela 50, bronchiectasis 114, peribronchial thickening
+# 52, septal thickening 227 (all >= 300), lung opacity 41 (>= 100), emphysema 154 darker by >= 100,
+# mosaic 779 (>= 100) with 907 darker by >= 50. The small findings are only a few voxels at this grid:
+# coronary calcification 1, aortic calcification 3, catheter 2, nodule 1 (>= 300), and lymphadenopathy
+# 1 voxel (>= 30 HU; 0 of >= 50 HU in one draw): nodes replace partial-volume mediastinal fat.
+VISIBLE_AT_BENCHMARK_GRID = {
+    "Cardiomegaly": (300, 150),
+    "Coronary artery wall calcification": (300, 1),
+    "Pericardial effusion": (100, 80),
+    "Arterial wall calcification": (300, 2),
+    "Medical material": (300, 2),
+    "Lymphadenopathy": (30, 1),
+    "Hiatal hernia": (300, 40),
+    "Pleural effusion": (300, 100),
+    "Atelectasis": (300, 20),
+    "Consolidation": (300, 60),
+    "Lung nodule": (300, 1),
+    "Pulmonary fibrotic sequela": (300, 30),
+    "Bronchiectasis": (300, 80),
+    "Peribronchial thickening": (300, 35),
+    "Lung opacity": (100, 25),
+    "Emphysema": (-100, 100),  # negative: darker by at least the step
+    "Interlobular septal thickening": (300, 150),
+    "Mosaic attenuation pattern": (100, 500),
+}
+
+
+def test_every_finding_changes_a_benchmark_sized_volume_visibly():
+    cfg = ChestSynthConfig(size=(64, 64), slices=32)
+    base = load_chest_base(cfg.size, cfg.slices)
+    assert set(VISIBLE_AT_BENCHMARK_GRID) == set(FINDINGS)
+    for seed in (0, 1):
+        spec = draw_volume_spec(cfg, base, np.random.default_rng([9, seed]), findings=list(PLANTABLE))
+        geo, params, key = spec.scan.geometry, spec.scan.findings, spec.scan.seed
+        plain = synthesize_scan(base, ScanSpec(geo, {}, key), spec.shape).hu
+        for f, (step, voxels) in VISIBLE_AT_BENCHMARK_GRID.items():
+            diff = synthesize_scan(base, ScanSpec(geo, {f: params[f]}, key), spec.shape).hu - plain
+            changed = int((diff <= step).sum() if step < 0 else (np.abs(diff) >= step).sum())
+            assert changed >= voxels, (seed, f, changed)
+            if f == "Mosaic attenuation pattern":  # both darker and brighter patches
+                assert (diff <= -50).sum() >= 600 and (diff >= 100).sum() >= 500, seed
 
 
 def test_lesion_sizes_are_physical_and_survive_coarse_grids():
@@ -418,7 +506,7 @@ def test_same_seed_identical_different_seed_differs(raw_set, tmp_path):
         ({"variant": "scaled"}, ["variant", "scaled"]),
         ({"prevalence": {"Lung nodul": 0.5}}, ["Lung nodul"]),
         ({"prevalence": ["Emphysema=1.5"]}, ["Emphysema", "[0, 1]"]),
-        ({"prevalence": {"Bronchiectasis": 0.2}}, ["Bronchiectasis", "cannot be planted"]),
+        ({"prevalence": {"Bronchiectasis": -0.2}}, ["Bronchiectasis", "[0, 1]"]),
         ({"recons_per_scan": (3, 1)}, ["recons_per_scan"]),
         ({"valid_fraction": 1.5}, ["valid_fraction"]),
     ],
@@ -472,7 +560,9 @@ def test_script_runs_in_process(tmp_path, capsys):
     labels = pd.concat(
         [pd.read_csv(out / f) for f in ("train_predicted_labels.csv", "valid_predicted_labels.csv")]
     )
-    assert labels["Lung nodule"].all() and labels["Pleural effusion"].all()
+    # prevalence 1 draws both for every patient; a later scan may lose a finding (scan_keep_rate) and a
+    # nodule that pleural fluid swallows is not planted (label 0), so "most", not "all", volumes
+    assert labels["Lung nodule"].mean() >= 0.6 and labels["Pleural effusion"].mean() >= 0.6
     with pytest.raises(SystemExit) as err:  # the same folder again, without --overwrite
         main(["--out_dir", str(out), "--n_patients", "1"])
     assert err.value.code == 2 and "--overwrite" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """The planting toolkit of the synthetic chest CT: the `Canvas` a scan is planted on and the geometry
-the planters share (boxes, ellipsoids, smooth random fields, dependent layers, specks, distances).
+the planters share (boxes, ellipsoids, tubes, smooth random fields, dependent layers, specks, distances).
 
 Sizes are in millimetres and are converted with the grid spacing, so lesions keep their physical
 size at every matrix size. Centres snap to voxel centres so a small lesion on a coarse grid still
@@ -11,8 +11,10 @@ Array axes are (x, y, z) in RAS: x grows to the patient's right, y anteriorly, z
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -105,6 +107,63 @@ def ellipsoid(
     return box, ellipsoid_distance(box, spacing, centre, radii_mm, angle) <= 1.0
 
 
+def box_between(
+    a: np.ndarray, b: np.ndarray, radius_vox: np.ndarray, shape: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """The box around the segment a-b (voxel coordinates), grown by `radius_vox` per axis."""
+    lo = np.maximum(np.floor(np.minimum(a, b) - radius_vox).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(np.maximum(a, b) + radius_vox).astype(int) + 2, shape)
+    return tuple(slice(int(lo_), int(max(hi_, lo_))) for lo_, hi_ in zip(lo, hi, strict=True))
+
+
+def segment_distance(
+    box: tuple[slice, ...], spacing: np.ndarray, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distance (mm) of the box voxels to the segment a-b (voxel coordinates), and where along the
+    segment their closest point lies (0 at a, 1 at b)."""
+    d = (np.asarray(b, dtype=float) - a) * spacing
+    dx, dy, dz = offsets_mm(box, np.asarray(a, dtype=float), spacing)
+    t = np.clip((dx * d[0] + dy * d[1] + dz * d[2]) / max(float(d @ d), 1e-6), 0.0, 1.0)
+    return np.sqrt((dx - t * d[0]) ** 2 + (dy - t * d[1]) ** 2 + (dz - t * d[2]) ** 2), t
+
+
+@dataclass(frozen=True)
+class Tube:
+    """A straight airway piece from `a` to `b` (voxel coordinates; a == b gives a ball, e.g. a cyst): lumen
+    radius `lumen_mm` at a and b, wall `wall_mm` thick; `bead` = (amplitude, period_mm) swells the
+    lumen periodically along the tube (varicose)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    lumen_mm: tuple[float, float]
+    wall_mm: float
+    bead: tuple[float, float] = (0.0, 1.0)
+
+
+def draw_tubes(
+    shape: tuple[int, ...], spacing: np.ndarray, tubes: list[Tube]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(wall, lumen) full-grid masks of a set of tubes. A lumen stays open where it crosses another tube's
+    wall (branch points), so the airways connect."""
+    wall = np.zeros(shape, dtype=bool)
+    lumen = np.zeros(shape, dtype=bool)
+    for tb in tubes:
+        amp, period = tb.bead
+        reach = max(tb.lumen_mm) * (1 + amp) + tb.wall_mm
+        box = box_between(tb.a, tb.b, reach / spacing, shape)
+        if any(s.stop <= s.start for s in box):
+            continue
+        dist, t = segment_distance(box, spacing, tb.a, tb.b)
+        r = tb.lumen_mm[0] + (tb.lumen_mm[1] - tb.lumen_mm[0]) * t
+        if amp:
+            length = float(np.linalg.norm((tb.b - tb.a) * spacing))
+            r = r * (1 + amp * np.sin(2 * np.pi * t * length / period))
+        lumen[box] |= dist <= r
+        wall[box] |= dist <= r + tb.wall_mm
+    wall &= ~lumen
+    return wall, lumen
+
+
 def smooth_field(
     shape: tuple[int, ...], spacing: np.ndarray, corr_mm: float, rng: np.random.Generator
 ) -> np.ndarray:
@@ -154,18 +213,24 @@ def seeded_specks(
     rng: np.random.Generator,
     candidates: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Small balls of `region` around `n` seeds drawn from `candidates` (default: the region)."""
+    """Small balls of `region` around `n` seeds drawn from `candidates` (default: the region); every seed
+    voxel is part of its ball. All balls at once, one voxel offset at a time (emphysema has thousands)."""
     pool = np.flatnonzero(region if candidates is None else candidates & region)
     out = np.zeros(region.shape, dtype=bool)
     if pool.size == 0:
         return out
     seeds = rng.choice(pool, size=min(n, pool.size), replace=False)
     radii = rng.uniform(*radius_mm, size=seeds.size)
-    for seed, r in zip(seeds, radii, strict=True):
-        centre = np.array(np.unravel_index(seed, region.shape), dtype=float)
-        box, ball = ellipsoid(region.shape, spacing, centre, np.full(3, r))
-        ball[tuple((centre - [s.start for s in box]).astype(int))] = True  # at least the seed voxel
-        out[box] |= ball & region[box]
+    centres = np.stack(np.unravel_index(seeds, region.shape), axis=1)
+    reach = np.floor(radii.max() / spacing).astype(int)
+    shape = np.array(region.shape)
+    for off in itertools.product(*(range(-k, k + 1) for k in reach)):
+        mm = np.asarray(off) * spacing
+        inside = np.sqrt((mm[0] / radii) ** 2 + (mm[1] / radii) ** 2 + (mm[2] / radii) ** 2) <= 1.0
+        pos = centres[inside] + off
+        pos = pos[((pos >= 0) & (pos < shape)).all(axis=1)]
+        hit = tuple(pos.T)
+        out[hit] |= region[hit]
     return out
 
 
@@ -184,3 +249,14 @@ def distance_outside(mask: np.ndarray, spacing: np.ndarray, step_mm: float = 1.5
     d = ndi.distance_transform_edt(~blocks, sampling=spacing * [step[0], step[1], 1])
     d = np.repeat(np.repeat(d, step[0], axis=0), step[1], axis=1)[: mask.shape[0], : mask.shape[1]]
     return np.where(mask, 0.0, d)
+
+
+def depth_in_plane(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each `mask` voxel to the nearest voxel outside it in the same axial slice (the
+    depth under the pleura as an axial image shows it); 0 outside. Per slice with OpenCV, much faster
+    than a 3D transform; the grids here have square pixels."""
+    slices = np.ascontiguousarray(mask.transpose(2, 0, 1)).astype(np.uint8)
+    out = np.empty(slices.shape, dtype=np.float32)
+    for k, sl in enumerate(slices):
+        out[k] = cv2.distanceTransform(sl, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return out.transpose(1, 2, 0) * np.float32(spacing[0])

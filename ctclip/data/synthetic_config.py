@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ctclip.data.synthetic_findings import PLANTABLE
 from ctclip.findings import FINDINGS
 
 VARIANTS = ("raw", "hu")
@@ -87,7 +86,8 @@ class ChestSynthConfig:
 
 
 def parse_prevalence(value: dict | list | tuple | str | None) -> dict[str, float]:
-    """`{"Lung nodule": 0.5}` or `["Lung nodule=0.5", ...]` -> checked dict (errors name the problem)."""
+    """`{"Lung nodule": 0.5}` or `["Lung nodule=0.5", ...]` -> checked dict (errors name the problem).
+    Every CT-RATE finding has a planter, so any of the 18 names may be given."""
     if value is None:
         return {}
     if isinstance(value, str):
@@ -113,10 +113,5 @@ def parse_prevalence(value: dict | list | tuple | str | None) -> dict[str, float
         p = float(p)
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"prevalence of {name!r} must be in [0, 1], got {p}")
-        if p > 0 and name not in PLANTABLE:
-            raise ValueError(
-                f"prevalence: {name!r} cannot be planted (its label is always 0); "
-                f"plantable: {', '.join(PLANTABLE)}"
-            )
         out[name] = p
     return out

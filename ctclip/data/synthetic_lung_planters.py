@@ -33,6 +33,21 @@ LOBE_WORDS = {
 SIDE_LOBES = {"left": LOBES[:2], "right": LOBES[2:]}
 
 
+def lobes_hit(cv: Canvas, mask: np.ndarray) -> list[str]:
+    """Lobes holding at least a tenth of `mask`, in `LOBES` order, as report words."""
+    lab = cv.labels[mask]
+    counts = {lobe: int((lab == cv.ids[lobe]).sum()) for lobe in LOBES}
+    total = max(sum(counts.values()), 1)
+    return [LOBE_WORDS[lobe] for lobe in LOBES if counts[lobe] >= max(0.1 * total, 1)]
+
+
+def side_of(lobe_words: list[str]) -> str:
+    """The side ("bilateral", "right" or "left") that a list of lobe words covers."""
+    right = any(w.startswith("right") for w in lobe_words)
+    left = any(w.startswith("left") for w in lobe_words)
+    return "bilateral" if right and left else "right" if right else "left"
+
+
 def draw_pleural(rng, sites):
     side = str(rng.choice(["right", "left", "both"], p=[0.4, 0.3, 0.3]))
     return {

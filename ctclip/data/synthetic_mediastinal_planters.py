@@ -1,5 +1,5 @@
 """Planters of the heart, vessels and mediastinum: cardiomegaly, coronary and aortic calcification,
-pericardial effusion, enlarged mediastinal lymph nodes, and a central venous catheter.
+pericardial effusion, enlarged mediastinal lymph nodes, a central venous catheter and a hiatal hernia.
 
 `draw_*(rng, sites)` runs once per patient, `plant_*(canvas, params, rng)` once per scan (the contract
 is in `ctclip.data.synthetic_findings`). These run before the lung planters, cardiomegaly first of all:
@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ctclip.data.synthetic_canvas import (
+    LOBES,
     Canvas,
     bbox,
     box_around,
@@ -213,12 +214,15 @@ def _station_point(station: str, level: float, trachea: np.ndarray, sp: np.ndarr
     return c + np.asarray(off) / sp
 
 
-def _roomiest(cv: Canvas, point: np.ndarray, fat: np.ndarray, search_mm: float) -> np.ndarray:
-    """The voxel near `point` deepest inside mediastinal fat (a node displaces fat, not organs)."""
+def _roomiest(
+    cv: Canvas, point: np.ndarray, fat: np.ndarray, search_mm: float | np.ndarray, penalty: float = 0.15
+) -> np.ndarray:
+    """The voxel near `point` deepest inside mediastinal fat (a node displaces fat, not organs); every mm
+    away from `point` costs `penalty` mm of depth."""
     box = box_around(point, search_mm / cv.spacing, fat.shape)
     depth = ndi.distance_transform_edt(fat[box], sampling=cv.spacing)
     dx, dy, dz = offsets_mm(box, point, cv.spacing)
-    score = depth - 0.15 * np.sqrt(dx**2 + dy**2 + dz**2)
+    score = depth - penalty * np.sqrt(dx**2 + dy**2 + dz**2)
     return np.array(np.unravel_index(np.argmax(score), score.shape), dtype=float) + [s.start for s in box]
 
 
@@ -289,3 +293,65 @@ def plant_material(cv: Canvas, p: dict, rng):
     mask = np.zeros(cv.hu.shape, dtype=bool)
     mask[box] = tube
     return mask, {"device": "central venous catheter", "tip": "superior vena cava"}
+
+
+# what a hiatal hernia may push aside: lung, mediastinal fat and the esophagus; never the heart, the
+# aorta, the spine or the organs below the diaphragm (all labelled)
+HERNIA_ROOM = ("esophagus", *LOBES)
+
+
+def draw_hernia(rng, sites):
+    # a sliding hernia large enough to read at 5-6 mm voxels (radiology: 3-6 cm, here 4.5-6.5 cm)
+    return {
+        "diameter_mm": rng.uniform(45.0, 65.0),
+        "aspect": rng.uniform(0.75, 0.95, 2).tolist(),  # AP and cranio-caudal radius / transverse
+        "fluid": rng.uniform(0.2, 0.45),  # share of the sac's content below the air-fluid level
+        "wall_mm": rng.uniform(3.0, 5.0),
+        "wall_hu": rng.uniform(25.0, 50.0),
+        "fluid_hu": rng.uniform(5.0, 20.0),
+    }
+
+
+def plant_hernia(cv: Canvas, p: dict, rng):
+    eso = cv.organ("esophagus")
+    heart = cv.organ(*HEART)
+    ez = np.flatnonzero(eso.any(axis=(0, 1)))
+    hz = np.flatnonzero(heart.any(axis=(0, 1)))
+    if ez.size == 0 or hz.size == 0:
+        return None
+    r = p["diameter_mm"] / 2
+    radii = np.array([r, r * p["aspect"][0], r * p["aspect"][1]])
+    # the sac sits on the diaphragm behind the lowest part of the heart (the esophagus label itself runs
+    # on below the diaphragm to the stomach), around the esophagus at that level
+    z = int(min(max(hz[0] + 0.5 * radii[2] / cv.spacing[2], ez[0]), ez[-1]))
+    xy = np.argwhere(eso[:, :, ez[np.argmin(np.abs(ez - z))]]).mean(axis=0)
+    point = np.array([xy[0], xy[1], z], dtype=float)
+    # lung, fat and the esophagus above the gastro-esophageal junction (the esophagus label's lowest
+    # slice, at the hiatus): never the stomach or the fat below, which would be abdomen, not a hernia
+    room = (cv.organ(*HERNIA_ROOM) | (cv.labels == 0) & (cv.hu < 150)) & ~cv.claimed
+    room[:, :, : ez[0]] = False
+    # where the heart and aorta leave little room, the sac bulges into the lower lobes beside them
+    centre = _roomiest(cv, point, room, np.array([0.7 * r, 0.7 * r, 0.0]), penalty=0.25)
+    centre[2] = point[2]
+    box, ell = ellipsoid(cv.hu.shape, cv.spacing, centre, radii)
+    region = ell & room[box]
+    if region.sum() < 0.3 * ell.sum():
+        return None
+    # a gastric wall around gas, with fluid layering posteriorly (supine: the level is a coronal plane);
+    # a voxel centre's distance to the outside is at least one voxel, hence the half voxel
+    depth = ndi.distance_transform_edt(np.pad(region, 1), sampling=cv.spacing)[1:-1, 1:-1, 1:-1]
+    wall = region & (depth <= max(p["wall_mm"] + 0.5 * cv.spacing[:2].min(), 1.01 * cv.spacing[:2].max()))
+    inside = region & ~wall
+    values = np.full(region.shape, -1000.0, dtype=np.float32)
+    if inside.any():
+        # the level leaves the dependent `fluid` share of the content below it
+        level = np.quantile(np.nonzero(inside)[1], p["fluid"])
+        values[:, : int(np.floor(level)) + 1, :] = p["fluid_hu"]
+    values[wall] = p["wall_hu"]
+    cv.commit(region, values, box)
+    cv.labels[box][region] = cv.ids["stomach"]  # it is stomach now: lung planters after it leave it alone
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    mask[box] = region
+    xs, ys = np.flatnonzero(region.any(axis=(1, 2))), np.flatnonzero(region.any(axis=(0, 2)))
+    size = max(len(xs) * cv.spacing[0], len(ys) * cv.spacing[1])
+    return mask, {"size_mm": round(float(size)), "kind": "sliding"}
