@@ -23,7 +23,7 @@ HU already, as the current CT-RATE release does. The NIfTI's own scaling is left
 This module plans patients and scans and writes the whole set; the pieces live beside it:
 `synthetic_config` (settings), `synthetic_anatomy` (the real base CT), `synthetic_geometry` (pose,
 grid, resampling), `synthetic_volume` (planting and reconstruction in memory), `synthetic_io` (files),
-`synthetic_reports` (report text and metadata rows).
+`synthetic_reports` (report text, written as CT-RATE writes it), `synthetic_metadata` (metadata rows).
 """
 
 from __future__ import annotations
@@ -49,13 +49,8 @@ from ctclip.data.synthetic_io import (
     write_info,
     write_volume,
 )
-from ctclip.data.synthetic_reports import (
-    METADATA_COLUMNS,
-    REPORT_COLUMNS,
-    compose_report,
-    draw_scanner,
-    metadata_row,
-)
+from ctclip.data.synthetic_metadata import METADATA_COLUMNS, draw_scanner, metadata_row
+from ctclip.data.synthetic_reports import REPORT_COLUMNS, compose_report
 from ctclip.data.synthetic_volume import ScanSpec, draw_recon, keyed_rng, reconstruct, synthesize_scan
 from ctclip.findings import FINDINGS, LABEL_COLUMNS
 

@@ -1,15 +1,26 @@
-"""Text of the synthetic CT-RATE tables: radiology reports and metadata rows.
+"""Report text of the synthetic CT-RATE set, written the way CT-RATE's radiologists write.
 
-Reports are written from what was actually planted (`details` from the planters): the lobe and size
-of a nodule, the side and amount of an effusion. Wording varies (several phrasings per finding, organ
-paragraphs in random order), some absent findings are mentioned negatively ("No pleural effusion."),
-and a configurable share of impressions is empty (half NaN, half "Not given.") as in CT-RATE.
-A negation is never written for a finding that is present.
+A CT-RATE findings section walks through the chest in a fixed order (airways, heart and vessels,
+esophagus, lymph nodes, lung parenchyma, pleura, upper abdomen, bones) and states many ABSENT
+findings explicitly ("No pleural or pericardial effusion was detected.", "Heart contour and size are
+normal."); the impression summarises the positive ones, and is sometimes missing (NaN or
+"Not given."). `compose_report` does the same from what was actually planted in a scan (`details`
+from the planters: the lobe and size of a nodule, the side and amount of an effusion...):
+
+- every planted finding gets a sentence (several wordings each, some naming the finding the way the
+  CT-RATE label does, e.g. "mosaic attenuation pattern", most describing it);
+- every absent finding is stated negatively with probability `NEGATION_RATE[finding]` (the common
+  negatives of CT-RATE nearly always, the rarer ones less often), sometimes in a sentence shared by
+  two absent findings ("No pleural or pericardial effusion was detected."); a negation is never
+  written for a finding that is present, and a normal sentence never contradicts a planted finding;
+- the impression lists the planted findings in CT-RATE's short style, or says the study is normal.
+
+`NEGATIVE[f]` lists every sentence that negates `f` (the tests check none appears when `f` is present).
 """
 
 from __future__ import annotations
 
-import datetime as dt
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,55 +33,6 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "Findings_EN",
     "Impressions_EN",
 )
-
-# CT-RATE metadata columns, in the order of the released validation_metadata.csv (44 columns)
-METADATA_COLUMNS: tuple[str, ...] = (
-    "VolumeName",
-    "Manufacturer",
-    "SeriesDescription",
-    "ManufacturerModelName",
-    "PatientSex",
-    "PatientAge",
-    "ReconstructionDiameter",
-    "DistanceSourceToDetector",
-    "DistanceSourceToPatient",
-    "GantryDetectorTilt",
-    "TableHeight",
-    "RotationDirection",
-    "ExposureTime",
-    "XRayTubeCurrent",
-    "Exposure",
-    "FilterType",
-    "GeneratorPower",
-    "FocalSpots",
-    "ConvolutionKernel",
-    "PatientPosition",
-    "RevolutionTime",
-    "SingleCollimationWidth",
-    "TotalCollimationWidth",
-    "TableSpeed",
-    "TableFeedPerRotation",
-    "SpiralPitchFactor",
-    "DataCollectionCenterPatient",
-    "ReconstructionTargetCenterPatient",
-    "ExposureModulationType",
-    "CTDIvol",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    "SliceLocation",
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "Rows",
-    "Columns",
-    "XYSpacing",
-    "RescaleIntercept",
-    "RescaleSlope",
-    "RescaleType",
-    "NumberofSlices",
-    "ZSpacing",
-    "StudyDate",
-)
-
 NOT_GIVEN = "Not given."
 
 
@@ -78,266 +40,436 @@ def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str
     return options[int(rng.integers(len(options)))]
 
 
-# ---- sentences for present findings (each a function of the planted details) ---------------------
+def _lobes(d: dict) -> str:
+    """ "the right lower lobe", "the left upper lobe and right lower lobe", or "both lungs"."""
+    lobes = list(d.get("lobes") or ([d["lobe"]] if d.get("lobe") else []))
+    if not lobes:
+        return "both lungs"
+    return "the " + (lobes[0] if len(lobes) == 1 else ", ".join(lobes[:-1]) + " and " + lobes[-1])
+
+
+def _side_words(side: str | None, organ: str = "lung") -> str:
+    if side in ("right", "left"):
+        return f"the {side} {organ}"
+    return f"both {organ}s"
+
+
+# ---- sentences for planted findings (each a function of the planter's details) ------------------------
+
+Sentence = Callable[[dict, np.random.Generator], str]
 
 
 def _nodule(d: dict, rng) -> str:
-    big = d["largest"]
-    if d["count"] > 1:
-        return _pick(
-            rng,
-            (
-                f"{d['count']} solid nodules are seen in the lungs, the largest in the {big['lobe']} measuring {big['diameter_mm']} mm.",
-                f"Multiple ({d['count']}) soft tissue density nodules are present; the largest measures {big['diameter_mm']} mm "
-                f"in the {big['lobe']}.",
-            ),
-        )
-    return _pick(
-        rng,
-        (
-            f"A solid nodule measuring {big['diameter_mm']} mm is seen in the {big['lobe']}.",
-            f"There is a {big['diameter_mm']} mm soft tissue nodule in the {big['lobe']}.",
-            f"In the {big['lobe']}, a well-circumscribed nodule of {big['diameter_mm']} mm in diameter was observed.",
-        ),
-    )
+    big = d.get("largest", {"lobe": "right upper lobe", "diameter_mm": 8})
+    size, lobe = big["diameter_mm"], big["lobe"]
+    if d.get("count", 1) > 1:
+        return _pick(rng, (
+            f"{d['count']} solid nodules are observed in the lung parenchyma, the largest measuring {size} mm "
+            f"in the {lobe}.",
+            f"Multiple ({d['count']}) lung nodules are present; the largest is {size} mm in diameter in the {lobe}.",
+            f"Nodules are seen in both lungs, the largest of which is in the {lobe} with a diameter of {size} mm.",
+        ))
+    return _pick(rng, (
+        f"A solid nodule measuring {size} mm is observed in the {lobe}.",
+        f"There is a {size} mm lung nodule in the {lobe}.",
+        f"A well-circumscribed pulmonary nodule {size} mm in diameter was detected in the {lobe}.",
+        f"In the {lobe}, a soft tissue density nodule of {size} mm is present.",
+    ))
 
 
-def _effusion(d: dict, rng) -> str:
-    where = "bilateral" if d["side"] == "bilateral" else f"{d['side']}-sided"
-    return _pick(
-        rng,
-        (
-            f"A {d['amount']} {where} pleural effusion is present, reaching {d['depth_mm']} mm in depth.",
-            f"{d['amount'].capitalize()} pleural effusion is noted on the {'both sides' if d['side'] == 'bilateral' else d['side'] + ' side'}, "
-            "layering in the dependent posterior costophrenic recess.",
-            f"Pleural fluid of {d['amount']} volume is seen in the {'bilateral hemithoraces' if d['side'] == 'bilateral' else d['side'] + ' hemithorax'}.",
-        ),
-    )
+def _pleural(d: dict, rng) -> str:
+    side = d.get("side", "bilateral")
+    amount = d.get("amount", "small")
+    depth = d.get("depth_mm", 20)
+    where = "bilateral" if side == "bilateral" else f"{side}-sided"
+    space = "both pleural spaces" if side == "bilateral" else f"the {side} pleural space"
+    return _pick(rng, (
+        f"A {amount} {where} pleural effusion is observed, {depth} mm at its thickest point.",
+        f"Pleural effusion is present in {space}, reaching {depth} mm in depth.",
+        f"{amount.capitalize()} pleural effusion is noted in {space}, layering posteriorly.",
+        f"Fluid measuring up to {depth} mm is seen in {space}, consistent with pleural effusion.",
+    ))
 
 
-POSITIVE = {
-    "Cardiomegaly": lambda d, rng: _pick(
-        rng,
-        (
-            "The heart is enlarged (cardiomegaly).",
-            f"Cardiomegaly is present, with a cardiothoracic ratio of about {d['ctr']:.2f}.",
-            "Heart size is increased.",
-        ),
-    ),
-    "Pericardial effusion": lambda d, rng: _pick(
-        rng,
-        (
-            f"Pericardial effusion reaching {d['thickness_mm']} mm in thickness is observed.",
-            "There is fluid in the pericardial space, consistent with pericardial effusion.",
-            f"A pericardial effusion with a maximum thickness of {d['thickness_mm']} mm surrounds the heart.",
-        ),
-    ),
-    "Arterial wall calcification": lambda d, rng: _pick(
-        rng,
-        (
-            "Atherosclerotic calcifications are seen in the wall of the thoracic aorta.",
-            f"{d['extent'].capitalize()} calcified atheromatous plaques are present in the aortic wall.",
-            "Calcific atherosclerotic changes are noted in the thoracic aorta.",
-        ),
-    ),
-    "Coronary artery wall calcification": lambda d, rng: _pick(
-        rng,
-        (
-            f"Calcifications are observed along the course of the {d['vessel']}.",
-            "Coronary artery calcification is present.",
-            "Calcified plaques are seen in the coronary arteries.",
-        ),
-    ),
-    "Medical material": lambda d, rng: _pick(
-        rng,
-        (
-            f"A {d['device']} is seen with its tip in the {d['tip']}.",
-            f"Central venous catheter in place, tip projecting over the {d['tip']}.",
-        ),
-    ),
-    "Lymphadenopathy": lambda d, rng: _pick(
-        rng,
-        (
-            f"Enlarged lymph nodes are seen in the {' and '.join(n['station'] for n in d['nodes'])} "
-            f"region{'s' if len(d['nodes']) > 1 else ''}, the largest measuring {d['largest_mm']} mm in short axis.",
-            f"Mediastinal lymphadenopathy is present ({', '.join(n['station'] for n in d['nodes'])}), "
-            f"up to {d['largest_mm']} mm in short axis.",
-            f"Pathologically enlarged lymph node{'s' if len(d['nodes']) > 1 else ''} with a short axis of up to "
-            f"{d['largest_mm']} mm {'are' if len(d['nodes']) > 1 else 'is'} observed in the mediastinum.",
-        ),
-    ),
-    "Pleural effusion": _effusion,
-    "Atelectasis": lambda d, rng: _pick(
-        rng,
-        (
-            f"Subsegmental atelectasis is seen in the dependent part of the {d['lobe']}.",
-            f"Band-like atelectatic changes are present in the posterior basal {d['lobe']}.",
-            f"Atelectasis is observed in the {d['lobe']}.",
-        ),
-    ),
-    "Consolidation": lambda d, rng: _pick(
-        rng,
-        (
-            f"A consolidation area is seen in the {d['lobe']}"
-            + (" with air bronchograms." if d["air_bronchogram"] else "."),
-            f"There is consolidation in the {d['lobe']}, compatible with pneumonia.",
-            f"A dense parenchymal consolidation is observed in the {d['lobe']}.",
-        ),
-    ),
+def _lymph(d: dict, rng) -> str:
+    nodes = d.get("nodes") or [{"station": "subcarinal", "short_mm": 12}]
+    stations = " and ".join(n["station"] for n in nodes)
+    largest = d.get("largest_mm", max(n["short_mm"] for n in nodes))
+    plural = len(nodes) > 1
+    return _pick(rng, (
+        f"Lymph node{'s' if plural else ''} of pathological size {'are' if plural else 'is'} observed in the "
+        f"{stations} region{'s' if plural else ''}, the largest measuring {largest} mm in short axis.",
+        f"Mediastinal lymphadenopathy is present ({stations}), up to {largest} mm in short axis.",
+        f"Enlarged lymph nodes with a short axis of up to {largest} mm are seen in the mediastinum ({stations}).",
+    ))
+
+
+POSITIVE: dict[str, Sentence] = {
+    "Medical material": lambda d, rng: _pick(rng, (
+        f"A {d.get('device', 'central venous catheter')} is observed with its tip in the "
+        f"{d.get('tip', 'superior vena cava')}.",
+        f"Medical material is present: a {d.get('device', 'central venous catheter')} extending into the "
+        f"{d.get('tip', 'superior vena cava')}.",
+        f"Central venous catheter in place, its tip projecting over the {d.get('tip', 'superior vena cava')}.",
+        "Medical material compatible with a central venous catheter is seen in the right brachiocephalic vein "
+        "and superior vena cava.",
+    )),
+    "Arterial wall calcification": lambda d, rng: _pick(rng, (
+        "Atherosclerotic calcific plaques are observed in the wall of the thoracic aorta.",
+        "Arterial wall calcification is present in the thoracic aorta.",
+        f"{d.get('extent', 'scattered').capitalize()} calcified atheromatous plaques are seen in the aortic wall.",
+        "Calcifications are noted in the arterial wall of the aortic arch and descending aorta.",
+    )),
+    "Cardiomegaly": lambda d, rng: _pick(rng, (
+        "The heart is enlarged (cardiomegaly).",
+        f"Cardiomegaly is observed, with a cardiothoracic ratio of about {d.get('ctr', 0.6):.2f}.",
+        "Heart size is increased.",
+        "Cardiomegaly is present.",
+        "The cardiac contour is enlarged.",
+    )),
+    "Pericardial effusion": lambda d, rng: _pick(rng, (
+        f"Pericardial effusion reaching {d.get('thickness_mm', 8)} mm in thickness is observed.",
+        "There is fluid in the pericardial space, consistent with pericardial effusion.",
+        f"A pericardial effusion with a maximum thickness of {d.get('thickness_mm', 8)} mm surrounds the heart.",
+        "Pericardial effusion is present.",
+    )),
+    "Coronary artery wall calcification": lambda d, rng: _pick(rng, (
+        f"Calcific plaques are observed along the {d.get('vessel', 'left anterior descending artery')}.",
+        "Coronary artery wall calcification is present.",
+        "Calcified atherosclerotic plaques are seen in the coronary artery walls.",
+        "Calcifications are noted in the coronary arteries.",
+    )),
+    "Hiatal hernia": lambda d, rng: _pick(rng, (
+        f"A {d.get('kind', 'sliding')} type hiatal hernia of about {d.get('size_mm', 40)} mm is observed at the "
+        "lower end of the esophagus.",
+        "Hiatal hernia is present.",
+        f"Part of the stomach has herniated through the esophageal hiatus (hiatal hernia, {d.get('size_mm', 40)} mm).",
+        "A hiatal hernia containing air and fluid is seen behind the heart.",
+    )),
+    "Lymphadenopathy": _lymph,
+    "Emphysema": lambda d, rng: _pick(rng, (
+        f"{d.get('severity', 'mild').capitalize()} centrilobular emphysema is observed, predominantly in the "
+        "upper lobes.",
+        "Emphysematous changes are seen in both lungs, more prominent in the upper lobes.",
+        f"Low-attenuation areas consistent with {d.get('severity', 'mild')} emphysema are present.",
+        "Emphysema is present in both lungs.",
+    )),
+    "Atelectasis": lambda d, rng: _pick(rng, (
+        f"Subsegmental atelectasis is seen in the dependent part of the {d.get('lobe', 'lower lobes')}.",
+        f"Band-like atelectatic changes are present in the posterior {d.get('lobe', 'lower lobes')}.",
+        f"Atelectasis is observed in the {d.get('lobe', 'lower lobes')}.",
+    )),
     "Lung nodule": _nodule,
-    "Lung opacity": lambda d, rng: _pick(
-        rng,
-        (
-            f"Ground-glass opacities are seen in the {' and '.join(d['lobes'])}.",
-            f"Patchy ground-glass density increases are present in the {' and '.join(d['lobes'])}.",
-            f"Areas of increased density in ground-glass pattern are noted in the {' and '.join(d['lobes'])}.",
-        ),
-    ),
-    "Emphysema": lambda d, rng: _pick(
-        rng,
-        (
-            f"{d['severity'].capitalize()} centrilobular emphysema is present, predominantly in the upper lobes.",
-            "Emphysematous changes are seen in both lungs, more prominent in the upper lobes.",
-            f"Low-attenuation areas consistent with {d['severity']} emphysema are observed.",
-        ),
-    ),
+    "Lung opacity": lambda d, rng: _pick(rng, (
+        f"Ground-glass opacities are observed in {_lobes(d)}.",
+        f"Patchy ground-glass density increases are present in {_lobes(d)}.",
+        f"Lung opacity in ground-glass pattern is noted in {_lobes(d)}.",
+        f"Areas of increased density (opacity) are seen in {_lobes(d)}.",
+    )),
+    "Pulmonary fibrotic sequela": lambda d, rng: _pick(rng, (
+        f"Fibrotic sequelae are observed in {_lobes(d)}.",
+        f"Band-like fibrotic scars (sequela changes) are seen in {_lobes(d)}.",
+        f"Pulmonary fibrotic sequela with linear densities extending to the pleura is present in {_lobes(d)}.",
+        f"Parenchymal fibrotic bands are noted in {_lobes(d)}, compatible with sequelae.",
+    )),
+    "Pleural effusion": _pleural,
+    "Mosaic attenuation pattern": lambda d, rng: _pick(rng, (
+        f"A mosaic attenuation pattern is observed in {_side_words(d.get('side'))}.",
+        f"Mosaic attenuation is present in {_lobes(d)}.",
+        f"Areas of decreased and increased attenuation alternate in {_side_words(d.get('side'))} "
+        "(mosaic attenuation pattern).",
+    )),
+    "Peribronchial thickening": lambda d, rng: _pick(rng, (
+        f"Peribronchial thickening is observed in {_side_words(d.get('side'))}.",
+        f"The bronchial walls are thickened (peribronchial thickening) in {_lobes(d)}.",
+        f"Peribronchial thickening of up to {d.get('wall_mm', 4)} mm is present around the central bronchi.",
+    )),
+    "Bronchiectasis": lambda d, rng: _pick(rng, (
+        f"{d.get('kind', 'cylindrical').capitalize()} bronchiectasis is observed in {_lobes(d)}.",
+        f"Bronchiectasis is present in {_lobes(d)}.",
+        f"Dilated bronchi up to {d.get('lumen_mm', 10)} mm in lumen diameter are seen in {_lobes(d)}, "
+        "consistent with bronchiectasis.",
+    )),
+    "Consolidation": lambda d, rng: _pick(rng, (
+        f"An area of consolidation is seen in the {d.get('lobe', 'right lower lobe')}"
+        + (" with air bronchograms." if d.get("air_bronchogram") else "."),
+        f"There is consolidation in the {d.get('lobe', 'right lower lobe')}, compatible with pneumonia.",
+        f"A dense parenchymal consolidation is observed in the {d.get('lobe', 'right lower lobe')}.",
+    )),
+    "Interlobular septal thickening": lambda d, rng: _pick(rng, (
+        f"Interlobular septal thickening is observed in the {d.get('zone', 'subpleural')} parts of "
+        f"{_side_words(d.get('side'))}.",
+        f"Thickened interlobular septa are seen in {_lobes(d)}.",
+        f"Septal thickening with a reticular pattern is present in {_side_words(d.get('side'))}, "
+        f"{d.get('zone', 'subpleural')} predominant.",
+    )),
 }
 
-IMPRESSION = {
-    "Cardiomegaly": ("Cardiomegaly.", "Enlarged heart."),
-    "Pericardial effusion": ("Pericardial effusion.", "Pericardial fluid."),
-    "Arterial wall calcification": ("Aortic atherosclerosis.", "Atherosclerotic calcification of the aorta."),
-    "Coronary artery wall calcification": ("Coronary artery calcification.", "Coronary atherosclerosis."),
-    "Medical material": ("Central venous catheter in place.",),
-    "Lymphadenopathy": ("Mediastinal lymphadenopathy.", "Enlarged mediastinal lymph nodes."),
-    "Pleural effusion": ("Pleural effusion.",),
-    "Atelectasis": ("Atelectasis.", "Subsegmental atelectasis."),
-    "Consolidation": ("Consolidation, pneumonia?", "Pneumonic consolidation."),
-    "Lung nodule": ("Pulmonary nodule.", "Lung nodule; follow-up is recommended."),
-    "Lung opacity": ("Ground-glass opacities.", "Ground-glass densities in the lungs."),
-    "Emphysema": ("Emphysema.", "Centrilobular emphysema."),
-}
+# ---- sentences for absent findings -----------------------------------------------------------------
 
-NEGATIVE = {
-    "Medical material": ("No catheter or other medical device is seen.",),
+NEGATIVE: dict[str, tuple[str, ...]] = {
+    "Medical material": (
+        "No catheter or other medical material is seen.",
+        "There is no medical device in the examined area.",
+        "No medical material is present.",
+    ),
     "Arterial wall calcification": (
-        "No calcification is seen in the aortic wall.",
+        "No calcification was detected in the aortic wall.",
         "The thoracic aorta shows no atherosclerotic calcification.",
+        "Arterial wall calcification is not observed.",
     ),
-    "Cardiomegaly": ("Heart size is normal.", "The heart is of normal size.", "No cardiomegaly."),
-    "Pericardial effusion": ("No pericardial effusion.", "There is no pericardial effusion or thickening."),
-    "Coronary artery wall calcification": ("No coronary artery calcification was detected.",),
+    "Cardiomegaly": (
+        "Heart contour and size are normal.",
+        "The heart is of normal size.",
+        "No cardiomegaly was detected.",
+        "Heart size is within normal limits.",
+    ),
+    "Pericardial effusion": (
+        "No pericardial effusion was detected.",
+        "There is no pericardial effusion or thickening.",
+        "Pericardial effusion is not present.",
+    ),
+    "Coronary artery wall calcification": (
+        "No coronary artery calcification was detected.",
+        "The coronary arteries show no calcified plaque.",
+        "Coronary artery wall calcification is not seen.",
+    ),
     "Hiatal hernia": (
-        "No hiatal hernia.",
-        "The esophagus is normal in course and calibre; no hiatal hernia.",
+        "No hiatal hernia was detected.",
+        "Thoracic esophagus calibration is normal and no hiatal hernia is seen.",
+        "Hiatal hernia is not observed.",
     ),
     "Lymphadenopathy": (
-        "No pathologically enlarged lymph nodes in the mediastinum or hila.",
+        "No lymph node in pathological size and appearance was detected in the mediastinum or hilar regions.",
         "No mediastinal or hilar lymphadenopathy.",
-        "No lymph node of pathological size was detected.",
+        "No pathologically enlarged lymph node was observed.",
     ),
-    "Emphysema": ("No emphysema.", "No emphysematous change is seen in the lungs."),
-    "Atelectasis": ("No atelectasis.", "No atelectatic change."),
+    "Emphysema": (
+        "No emphysema was detected.",
+        "No emphysematous change is seen in the lungs.",
+        "Emphysema is not present.",
+    ),
+    "Atelectasis": (
+        "No atelectasis was detected.",
+        "There is no atelectatic change.",
+        "Atelectasis is not seen.",
+    ),
     "Lung nodule": (
         "No pulmonary nodule was detected.",
         "No nodular lesion is seen in either lung.",
-        "No lung nodule.",
+        "There is no lung nodule.",
     ),
     "Lung opacity": (
-        "No ground-glass opacity.",
-        "No infiltrative or ground-glass opacity is seen in the lungs.",
+        "No ground-glass opacity was detected.",
+        "No infiltrative lesion or opacity is seen in the lungs.",
+        "Lung opacity is not present.",
     ),
-    "Pulmonary fibrotic sequela": ("No fibrotic sequelae.", "No fibrotic band or scar is seen."),
+    "Pulmonary fibrotic sequela": (
+        "No fibrotic sequelae were detected.",
+        "No fibrotic band or scar is seen in the lungs.",
+        "Pulmonary fibrotic sequela is not observed.",
+    ),
     "Pleural effusion": (
-        "No pleural effusion.",
-        "No pleural effusion or thickening.",
-        "Pleural spaces are clear.",
+        "No pleural effusion was detected.",
+        "There is no pleural effusion or thickening.",
+        "Pleural spaces are clear, without effusion.",
     ),
-    "Mosaic attenuation pattern": ("No mosaic attenuation pattern.",),
-    "Peribronchial thickening": ("No peribronchial thickening.", "Bronchial walls are not thickened."),
-    "Consolidation": ("No consolidation.", "No pneumonic consolidation is seen."),
-    "Bronchiectasis": ("No bronchiectasis.", "No bronchial dilatation."),
-    "Interlobular septal thickening": ("No interlobular septal thickening.",),
+    "Mosaic attenuation pattern": (
+        "No mosaic attenuation pattern was detected.",
+        "Lung attenuation is homogeneous, without a mosaic pattern.",
+        "Mosaic attenuation is not present.",
+    ),
+    "Peribronchial thickening": (
+        "No peribronchial thickening was detected.",
+        "The bronchial walls are not thickened.",
+        "There is no peribronchial thickening.",
+    ),
+    "Consolidation": (
+        "No consolidation was detected.",
+        "No pneumonic consolidation is seen.",
+        "There is no consolidation in either lung.",
+    ),
+    "Bronchiectasis": (
+        "No bronchiectasis was detected.",
+        "The bronchi are of normal calibre, without bronchiectasis.",
+        "Bronchiectasis is not observed.",
+    ),
+    "Interlobular septal thickening": (
+        "No interlobular septal thickening was detected.",
+        "The interlobular septa are not thickened.",
+        "There is no septal thickening.",
+    ),
 }
-assert set(NEGATIVE) == set(FINDINGS)
 
-SECTIONS = {
-    "airways": (
-        (),
-        (
-            "Trachea and both main bronchi are in the midline and patent.",
-            "The trachea and main bronchi are open; no endobronchial lesion.",
-            "Central airways are patent.",
-        ),
-        ("Bronchiectasis", "Peribronchial thickening"),
+# one sentence for two absent findings, as CT-RATE often writes them; used only when both are absent
+JOINT_NEGATIVE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Pleural effusion", "Pericardial effusion"): (
+        "No pleural or pericardial effusion was detected.",
+        "No pleural-pericardial effusion or thickening was detected.",
     ),
-    "heart": (
-        (
-            "Cardiomegaly",
-            "Pericardial effusion",
-            "Coronary artery wall calcification",
-            "Arterial wall calcification",
-            "Medical material",
-        ),
-        (
-            "Mediastinal vascular structures are of normal calibre.",
-            "The main vascular structures of the mediastinum are normal in width.",
-            "Thoracic aorta is of normal diameter.",
-        ),
-        (
-            "Cardiomegaly",
-            "Pericardial effusion",
-            "Coronary artery wall calcification",
-            "Arterial wall calcification",
-            "Medical material",
-        ),
+    ("Arterial wall calcification", "Coronary artery wall calcification"): (
+        "No atherosclerotic calcification was detected in the aorta or coronary arteries.",
     ),
-    "mediastinum": (
-        ("Lymphadenopathy",),
-        (
-            "The thyroid gland and esophagus are unremarkable in the included sections.",
-            "No mediastinal mass.",
-        ),
-        ("Lymphadenopathy", "Hiatal hernia"),
+    ("Lung opacity", "Consolidation"): (
+        "No infiltrative lesion, opacity or consolidation was detected in either lung.",
     ),
-    "lungs": (
-        ("Lung nodule", "Consolidation", "Lung opacity", "Emphysema", "Atelectasis"),
-        (
-            "Lung aeration is otherwise normal.",
-            "The remaining lung parenchyma is unremarkable.",
-            "No mass lesion is seen in the lung parenchyma.",
-        ),
-        (
-            "Lung nodule",
-            "Consolidation",
-            "Lung opacity",
-            "Emphysema",
-            "Atelectasis",
-            "Pulmonary fibrotic sequela",
-            "Mosaic attenuation pattern",
-            "Interlobular septal thickening",
-        ),
-    ),
-    "pleura": (("Pleural effusion",), ("No pneumothorax.",), ("Pleural effusion",)),
-    "abdomen": (
-        (),
-        (
-            "Upper abdominal organs in the sections are unremarkable.",
-            "No pathology is seen in the upper abdominal sections included in the field of view.",
-            "The liver, spleen and adrenal glands in the sections are normal.",
-        ),
-        (),
-    ),
-    "bones": (
-        (),
-        (
-            "No lytic or destructive lesion in the bones.",
-            "Bony structures are intact.",
-            "Degenerative changes are seen in the thoracic spine.",
-        ),
-        (),
+    ("Bronchiectasis", "Peribronchial thickening"): (
+        "No bronchiectasis or peribronchial thickening was detected.",
     ),
 }
+for (_a, _b), _sentences in JOINT_NEGATIVE.items():
+    NEGATIVE[_a] += _sentences
+    NEGATIVE[_b] += _sentences
+
+# how often an absent finding is stated: CT-RATE's near-fixed phrases (heart size, effusions, lymph
+# nodes, nodules) almost always, the rarer findings less often
+NEGATION_RATE: dict[str, float] = {f: 0.6 for f in FINDINGS} | {
+    "Cardiomegaly": 0.9,
+    "Pleural effusion": 0.9,
+    "Pericardial effusion": 0.85,
+    "Lymphadenopathy": 0.9,
+    "Lung nodule": 0.75,
+    "Consolidation": 0.7,
+    "Lung opacity": 0.7,
+}
+
+IMPRESSION: dict[str, Sentence] = {
+    "Medical material": lambda d, rng: _pick(rng, ("Central venous catheter in place.", "Medical material.")),
+    "Arterial wall calcification": lambda d, rng: _pick(
+        rng, ("Aortic atherosclerosis.", "Arterial wall calcification in the aorta.")),
+    "Cardiomegaly": lambda d, rng: _pick(rng, ("Cardiomegaly.", "Enlarged heart.")),
+    "Pericardial effusion": lambda d, rng: _pick(rng, ("Pericardial effusion.", "Pericardial fluid.")),
+    "Coronary artery wall calcification": lambda d, rng: _pick(
+        rng, ("Coronary artery calcification.", "Coronary artery wall calcification.")),
+    "Hiatal hernia": lambda d, rng: _pick(rng, ("Hiatal hernia.", "Sliding hiatal hernia.")),
+    "Lymphadenopathy": lambda d, rng: _pick(rng, ("Mediastinal lymphadenopathy.", "Enlarged mediastinal lymph nodes.")),
+    "Emphysema": lambda d, rng: _pick(rng, ("Emphysema.", "Centrilobular emphysema.")),
+    "Atelectasis": lambda d, rng: _pick(rng, ("Atelectasis.", f"Atelectasis in the {d.get('lobe', 'lower lobe')}.")),
+    "Lung nodule": lambda d, rng: _pick(rng, (
+        "Pulmonary nodule; follow-up is recommended.",
+        f"Lung nodule of {d.get('largest', {}).get('diameter_mm', 8)} mm.")),
+    "Lung opacity": lambda d, rng: _pick(rng, ("Ground-glass opacities.", f"Lung opacity in {_lobes(d)}.")),
+    "Pulmonary fibrotic sequela": lambda d, rng: _pick(rng, ("Fibrotic sequelae.", "Pulmonary fibrotic sequela.")),
+    "Pleural effusion": lambda d, rng: _pick(rng, (
+        "Pleural effusion.", f"{d.get('side', 'bilateral').capitalize()} pleural effusion.")),
+    "Mosaic attenuation pattern": lambda d, rng: _pick(
+        rng, ("Mosaic attenuation pattern.", "Mosaic attenuation, small airway disease?")),
+    "Peribronchial thickening": lambda d, rng: _pick(rng, ("Peribronchial thickening.", "Bronchial wall thickening.")),
+    "Consolidation": lambda d, rng: _pick(rng, ("Consolidation, pneumonia?", "Pneumonic consolidation.")),
+    "Bronchiectasis": lambda d, rng: _pick(rng, ("Bronchiectasis.", f"Bronchiectasis in {_lobes(d)}.")),
+    "Interlobular septal thickening": lambda d, rng: _pick(
+        rng, ("Interlobular septal thickening.", "Septal thickening.")),
+}
+NORMAL_IMPRESSIONS = (
+    "No significant pathology was detected.",
+    "Thorax CT within normal limits.",
+    "No acute cardiopulmonary finding.",
+)
+assert set(POSITIVE) == set(NEGATIVE) == set(IMPRESSION) == set(FINDINGS)
+
+# ---- the findings section: paragraphs in CT-RATE's order ------------------------------------------------
+
+
+class Paragraph:
+    """One part of the walk through the chest: its findings, and normal sentences that are true whatever
+    is planted (`guarded` ones only when none of the listed findings is present)."""
+
+    def __init__(self, findings: tuple[str, ...], normals: tuple[str, ...] = (),
+                 guarded: tuple[tuple[str, tuple[str, ...]], ...] = (), lead: tuple[str, ...] = ()):
+        self.findings, self.normals, self.guarded, self.lead = findings, normals, guarded, lead
+
+
+PARAGRAPHS: tuple[Paragraph, ...] = (
+    Paragraph((), normals=(
+        "Trachea and both main bronchi are in the midline and open.",
+        "The trachea and main bronchi are patent; no endobronchial lesion.",
+        "No occlusive pathology was detected in the trachea and both main bronchi.",
+    )),
+    Paragraph(
+        ("Cardiomegaly", "Pericardial effusion", "Arterial wall calcification", "Coronary artery wall calcification",
+         "Medical material"),
+        normals=(
+            "The calibre of the thoracic main vascular structures is normal.",
+            "Mediastinal vascular structures are of normal width.",
+            "Mediastinal structures were evaluated after intravenous contrast.",
+        ),
+    ),
+    Paragraph(("Hiatal hernia",), normals=(
+        "No significant tumoral wall thickening of the thoracic esophagus was detected.",
+        "The thyroid gland is normal in the sections included.",
+    )),
+    Paragraph(("Lymphadenopathy",)),
+    Paragraph(
+        ("Emphysema", "Lung nodule", "Lung opacity", "Consolidation", "Atelectasis", "Pulmonary fibrotic sequela",
+         "Mosaic attenuation pattern", "Peribronchial thickening", "Bronchiectasis", "Interlobular septal thickening"),
+        guarded=(
+            ("No mass or infiltrative lesion was detected in either lung.",
+             ("Lung nodule", "Lung opacity", "Consolidation")),
+            ("Aeration of both lungs is normal.",
+             ("Emphysema", "Lung opacity", "Consolidation", "Atelectasis", "Mosaic attenuation pattern")),
+        ),
+        lead=("When examined in the lung parenchyma window:",),
+    ),
+    Paragraph(("Pleural effusion",), normals=("No pneumothorax was detected.",)),
+    Paragraph((), normals=(
+        "Upper abdominal organs included in the sections are unremarkable.",
+        "No space-occupying lesion was detected in the liver within the field of view.",
+        "Both adrenal glands are normal.",
+    )),
+    Paragraph((), normals=(
+        "Bone structures in the study area are natural.",
+        "No lytic or destructive lesion was detected in the bones.",
+        "Degenerative changes are seen in the thoracic spine.",
+        "Vertebral body heights are preserved.",
+    )),
+)
+_PARAGRAPH_OF = {f: i for i, p in enumerate(PARAGRAPHS) for f in p.findings}
+assert set(_PARAGRAPH_OF) == set(FINDINGS)
+
+
+def _negations(present: set[str], rng: np.random.Generator) -> dict[int, list[str]]:
+    """Negative sentences per paragraph for the absent findings that this report states."""
+    stated = {f for f in FINDINGS if f not in present and rng.random() < NEGATION_RATE[f]}
+    out: dict[int, list[str]] = {}
+    for (a, b), sentences in JOINT_NEGATIVE.items():
+        if a in stated and b in stated and rng.random() < 0.5:
+            stated -= {a, b}
+            out.setdefault(_PARAGRAPH_OF[a], []).append(_pick(rng, sentences))
+    for f in FINDINGS:
+        if f in stated:
+            # the joint sentences live in NEGATIVE too; a single finding picks from its own ones only
+            own = [s for s in NEGATIVE[f] if not any(s in js for js in JOINT_NEGATIVE.values())]
+            out.setdefault(_PARAGRAPH_OF[f], []).append(_pick(rng, own))
+    return out
+
+
+def _findings_text(details: dict[str, dict], rng: np.random.Generator) -> str:
+    present = set(details)
+    negs = _negations(present, rng)
+    parts = []
+    for i, para in enumerate(PARAGRAPHS):
+        sentences = [POSITIVE[f](details[f], rng) for f in para.findings if f in present]
+        sentences += [s for s, conflicts in para.guarded if not present & set(conflicts) and rng.random() < 0.6]
+        sentences += negs.get(i, [])
+        if para.normals and (not sentences or rng.random() < 0.6):
+            k = int(rng.integers(1, min(2, len(para.normals)) + 1))
+            sentences += [para.normals[j] for j in sorted(rng.choice(len(para.normals), size=k, replace=False))]
+        if len(sentences) > 1:  # the radiologist's order within a paragraph varies
+            sentences = [sentences[j] for j in rng.permutation(len(sentences))]
+        if sentences and para.lead and rng.random() < 0.5:
+            sentences.insert(0, _pick(rng, para.lead))
+        parts.extend(sentences)
+    return " ".join(parts)
+
+
+def _impression(details: dict[str, dict], rng: np.random.Generator) -> str:
+    present = [f for f in FINDINGS if f in details]
+    if not present:
+        return _pick(rng, NORMAL_IMPRESSIONS)
+    # CT-RATE impressions list the main findings first: lungs and pleura before incidental calcification
+    order = sorted(present, key=lambda f: (_PARAGRAPH_OF[f] not in (4, 5), rng.random()))
+    return " ".join(IMPRESSION[f](details[f], rng) for f in order)
+
 
 CLINICAL = (
     "Cough.",
@@ -354,36 +486,26 @@ CLINICAL = (
 )
 
 
-def _paragraph(section: str, details: dict[str, dict], rng: np.random.Generator) -> str:
-    positives, normals, negatables = SECTIONS[section]
-    sentences = [POSITIVE[n](details[n], rng) for n in positives if n in details]
-    negs = [_pick(rng, NEGATIVE[n]) for n in negatables if n not in details and rng.random() < 0.65]
-    if not sentences or rng.random() < 0.5:
-        sentences.append(_pick(rng, normals))
-    return " ".join(sentences + [negs[i] for i in rng.permutation(len(negs))])
-
-
 def compose_report(
     details: dict[str, dict], rng: np.random.Generator, z_spacing: float, empty_impression_rate: float
 ) -> dict[str, object]:
-    """The four report sections for one scan, from what was planted in it."""
-    order = rng.permutation(list(SECTIONS))
-    findings = " ".join(p for s in order if (p := _paragraph(str(s), details, rng)))
-    present = [n for n in FINDINGS if n in details]
+    """The four report sections for one scan, from what was planted in it (`details`: finding -> facts)."""
+    unknown = sorted(set(details) - set(FINDINGS))
+    if unknown:
+        raise ValueError(f"compose_report: unknown finding(s) {unknown}")
+    findings = _findings_text(details, rng)
     if rng.random() < empty_impression_rate:
         impressions: object = float("nan") if rng.random() < 0.5 else NOT_GIVEN
-    elif present:
-        impressions = " ".join(_pick(rng, IMPRESSION[n]) for n in present)
     else:
-        impressions = _pick(
-            rng, ("No significant pathology.", "Normal chest CT.", "No acute cardiopulmonary finding.")
-        )
+        impressions = _impression(details, rng)
     technique = _pick(
         rng,
         (
             f"Contrast-enhanced thorax CT, axial sections of {z_spacing:.2f} mm.",
-            f"Thorax CT after intravenous contrast injection; images were reconstructed at {z_spacing:.2f} mm slice interval.",
-            f"Axial images of the chest were obtained after IV contrast with a section thickness of {z_spacing:.2f} mm.",
+            f"Thorax CT after intravenous contrast injection; images were reconstructed at {z_spacing:.2f} mm "
+            "slice interval.",
+            f"Axial images of the chest were obtained after IV contrast with a section thickness of "
+            f"{z_spacing:.2f} mm.",
         ),
     )
     return {
@@ -391,120 +513,4 @@ def compose_report(
         "Technique_EN": technique,
         "Findings_EN": findings,
         "Impressions_EN": impressions,
-    }
-
-
-# ---- metadata -------------------------------------------------------------------------------------
-
-SCANNERS = {  # manufacturer -> models, kernels (standard, sharp, soft), filter, source distances
-    "Philips": (("iCT 256", "Ingenuity CT", "Brilliance 64"), ("B", "YA", "A"), "B", ("", "")),
-    "SIEMENS": (
-        ("SOMATOM Definition Edge", "SOMATOM go.Top"),
-        ("Br40d", "Bl57d", "Br36d"),
-        "FLAT",
-        (1085.6, 595.0),
-    ),
-    "GE MEDICAL SYSTEMS": (
-        ("Revolution EVO", "Optima CT660"),
-        ("STANDARD", "LUNG", "SOFT"),
-        "BODY FILTER",
-        (946.7, 541.0),
-    ),
-    "TOSHIBA": (("Aquilion ONE",), ("FC08", "FC52", "FC03"), "LARGE", (1072.0, 600.0)),
-}
-SERIES = {"standard": "THORAX", "sharp": "HRCT LUNG", "soft": "THORAX SOFT TISSUE"}
-
-
-def draw_scanner(rng: np.random.Generator) -> dict:
-    maker = str(_pick(rng, tuple(SCANNERS)))
-    models, kernels, filt, (sdd, sdp) = SCANNERS[maker]
-    pitch = float(rng.choice([0.8, 0.9, 1.0, 1.2, 1.4]))
-    return {
-        "Manufacturer": maker,
-        "ManufacturerModelName": _pick(rng, models),
-        "kernels": kernels,
-        "FilterType": filt,
-        "DistanceSourceToDetector": sdd,
-        "DistanceSourceToPatient": sdp,
-        "TableHeight": round(float(rng.uniform(110, 190)), 1),
-        "ExposureTime": int(rng.integers(300, 1000)),
-        "XRayTubeCurrent": int(rng.integers(80, 350)),
-        "Exposure": int(rng.integers(40, 250)),
-        "RevolutionTime": float(rng.choice([0.33, 0.5, 0.75])),
-        "SpiralPitchFactor": pitch,
-        "CTDIvol": round(float(rng.uniform(3.0, 14.0)), 6),
-        "ExposureModulationType": _pick(rng, ("Z DOM", "XYZ_EC", "NONE", "")),
-    }
-
-
-def _lps(v: np.ndarray) -> np.ndarray:
-    return np.asarray(v, dtype=float) * [-1.0, -1.0, 1.0]
-
-
-def _vec(v) -> str:
-    return "[" + ", ".join(f"{float(x) + 0.0:.10g}" for x in v) + "]"  # + 0.0: no "-0"
-
-
-def metadata_row(
-    name: str,
-    patient: dict,
-    scanner: dict,
-    kernel: str,
-    affine: np.ndarray,
-    shape: tuple[int, ...],
-    intercept: int,
-    study_date: dt.date,
-) -> dict:
-    """One metadata row for a volume as stored on disk (geometry from its affine, DICOM LPS)."""
-    sp = np.linalg.norm(affine[:3, :3], axis=0)
-    ipp = _lps(affine[:3, 3])
-    iop = np.concatenate([_lps(affine[:3, 0] / sp[0]), _lps(affine[:3, 1] / sp[1])])
-    centre = _lps(affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + affine[:3, 3])
-    xy = float(sp[0])
-    k = ("standard", "sharp", "soft").index(kernel)
-    return {
-        "VolumeName": name,
-        "Manufacturer": scanner["Manufacturer"],
-        "SeriesDescription": SERIES[kernel],
-        "ManufacturerModelName": scanner["ManufacturerModelName"],
-        "PatientSex": patient["sex"],
-        "PatientAge": f"{patient['age']:03d}Y",
-        "ReconstructionDiameter": round(xy * max(shape[:2]), 2),
-        "DistanceSourceToDetector": scanner["DistanceSourceToDetector"],
-        "DistanceSourceToPatient": scanner["DistanceSourceToPatient"],
-        "GantryDetectorTilt": 0,
-        "TableHeight": scanner["TableHeight"],
-        "RotationDirection": "CW",
-        "ExposureTime": scanner["ExposureTime"],
-        "XRayTubeCurrent": scanner["XRayTubeCurrent"],
-        "Exposure": scanner["Exposure"],
-        "FilterType": scanner["FilterType"],
-        "GeneratorPower": "",
-        "FocalSpots": "",
-        "ConvolutionKernel": scanner["kernels"][k],
-        "PatientPosition": "HFS",
-        "RevolutionTime": scanner["RevolutionTime"],
-        "SingleCollimationWidth": 0.625,
-        "TotalCollimationWidth": 40.0,
-        "TableSpeed": round(40.0 * scanner["SpiralPitchFactor"] / scanner["RevolutionTime"], 3),
-        "TableFeedPerRotation": round(40.0 * scanner["SpiralPitchFactor"], 3),
-        "SpiralPitchFactor": scanner["SpiralPitchFactor"],
-        "DataCollectionCenterPatient": _vec(np.round(centre, 4)),
-        "ReconstructionTargetCenterPatient": _vec(np.round(centre, 4)),
-        "ExposureModulationType": scanner["ExposureModulationType"],
-        "CTDIvol": scanner["CTDIvol"],
-        "ImagePositionPatient": _vec(np.round(ipp, 5)),
-        "ImageOrientationPatient": _vec(np.round(iop, 6)),
-        "SliceLocation": round(float(ipp[2]), 5),
-        "SamplesPerPixel": 1,
-        "PhotometricInterpretation": "MONOCHROME2",
-        "Rows": int(shape[1]),
-        "Columns": int(shape[0]),
-        "XYSpacing": _vec([xy, float(sp[1])]),
-        "RescaleIntercept": intercept,
-        "RescaleSlope": 1,
-        "RescaleType": "",
-        "NumberofSlices": int(shape[2]),
-        "ZSpacing": float(round(sp[2], 6)),
-        "StudyDate": study_date.strftime("%Y%m%d"),
     }
