@@ -94,7 +94,8 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 
 def check_model_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """A checkpoint of another architecture is refused before any weight is touched."""
-    keys = ("slice_encoder", "image_size", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
+    saved = {"slice_norm": "minmax", **saved}  # checkpoints older than the setting were trained with min-max
+    keys = ("slice_encoder", "image_size", "slice_norm", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
             "context_length", "text_width", "text_layers", "text_heads")
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diff:

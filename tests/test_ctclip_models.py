@@ -418,3 +418,67 @@ def test_openclip_visual_tower_loads_clip_weights(openai_clip, monkeypatch):
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, "test-tiny-clip-wide", wide)
     with pytest.raises(ValueError, match="does not fit open_clip visual tower 'test-tiny-clip-wide'"):
         build_slice_encoder("openclip:test-tiny-clip-wide", image_size=16, weights=folder / "clip_state.pt")
+
+
+# ---------------------------------------------------------------- from-scratch pieces
+
+
+def test_trimmed_text_forward_equals_the_full_context():
+    """encode_tokens stops at the batch's longest text; with the causal mask that changes nothing."""
+    from ctclip.models.text import encode_tokens
+
+    torch.manual_seed(0)
+    tower = build_text_tower(256, 64, 2, 2, 32).eval()
+    texts = ["Pleural effusion is not present.", "Cardiomegaly. " * 30, ""]
+    tokens = tokenize(texts, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(encode_tokens(tower, tokens), tower(tokens), atol=1e-5, rtol=1e-5)
+        full = tokenize(["word " * 300], 256)  # cut at the context: nothing to trim, the full forward runs
+        torch.testing.assert_close(encode_tokens(tower, full), tower(full))
+    # the gradient reaches the same parameters (none of the padding positions' embeddings matter)
+    encode_tokens(tower, tokens).sum().backward()
+    assert tower.token_embedding.weight.grad is not None and tower.positional_embedding.grad is not None
+
+
+def test_window_slice_norm_keeps_absolute_density():
+    """minmax makes one grey a different value in every slice; window keeps the store's HU window."""
+    vol = torch.zeros(1, 1, 2, 8, 8, dtype=torch.uint8)
+    vol[0, 0, :, :4] = 130  # the same tissue in both slices
+    vol[0, 0, 0, 4:] = 255  # bone in slice 0, fat in slice 1
+    vol[0, 0, 1, 4:] = 110
+    for norm, same in (("minmax", False), ("window", True)):
+        enc = build_slice_encoder("tiny_cnn", image_size=8, slice_norm=norm)
+        x = enc.preprocess(vol[0].transpose(0, 1)) * enc.std + enc.mean
+        assert x.shape == (2, 1, 8, 8)
+        assert torch.allclose(x[0, 0, 0, 0], x[1, 0, 0, 0]) is same, norm
+        if norm == "window":
+            assert x[0, 0, 0, 0].item() == pytest.approx(130 / 255)
+    with pytest.raises(ValueError, match="slice_norm"):
+        build_slice_encoder("tiny_cnn", slice_norm="zscore")
+
+
+def test_tiny_cnn_model_keeps_position_and_trains():
+    model = tiny_model(slice_encoder="tiny_cnn", image_size=32, slice_norm="window")
+    assert "tiny_cnn" in list_models() and model.slice_encoder.mean.numel() == 1  # one grey channel
+    feats = model.encode_slices(volumes(b=2, d=3, hw=32))
+    assert feats.shape == (2, 3, model.slice_encoder.width)
+    # the same blob left or right of the slice gives different features (no global pooling)
+    a = torch.zeros(1, 1, 1, 32, 32, dtype=torch.uint8)
+    b = a.clone()
+    a[..., 10:16, 2:8] = 200
+    b[..., 10:16, 24:30] = 200
+    with torch.no_grad():
+        assert not torch.allclose(model.encode_slices(a), model.encode_slices(b), atol=1e-3)
+    vol, txt, scale = model(volumes(b=2, d=3, hw=32), model.tokenize(["a", "b"]))
+    (scale * vol @ txt.T).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.slice_encoder.backbone.parameters())
+
+
+def test_checkpoint_of_another_slice_norm_is_refused(tmp_path):
+    from ctclip.checkpoint import CheckpointError, check_model_config
+
+    now = dataclasses.asdict(tiny_cfg(slice_norm="window"))
+    old = {k: v for k, v in dataclasses.asdict(tiny_cfg()).items() if k != "slice_norm"}  # before the setting
+    with pytest.raises(CheckpointError, match="slice_norm: checkpoint 'minmax' vs now 'window'"):
+        check_model_config(old, now, tmp_path / "latest.pt")
+    check_model_config(dataclasses.asdict(tiny_cfg(slice_norm="window")), now, tmp_path / "latest.pt")

@@ -19,7 +19,7 @@ from torch import nn
 
 from ctclip.models.fusion import SliceFusion
 from ctclip.models.slice_encoder import build_slice_encoder
-from ctclip.models.text import build_text_tower, load_openai_text_weights, tokenize
+from ctclip.models.text import build_text_tower, encode_tokens, load_openai_text_weights, tokenize
 
 if TYPE_CHECKING:
     from ctclip.models.registry import ModelConfig
@@ -41,6 +41,7 @@ class CTCLIP(nn.Module):
             freeze=cfg.freeze_dinov2,
             chunk=cfg.slice_chunk,
             grad_checkpointing=cfg.grad_checkpointing,
+            slice_norm=cfg.slice_norm,
         )
         self.fusion = SliceFusion(self.slice_encoder.width, cfg.fusion_dim, cfg.fusion_depth, cfg.fusion_heads,
                                   cfg.embed_dim)
@@ -67,7 +68,7 @@ class CTCLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) ids -> (B, embed_dim), L2-normalised."""
-        return F.normalize(self.text(tokens), dim=-1)
+        return F.normalize(encode_tokens(self.text, tokens), dim=-1)
 
     def forward(self, volumes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(volume features, text features, logit scale = exp(clamped logit_scale))."""

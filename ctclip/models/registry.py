@@ -16,14 +16,15 @@ from pathlib import Path
 import yaml
 
 from ctclip.models.clip3d import CTCLIP
-from ctclip.models.slice_encoder import REGISTERED_ENCODERS
+from ctclip.models.slice_encoder import REGISTERED_ENCODERS, SLICE_NORMS
 
 DINOV2_SOURCES = ("file", "hub")
 
 
 @dataclass
 class ModelConfig:
-    # dinov2_vit{s,b,l,g}14[_reg] | "timm:<timm model>" | "openclip:<RN50|ViT-B-32|...>" | "tiny_vit" (tests)
+    # dinov2_vit{s,b,l,g}14[_reg] | "timm:<timm model>" | "openclip:<RN50|ViT-B-32|...>" | "tiny_vit" (tests) |
+    # "tiny_cnn" (from scratch on a CPU: demo, learning benchmark)
     slice_encoder: str = "dinov2_vitb14"
     # Local official DINOv2 .pth (e.g. dinov2_vitb14_pretrain.pth). For "timm:" encoders a file timm's
     # loader takes; for "openclip:" a full CLIP checkpoint (state dict or OpenAI TorchScript archive).
@@ -34,6 +35,8 @@ class ModelConfig:
     slice_chunk: int = 64  # slices per backbone forward: bounds memory when frozen or with grad_checkpointing
     grad_checkpointing: bool = False  # recompute each chunk in backward
     image_size: int = 224  # slices are resized to this on the device
+    # slice intensities: "minmax" per slice (pretrained RGB backbones) | "window" (the store's HU window kept)
+    slice_norm: str = "minmax"
     fusion_dim: int = 512
     fusion_depth: int = 4
     fusion_heads: int = 8
@@ -53,6 +56,8 @@ class ModelConfig:
                or getattr(self, n) <= 0]
         if bad:
             raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
+        if self.slice_norm not in SLICE_NORMS:
+            raise ValueError(f"ModelConfig: slice_norm must be one of {SLICE_NORMS}, got {self.slice_norm!r}")
         if self.dinov2_source not in DINOV2_SOURCES:
             raise ValueError(f"ModelConfig: dinov2_source must be one of {DINOV2_SOURCES}, got {self.dinov2_source!r}")
         if self.fusion_dim % self.fusion_heads:

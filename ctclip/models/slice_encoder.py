@@ -1,8 +1,14 @@
 """2D slice encoders for CT volumes: DINOv2 (timm), any timm model, open_clip visual towers, tiny_vit.
 
 `SliceEncoder` takes uint8 volumes (B, 1, D, H, W) and returns per-slice features (B, D, C). All slice
-preprocessing runs on the model's device: per-slice min-max to [0, 1], bilinear resize, 3 channels,
-the backbone's own mean/std. Slices go through the backbone in chunks of `chunk` (bounded memory),
+preprocessing runs on the model's device: intensities to [0, 1] (`slice_norm`), bilinear resize, the
+backbone's channels (3 for RGB backbones, 1 for `tiny_cnn`) and its own mean/std.
+
+`slice_norm`: "minmax" stretches each slice to [0, 1] (what an RGB backbone pretrained on photographs
+expects; the default for DINOv2), "window" keeps the store's HU window (uint8 / 255: 0 = -1000 HU,
+255 = +1000 HU by default), so that a slice's absolute density (fluid, consolidation, calcium) reaches
+the model. Min-max makes the same tissue a different grey in every slice: the brightest voxel (bone or
+calcium) sets the scale. Slices go through the backbone in chunks of `chunk` (bounded memory),
 optionally with gradient checkpointing per chunk.
 
 Official DINOv2 weight files (`dinov2_vitb14_pretrain.pth`, `..._reg4_pretrain.pth`) are checked
@@ -39,7 +45,9 @@ def _dinov2_archs() -> dict[str, tuple[str, int, int, int]]:
 
 DINOV2_ARCHS = _dinov2_archs()
 TINY_VIT = "tiny_vit"
-REGISTERED_ENCODERS: tuple[str, ...] = (*DINOV2_ARCHS, TINY_VIT)
+TINY_CNN = "tiny_cnn"
+REGISTERED_ENCODERS: tuple[str, ...] = (*DINOV2_ARCHS, TINY_VIT, TINY_CNN)
+SLICE_NORMS = ("minmax", "window")
 DINOV2_HUB_REPO = "facebookresearch/dinov2"
 
 
@@ -47,8 +55,12 @@ class SliceEncoder(nn.Module):
     """Backbone + on-device slice preprocessing + chunked encoding; output width `self.width`."""
 
     def __init__(self, name: str, backbone: nn.Module, width: int, mean, std, *, image_size: int,
-                 chunk: int = 64, grad_checkpointing: bool = False, freeze: bool = False):
+                 chunk: int = 64, grad_checkpointing: bool = False, freeze: bool = False,
+                 slice_norm: str = "minmax"):
         super().__init__()
+        if slice_norm not in SLICE_NORMS:
+            raise ValueError(f"slice_norm must be one of {SLICE_NORMS}, got {slice_norm!r}")
+        self.slice_norm = slice_norm
         self.name = name
         self.backbone = backbone
         self.width = int(width)
@@ -73,16 +85,19 @@ class SliceEncoder(nn.Module):
         return next(self.backbone.parameters()).dtype
 
     def preprocess(self, slices: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) integer/float slices -> (N, 3, S, S) normalised float32 backbone input."""
+        """(N, 1, H, W) uint8 slices -> (N, C, S, S) normalised float32 backbone input (C: len(mean))."""
         x = slices.float()
-        lo = x.amin(dim=(-2, -1), keepdim=True)
-        span = x.amax(dim=(-2, -1), keepdim=True) - lo
-        # a constant slice (e.g. all padding) maps to 0 instead of dividing by zero
-        x = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
+        if self.slice_norm == "window":
+            x = x / 255.0
+        else:
+            lo = x.amin(dim=(-2, -1), keepdim=True)
+            span = x.amax(dim=(-2, -1), keepdim=True) - lo
+            # a constant slice (e.g. all padding) maps to 0 instead of dividing by zero
+            x = (x - lo) / torch.where(span > 0, span, torch.ones_like(span))
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        return (x - self.mean) / self.std  # broadcasting makes the 3 channels
+        return (x - self.mean) / self.std  # broadcasting makes the channels
 
     def _encode_chunk(self, slices: torch.Tensor) -> torch.Tensor:
         # float32 preprocessing, then the backbone's dtype (a model cast with .to(bfloat16) needs it)
@@ -115,12 +130,14 @@ class SliceEncoder(nn.Module):
 
 def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path | None = None,
                         source: str = "file", freeze: bool = False, chunk: int = 64,
-                        grad_checkpointing: bool = False) -> SliceEncoder:
+                        grad_checkpointing: bool = False, slice_norm: str = "minmax") -> SliceEncoder:
     """Build a registered (`list_models()`), `timm:<name>` or `openclip:<name>` slice encoder."""
     if name in DINOV2_ARCHS:
         backbone, width, mean, std = _build_dinov2(name, image_size, weights, source)
     elif name == TINY_VIT:
         backbone, width, mean, std = _build_tiny(image_size)
+    elif name == TINY_CNN:
+        backbone, width, mean, std = _build_tiny_cnn(image_size)
     elif name.startswith("timm:"):
         backbone, width, mean, std = _build_timm(name[len("timm:"):], image_size, weights)
     elif name.startswith("openclip:"):
@@ -129,7 +146,7 @@ def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path
         raise ValueError(f"unknown slice encoder {name!r}; registered: {', '.join(REGISTERED_ENCODERS)}; "
                          "or 'timm:<timm model name>' or 'openclip:<open_clip model name>'")
     return SliceEncoder(name, backbone, width, mean, std, image_size=image_size, chunk=chunk,
-                        grad_checkpointing=grad_checkpointing, freeze=freeze)
+                        grad_checkpointing=grad_checkpointing, freeze=freeze, slice_norm=slice_norm)
 
 
 def _warn_random_init(name: str) -> None:
@@ -155,6 +172,14 @@ def _build_tiny(image_size: int):
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=image_size,
                               embed_dim=64, depth=2, num_heads=2, init_values=0.1, global_pool="avg")
     return (model, model.num_features, *_timm_mean_std(model))
+
+
+def _build_tiny_cnn(image_size: int):
+    from ctclip.models.tiny_cnn import TinySliceCNN
+
+    model = TinySliceCNN(image_size=image_size)
+    # one grey channel, centred: [0, 1] -> [-1, 1]
+    return model, model.num_features, (0.5,), (0.5,)
 
 
 def _build_dinov2(name: str, image_size: int, weights, source: str):

@@ -51,6 +51,30 @@ def build_text_tower(context_length: int, width: int, layers: int, heads: int, e
     )
 
 
+def encode_tokens(tower: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """`tower(tokens)` computed only up to the batch's longest text.
+
+    The tokenizer pads every text to the context length (a long context holds whole CT-RATE reports), but
+    with the causal mask nothing after a text's end-of-text token reaches the token the tower pools, so
+    the padding columns change nothing and cost most of the work when reports vary in length. Equal to
+    the full forward up to float rounding (tests/test_ctclip_models.py).
+    """
+    if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
+        return tower(tokens)  # layouts this shortcut does not cover
+    length = max(int((tokens != 0).sum(dim=1).max()), 1)
+    if length >= tokens.shape[1]:
+        return tower(tokens)
+    cut = tokens[:, :length]
+    x = tower.token_embedding(cut).to(tower.transformer.get_cast_dtype())
+    x = x + tower.positional_embedding[:length].to(x.dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.ln_final(x)
+    pooled = x[torch.arange(x.shape[0], device=x.device), cut.argmax(dim=-1)]
+    if isinstance(tower.text_projection, torch.nn.Linear):
+        return tower.text_projection(pooled)
+    return pooled @ tower.text_projection if tower.text_projection is not None else pooled
+
+
 def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A CLIP checkpoint as a state dict: OpenAI's TorchScript archives or plain (wrapped) state dicts."""
     path = Path(path)
