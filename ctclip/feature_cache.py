@@ -107,7 +107,7 @@ class CachedReportDataset(Dataset):
     """(slice embeddings (D, C) float32, text) for the volumes of a CTReportDataset."""
 
     def __init__(self, base: CTReportDataset, cache: FeatureCache):
-        self.names, self.texts, self.cache = base.names, base.texts, cache
+        self.base, self.names, self.texts, self.cache = base, base.names, base.texts, cache
         missing = [n for n in self.names if n not in cache.names()]
         if missing:
             raise RuntimeError(f"feature cache {cache.folder} lacks {len(missing)} volumes (e.g. {missing[0]})")
@@ -116,5 +116,9 @@ class CachedReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        return torch.from_numpy(self.cache.read(self.names[index])), self.texts[index]
+        # the base dataset's text: with sentence sampling it is drawn per epoch
+        return torch.from_numpy(self.cache.read(self.names[index])), self.base.target(index)

@@ -99,6 +99,7 @@ class TrainConfig:
     log_interval: int = 10
     resume: str | None = None
     text_column: str = "findings_impressions"
+    sentence_keep: float = 1.0  # < 1: each draw of a report keeps each sentence with this probability
     cache_features: bool = False
     max_steps: int | None = None
     stop_at_step: int | None = None  # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -182,7 +183,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
-    data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column)
+    data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column, sentence_keep=cfg.sentence_keep,
+                           seed=cfg.seed)
     _check_inputs(cfg, data)
     store_shape = _store_shape(Path(cfg.ct_filepath))
     resume_path = resolve_resume(cfg.resume, out)
@@ -236,6 +238,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
                              store_shape=store_shape, clock=clock)
     while step < total_steps and not stopping:
         sampler.set_epoch(epoch, start_in_epoch)
+        loader.dataset.set_epoch(epoch)  # before the workers start: they copy the dataset
         micro: list = []
         step_in_epoch = start_in_epoch
         for inputs, texts in loader:

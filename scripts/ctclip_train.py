@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", default=None, help="a checkpoint path, or 'latest' (<output_dir>/latest.pt when present)")
     a("--text_column", default="findings_impressions",
       help="reports | findings | impressions | findings_impressions, or a CT-RATE column name")
+    a("--sentence_keep", type=float, default=1.0,
+      help="text augmentation: each time a report is drawn, keep each of its sentences with this probability "
+           "(at least one); 1 = whole reports (seed behaviour). Helps a text tower trained from scratch")
+    a("--slice_norm", choices=["minmax", "window"], default=None,
+      help="slice intensities: minmax per slice, or window (the store's HU window kept); default from the model config")
     a("--cache_features", action="store_true", help="with --freeze_dinov2: compute slice embeddings once")
     a("--do_validate", action="store_true", help="zero-shot AUROC on the validation labels every --valid_interval")
     a("--valid_interval", type=int, default=200)
@@ -90,7 +95,7 @@ def model_config(args: argparse.Namespace):
     cfg = model_config_from_yaml(path)
     overrides = {"slice_encoder": args.dinov2_model_name, "dinov2_weights": args.dinov2_weights,
                  "dinov2_source": args.dinov2_source, "context_length": args.context_length,
-                 "slice_chunk": args.slice_chunk, "text_weights": args.text_weights}
+                 "slice_chunk": args.slice_chunk, "text_weights": args.text_weights, "slice_norm": args.slice_norm}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.freeze_dinov2:
         overrides["freeze_dinov2"] = True

@@ -187,3 +187,33 @@ def test_split_closest_possible_and_bad_rows(tmp_path):
     df.to_csv(tmp_path / "validation_metadata.csv", index=False)
     assert split_main(["--data_dir", str(tmp_path)]) == 2
     assert split_main(["--data_dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_sentence_sampling_keeps_order_and_is_keyed_by_epoch_and_index(store, tmp_path):
+    from ctclip.data.reports import sample_sentences, split_sentences
+
+    text = "Findings: Heart size is normal. No pleural effusion was detected. A 12.5 mm nodule. Impression: Nodule."
+    assert split_sentences(text) == ["Findings: Heart size is normal.", "No pleural effusion was detected.",
+                                     "A 12.5 mm nodule.", "Impression: Nodule."]
+    rng = np.random.default_rng(0)
+    draws = [sample_sentences(text, 0.3, rng) for _ in range(300)]
+    assert all(d and all(s in split_sentences(text) for s in split_sentences(d)) for d in draws)
+    for d in draws:  # the report's order is kept
+        idx = [split_sentences(text).index(s) for s in split_sentences(d)]
+        assert idx == sorted(idx)
+    kept = np.mean([len(split_sentences(d)) for d in draws])
+    assert 1.2 < kept < 2.0  # 4 x 0.3, plus the one kept when none was drawn
+    assert sample_sentences(text, 1.0, rng) == text and sample_sentences("", 0.3, rng) == ""
+    rows = [[f"valid_{i}_a_1.nii.gz", "", "", text, "Nodule."] for i in range(5)]
+    csv_path = _reports(tmp_path, rows)
+    a = CTReportDataset(store, csv_path, sentence_keep=0.4, seed=7)
+    b = CTReportDataset(store, csv_path, sentence_keep=0.4, seed=7)
+    epoch0 = [a[i][1] for i in range(5)]
+    assert epoch0 == [b[i][1] for i in range(5)]  # any process, any worker: the same texts
+    a.set_epoch(1)
+    assert [a[i][1] for i in range(5)] != epoch0
+    b.set_epoch(0)
+    assert [b[i][1] for i in reversed(range(5))] == epoch0[::-1]  # keyed by index, not by draw order
+    assert CTReportDataset(store, csv_path)[0][1] == a.texts[0]  # default: whole reports
+    with pytest.raises(ValueError, match="sentence_keep"):
+        CTReportDataset(store, csv_path, sentence_keep=0.0)

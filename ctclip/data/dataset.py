@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ctclip.data.reports import load_labels, load_reports, report_text, text_columns
+from ctclip.data.reports import load_labels, load_reports, report_text, sample_sentences, text_columns
 from ctclip.data.store import VolumeStore
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,18 @@ class _StoreDataset(Dataset):
 
 
 class CTReportDataset(_StoreDataset):
-    """Items: (uint8 tensor (1, D, H, W), report text). `names[i]` is the VolumeName of item i."""
+    """Items: (uint8 tensor (1, D, H, W), report text). `names[i]` is the VolumeName of item i.
 
-    def __init__(self, store_path: str | Path, reports_csv: str | Path, text_column: str = "findings_impressions"):
+    With `sentence_keep` < 1 each item's text is a random subset of its report's sentences
+    (`ctclip.data.reports.sample_sentences`), drawn from (seed, epoch, item index): the same texts for any
+    number of processes or workers, and again after a resume. Call `set_epoch` before each epoch."""
+
+    def __init__(self, store_path: str | Path, reports_csv: str | Path, text_column: str = "findings_impressions",
+                 sentence_keep: float = 1.0, seed: int = 0):
         super().__init__(store_path)
+        if not 0.0 < sentence_keep <= 1.0:
+            raise ValueError(f"sentence_keep must be in (0, 1], got {sentence_keep}")
+        self.sentence_keep, self.seed, self.epoch = float(sentence_keep), int(seed), 0
         self.columns = text_columns(text_column)
         reports = load_reports(reports_csv)
         in_store = _list_complete(self.store_path)
@@ -116,8 +124,14 @@ class CTReportDataset(_StoreDataset):
         if self.n_empty_text:
             log.warning("%d of %d reports have an empty %s", self.n_empty_text, len(self.texts), text_column)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
     def target(self, index: int) -> str:
-        return self.texts[index]
+        if self.sentence_keep >= 1.0:
+            return self.texts[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return sample_sentences(self.texts[index], self.sentence_keep, rng)
 
 
 class CTLabelDataset(_StoreDataset):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,6 +98,30 @@ def report_text(row: Mapping[str, str], columns: tuple[str, ...]) -> str:
         return row[columns[0]]
     parts = [f"{SECTION_TITLES[c]}: {row[c]}" for c in columns if row[c]]
     return " ".join(parts)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def split_sentences(text: str) -> list[str]:
+    """A report as its sentences (a section title such as "Impression:" stays with its first sentence)."""
+    return [t for t in _SENTENCE_END.split(text.strip()) if t]
+
+
+def sample_sentences(text: str, keep: float, rng: np.random.Generator) -> str:
+    """Each sentence kept with probability `keep`, in the report's order; at least one sentence survives.
+
+    Text augmentation for contrastive training on long reports (as CXR-CLIP samples report sentences):
+    every draw of a report shows the text tower another subset of its statements, so the tower learns what
+    each sentence says instead of recognising whole reports (with a few hundred reports it memorises them
+    otherwise), and short texts such as zero-shot prompts are in its training distribution."""
+    if keep >= 1.0 or not text:
+        return text
+    sentences = split_sentences(text)
+    chosen = rng.random(len(sentences)) < keep
+    if not chosen.any():
+        chosen[rng.integers(len(sentences))] = True
+    return " ".join(s for s, c in zip(sentences, chosen, strict=True) if c)
 
 
 def load_labels(path: str | Path) -> pd.DataFrame:
