@@ -264,11 +264,19 @@ def test_every_planter_places_its_finding_plausibly(all_findings_volume):
     near_heart = ndi.distance_transform_edt(~heart, sampling=sp)
     assert near_heart[m["Pericardial effusion"]].max() <= 15.0 + sp.max()
     assert near_heart[m["Coronary artery wall calcification"]].max() <= 2.5 + sp.max()
-    assert (lung[m["Lymphadenopathy"]]).mean() < 0.5
+    # nodes sit in the mediastinum; hilar ones replace lung at the hilum, so part of them is in the lung
+    assert (lung[m["Lymphadenopathy"]]).mean() < 0.7
     trachea = ndi.distance_transform_edt(~lut("trachea"), sampling=sp)
     assert trachea[m["Lymphadenopathy"]].min() <= 40.0
-    veins = lut("superior_vena_cava", "brachiocephalic_vein_right", "heart")
-    assert veins[m["Medical material"]].mean() >= 0.5
+    veins = lut("superior_vena_cava", "brachiocephalic_vein_right", "brachiocephalic_vein_left", "heart")
+    device = vol.details["Medical material"]["device"]
+    if device in ("central venous catheter",):  # a line runs in the veins; a generator or wires do not
+        assert veins[m["Medical material"]].mean() >= 0.5, device
+    elif device == "sternotomy wires":  # loops hugging the sternum
+        near_sternum = ndi.distance_transform_edt(~lut("sternum"), sampling=sp)
+        assert near_sternum[m["Medical material"]].max() <= 2.5 + 2 * sp.max()
+    else:
+        assert not lung[m["Medical material"]].any(), device
     # the hiatal hernia: herniated stomach just above the gastro-esophageal junction (the esophagus
     # label's lowest slice), behind the heart, near the esophagus, never in the heart or the aorta
     hernia, eso = m["Hiatal hernia"], lut("esophagus")
@@ -317,32 +325,33 @@ def test_cardiomegaly_enlarges_the_heart(all_findings_volume):
 
 # (HU step, voxels): at the learning benchmark's grid (64 x 64 x 32, voxels ~5.6 x 5.6 x 9.4 mm) each
 # finding alone changes at least this many voxels of the noise-free scan by at least the step. Measured
-# over 40 draws (rng [9, 0..39], each finding alone vs the same scan without it), the fewest voxels were:
-# cardiomegaly 273 (>= 300 HU), pericardial effusion 133 (>= 100), pleural effusion 152, atelectasis 32,
-# consolidation 90, hiatal hernia 57, fibrotic sequela 50, bronchiectasis 114, peribronchial thickening
-# 52, septal thickening 227 (all >= 300), lung opacity 41 (>= 100), emphysema 154 darker by >= 100,
-# mosaic 779 (>= 100) with 907 darker by >= 50. The small findings are only a few voxels at this grid:
-# coronary calcification 1, aortic calcification 3, catheter 2, nodule 1 (>= 300), and lymphadenopathy
-# 1 voxel (>= 30 HU; 0 of >= 50 HU in one draw): nodes replace partial-volume mediastinal fat.
+# over 40 draws (rng [9, 0..39], each finding alone vs the same scan without it), fewest / median voxels:
+# cardiomegaly 297 / 421 (>= 300 HU), pericardial effusion 122 / 152 (>= 100), pleural effusion 139 / 438,
+# atelectasis 49 / 106, consolidation 63 / 277, hiatal hernia 38 / 134, fibrotic sequela 39 / 117,
+# bronchiectasis 79 / 273, peribronchial thickening 66 / 152, septal thickening 220 / 662 (all >= 300),
+# lung opacity 38 / 251 (>= 100), emphysema 150 / 311 darker by >= 100, mosaic 1701 / 2804 (>= 100). The
+# small findings, sized to stay visible at this grid: coronary calcification 3 / 10, aortic calcification
+# 15 / 29, medical material 12 / 58, lung nodule 3 / 23 (>= 300 HU), and lymphadenopathy 5 / 47 (>= 50 HU).
+# The thresholds sit below those minima.
 VISIBLE_AT_BENCHMARK_GRID = {
-    "Cardiomegaly": (300, 150),
-    "Coronary artery wall calcification": (300, 1),
+    "Cardiomegaly": (300, 200),
+    "Coronary artery wall calcification": (300, 2),
     "Pericardial effusion": (100, 80),
-    "Arterial wall calcification": (300, 2),
-    "Medical material": (300, 2),
-    "Lymphadenopathy": (30, 1),
-    "Hiatal hernia": (300, 40),
+    "Arterial wall calcification": (300, 10),
+    "Medical material": (300, 8),
+    "Lymphadenopathy": (50, 4),
+    "Hiatal hernia": (300, 30),
     "Pleural effusion": (300, 100),
-    "Atelectasis": (300, 20),
-    "Consolidation": (300, 60),
-    "Lung nodule": (300, 1),
+    "Atelectasis": (300, 35),
+    "Consolidation": (300, 45),
+    "Lung nodule": (300, 2),
     "Pulmonary fibrotic sequela": (300, 30),
-    "Bronchiectasis": (300, 80),
-    "Peribronchial thickening": (300, 35),
+    "Bronchiectasis": (300, 60),
+    "Peribronchial thickening": (300, 45),
     "Lung opacity": (100, 25),
     "Emphysema": (-100, 100),  # negative: darker by at least the step
     "Interlobular septal thickening": (300, 150),
-    "Mosaic attenuation pattern": (100, 500),
+    "Mosaic attenuation pattern": (100, 1000),
 }
 
 
@@ -448,7 +457,8 @@ def test_reports_negate_absent_findings_and_describe_planted_ones(raw_set, table
                 negated.add(f)
         if row["Lung nodule"] == 1:
             nod = info[row["VolumeName"]]["Lung nodule"]["largest"]
-            assert nod["lobe"] in text and f"{nod['diameter_mm']} mm" in text
+            # described (size and lobe) or named with its lobe ("Lung nodule is observed in the ...")
+            assert nod["lobe"] in text and (f"{nod['diameter_mm']} mm" in text or "lung nodule" in text.lower())
         if row["Pleural effusion"] == 1:
             assert "pleural" in text.lower() and "No pleural effusion" not in text
     assert len(negated) >= 10

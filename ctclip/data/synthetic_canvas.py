@@ -260,3 +260,46 @@ def depth_in_plane(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     for k, sl in enumerate(slices):
         out[k] = cv2.distanceTransform(sl, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return out.transpose(1, 2, 0) * np.float32(spacing[0])
+
+
+def polyline(shape: tuple[int, ...], spacing: np.ndarray, points: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Full-grid mask of a tube of `radius_mm` along the polyline `points` ((N, 3) voxel coordinates): the
+    voxels within the radius of a segment, and always the voxel under every point along the line, so a
+    thin wire stays one connected line of voxels on a coarse grid."""
+    pts = np.asarray(points, dtype=float)
+    out = np.zeros(shape, dtype=bool)
+    hi = np.asarray(shape) - 1
+    for a, b in itertools.pairwise(pts):
+        box = box_between(a, b, radius_mm / spacing, shape)
+        if all(s.stop > s.start for s in box):
+            out[box] |= segment_distance(box, spacing, a, b)[0] <= radius_mm
+        n = int(np.ceil(np.abs(b - a).max() * 2)) + 1
+        line = np.round(a + np.linspace(0.0, 1.0, n)[:, None] * (b - a)).astype(int)
+        line = line[((line >= 0) & (line <= hi)).all(axis=1)]
+        out[tuple(line.T)] = True
+    return out
+
+
+def centreline(mask: np.ndarray, step_vox: float = 1.0) -> np.ndarray | None:
+    """Points ((N, 3) voxel coordinates) along the long axis of a tubular `mask` (a vein): the centroids of
+    slabs `step_vox` thick across its principal axis, in order along that axis; None if empty."""
+    pts = np.argwhere(mask).astype(float)
+    if len(pts) == 0:
+        return None
+    mean = pts.mean(axis=0)
+    if len(pts) < 3:
+        return mean[None]
+    axis = np.linalg.svd(pts - mean, full_matrices=False)[2][0]
+    t = (pts - mean) @ axis
+    k = np.floor((t - t.min()) / step_vox).astype(int)
+    counts = np.bincount(k)
+    sums = np.stack([np.bincount(k, weights=pts[:, a]) for a in range(3)], axis=1)
+    return sums[counts > 0] / counts[counts > 0, None]
+
+
+def front_surface(body: np.ndarray) -> np.ndarray:
+    """Index along y of the most anterior `body` voxel for every (x, z) column (the skin of the front of
+    the chest); -1 where the column holds no body."""
+    has = body.any(axis=1)
+    last = body.shape[1] - 1 - np.argmax(body[:, ::-1, :], axis=1)
+    return np.where(has, last, -1)

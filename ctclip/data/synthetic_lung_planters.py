@@ -137,10 +137,12 @@ def plant_consolidation(cv: Canvas, p: dict, rng):
 
 
 def draw_nodule(rng, sites):
-    n = int(rng.choice([1, 2, 3], p=[0.7, 0.2, 0.1]))
+    # solid nodules of 10-30 mm (log-uniform), usually several: at 5.6 x 5.6 x 9.4 mm voxels a nodule must
+    # span a few voxels to be seen (radiology calls the largest ones masses; the report keeps "nodule")
+    n = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
     nodules = []
     for _ in range(n):
-        diameter = float(np.exp(rng.uniform(np.log(5.0), np.log(22.0))))
+        diameter = float(np.exp(rng.uniform(np.log(10.0), np.log(30.0))))
         lobe = str(rng.choice(LOBES, p=[0.25, 0.17, 0.28, 0.1, 0.2]))
         cand = sites[lobe]  # (N, 4): base voxel x, y, z and depth inside the lung in mm
         deep = cand[cand[:, 3] >= diameter / 2 + 3.0]
@@ -153,7 +155,7 @@ def draw_nodule(rng, sites):
                 "site": site[:3].tolist(),
                 "aspect": rng.uniform(0.8, 1.0, 2).tolist(),
                 "angle": rng.uniform(0, np.pi),
-                "hu": rng.uniform(25.0, 55.0),
+                "hu": rng.uniform(30.0, 60.0),
             }
         )
     return {"nodules": nodules}

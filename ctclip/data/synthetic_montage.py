@@ -18,25 +18,35 @@ import pandas as pd
 from ctclip.data.synthetic_io import INFO_FILE, SPLITS, load_finding_masks, volume_path
 from ctclip.findings import FINDINGS
 
+# display windows as (centre, width) in HU: the lung window for what changes the lung, a narrow lung window
+# for the subtle density differences of emphysema and mosaic attenuation, the soft-tissue window for
+# fluid, nodes and the hernia, a heart window for the enhanced heart, and a bone window for calcium and metal
 LUNG_WINDOW, SOFT_WINDOW, HEART_WINDOW, DENSE_WINDOW = (
     (-600.0, 1500.0),
     (40.0, 400.0),
     (150.0, 900.0),
     (400.0, 1800.0),
 )
+NARROW_LUNG_WINDOW = (-750.0, 700.0)
 WINDOWS = {
+    "Medical material": DENSE_WINDOW,
+    "Arterial wall calcification": DENSE_WINDOW,
+    "Cardiomegaly": HEART_WINDOW,
+    "Pericardial effusion": SOFT_WINDOW,
+    "Coronary artery wall calcification": DENSE_WINDOW,
+    "Hiatal hernia": SOFT_WINDOW,
+    "Lymphadenopathy": SOFT_WINDOW,
+    "Emphysema": (-800.0, 500.0),
+    "Atelectasis": SOFT_WINDOW,
     "Lung nodule": LUNG_WINDOW,
     "Lung opacity": LUNG_WINDOW,
-    "Emphysema": (-800.0, 500.0),
-    "Consolidation": LUNG_WINDOW,
-    "Atelectasis": SOFT_WINDOW,
+    "Pulmonary fibrotic sequela": LUNG_WINDOW,
     "Pleural effusion": SOFT_WINDOW,
-    "Pericardial effusion": SOFT_WINDOW,
-    "Lymphadenopathy": SOFT_WINDOW,
-    "Cardiomegaly": HEART_WINDOW,
-    "Arterial wall calcification": DENSE_WINDOW,
-    "Coronary artery wall calcification": DENSE_WINDOW,
-    "Medical material": DENSE_WINDOW,
+    "Mosaic attenuation pattern": NARROW_LUNG_WINDOW,
+    "Peribronchial thickening": LUNG_WINDOW,
+    "Consolidation": LUNG_WINDOW,
+    "Bronchiectasis": LUNG_WINDOW,
+    "Interlobular septal thickening": LUNG_WINDOW,
 }
 
 

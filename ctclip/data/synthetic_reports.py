@@ -93,7 +93,8 @@ def _pleural(d: dict, rng) -> str:
 
 def _lymph(d: dict, rng) -> str:
     nodes = d.get("nodes") or [{"station": "subcarinal", "short_mm": 12}]
-    stations = " and ".join(n["station"] for n in nodes)
+    names = list(dict.fromkeys(n["station"] for n in nodes))
+    stations = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     largest = d.get("largest_mm", max(n["short_mm"] for n in nodes))
     plural = len(nodes) > 1
     return _pick(rng, (
@@ -104,16 +105,32 @@ def _lymph(d: dict, rng) -> str:
     ))
 
 
+def _device(d: dict, rng) -> str:
+    """The sentence for the planted device: its kind decides the wording, as in CT-RATE's reports."""
+    device, tip = d.get("device", "central venous catheter"), d.get("tip", "superior vena cava")
+    if device == "sternotomy wires":
+        return _pick(rng, (
+            "Sternotomy wires are observed in the sternum.",
+            "Median sternotomy with cerclage wires is seen.",
+            "Medical material: sternotomy wires in place.",
+        ))
+    if device in ("cardiac pacemaker", "implantable cardioverter-defibrillator"):
+        return _pick(rng, (
+            f"A {device} is observed in the chest wall with its lead{'s' if 'and' in tip else ''} extending "
+            f"into the {tip}.",
+            f"Medical material: {device} generator in the anterior chest wall, lead tip{'s' if 'and' in tip else ''}"
+            f" in the {tip}.",
+            f"{device.capitalize()} in place, its lead{'s' if 'and' in tip else ''} reaching the {tip}.",
+        ))
+    return _pick(rng, (
+        f"A {device} is observed with its tip in the {tip}.",
+        f"Medical material is present: a {device} extending into the {tip}.",
+        f"{device.capitalize()} in place, its tip projecting over the {tip}.",
+    ))
+
+
 POSITIVE: dict[str, Sentence] = {
-    "Medical material": lambda d, rng: _pick(rng, (
-        f"A {d.get('device', 'central venous catheter')} is observed with its tip in the "
-        f"{d.get('tip', 'superior vena cava')}.",
-        f"Medical material is present: a {d.get('device', 'central venous catheter')} extending into the "
-        f"{d.get('tip', 'superior vena cava')}.",
-        f"Central venous catheter in place, its tip projecting over the {d.get('tip', 'superior vena cava')}.",
-        "Medical material compatible with a central venous catheter is seen in the right brachiocephalic vein "
-        "and superior vena cava.",
-    )),
+    "Medical material": lambda d, rng: _device(d, rng),
     "Arterial wall calcification": lambda d, rng: _pick(rng, (
         "Atherosclerotic calcific plaques are observed in the wall of the thoracic aorta.",
         "Arterial wall calcification is present in the thoracic aorta.",
@@ -301,6 +318,54 @@ NEGATIVE: dict[str, tuple[str, ...]] = {
     ),
 }
 
+# Sentences on the finding's own name. CT-RATE's labels were read off the reports, so the label names are
+# the radiologists' terms ("Mosaic attenuation pattern is observed in both lungs."). Half of the sentences
+# about a finding use one of these frames, in both polarities, with no frame favoured.
+POSITIVE_FRAMES = (
+    "{X} is observed{where}.",
+    "{X} is present{where}.",
+    "{X} was detected{where}.",
+    "There is {a}{x}{where}.",
+    "{X} is seen{where}.",
+)
+NEGATIVE_FRAMES = (
+    "No {x} was detected.",
+    "{X} is not observed.",
+    "There is no {x}.",
+    "{X} is not present.",
+    "{X} was not detected.",
+    "No {x} is seen.",
+)
+NAME_RATE = 0.5
+_COUNTABLE = ("Hiatal hernia", "Lung nodule", "Lung opacity", "Mosaic attenuation pattern")
+
+
+def _where(finding: str, d: dict) -> str:
+    if d.get("lobes") or d.get("lobe"):
+        return f" in {_lobes(d)}"
+    if finding == "Lung nodule" and d.get("largest"):
+        return f" in the {d['largest']['lobe']}"
+    if finding == "Pleural effusion" and d.get("side") in ("left", "right"):
+        return f" on the {d['side']} side"
+    return ""
+
+
+def _frame(frame: str, finding: str, d: dict | None = None) -> str:
+    return frame.format(X=finding, x=finding.lower(), a="a " if finding in _COUNTABLE else "",
+                        where=_where(finding, d or {}))
+
+
+def _named(finding: str, describe: Sentence) -> Sentence:
+    def sentence(d: dict, rng: np.random.Generator) -> str:
+        if rng.random() < NAME_RATE:
+            return _frame(_pick(rng, POSITIVE_FRAMES), finding, d)
+        return describe(d, rng)
+    return sentence
+
+
+POSITIVE = {f: _named(f, describe) for f, describe in POSITIVE.items()}
+NEGATIVE = {f: tuple(dict.fromkeys(own + tuple(_frame(t, f) for t in NEGATIVE_FRAMES))) for f, own in NEGATIVE.items()}
+
 # one sentence for two absent findings, as CT-RATE often writes them; used only when both are absent
 JOINT_NEGATIVE: dict[tuple[str, str], tuple[str, ...]] = {
     ("Pleural effusion", "Pericardial effusion"): (
@@ -334,7 +399,8 @@ NEGATION_RATE: dict[str, float] = {f: 0.6 for f in FINDINGS} | {
 }
 
 IMPRESSION: dict[str, Sentence] = {
-    "Medical material": lambda d, rng: _pick(rng, ("Central venous catheter in place.", "Medical material.")),
+    "Medical material": lambda d, rng: _pick(
+        rng, (f"{d.get('device', 'central venous catheter').capitalize()} in place.", "Medical material.")),
     "Arterial wall calcification": lambda d, rng: _pick(
         rng, ("Aortic atherosclerosis.", "Arterial wall calcification in the aorta.")),
     "Cardiomegaly": lambda d, rng: _pick(rng, ("Cardiomegaly.", "Enlarged heart.")),
