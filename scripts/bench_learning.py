@@ -64,6 +64,8 @@ def machine() -> str:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict:
+    if "ctclip" in args.part and args.ctclip_data_dir is None:
+        bench_learning_ctclip.check_sides(args)  # refused before the other parts run
     results: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "machine": machine(), "command": "python scripts/bench_learning.py " +
                      shlex.join(sys.argv[1:] if args.argv is None else args.argv), "parts": {}}
@@ -83,6 +85,14 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
+    try:
+        return _main(args)
+    except bench_learning_ctclip.SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
         results = run(args, args.work_dir)

@@ -240,17 +240,52 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         torch.set_num_threads(threads)  # the caller's setting back (bench_learning.py runs other halves after)
 
 
+class SetupError(ValueError):
+    """Settings that cannot give a result; raised before any work."""
+
+
+def check_sides(args: argparse.Namespace) -> None:
+    """Refuse a set whose valid patients cannot fill the validation side and still leave a test side: the
+    validation side takes whole patients until it holds --ctclip_val_volumes volumes, so in the worst case
+    (one volume per patient) that many patients."""
+    import yaml
+
+    synth = yaml.safe_load(Path(args.ctclip_synth_config).read_text()) or {}
+    n = args.ctclip_n_patients if args.ctclip_n_patients is not None else int(synth.get("n_patients", 0))
+    fraction = float(synth.get("valid_fraction", 0.25))
+    valid = round(n * fraction)
+    if valid - args.ctclip_val_volumes < 1:
+        need = int((args.ctclip_val_volumes + 1) / fraction) + 1 if fraction > 0 else None
+        raise SetupError(
+            f"{n} patients x valid_fraction {fraction:g} = {valid} valid patients, and the validation side takes up "
+            f"to {args.ctclip_val_volumes} of them (--ctclip_val_volumes): no test side would be left. Give at least "
+            f"{need} patients (--ctclip_n_patients) or a smaller --ctclip_val_volumes.")
+
+
+def check_split(split: dict, data: Path) -> None:
+    sizes = {side: int((split.get(side) or {}).get("volumes", 0)) for side in ("validation", "test")}
+    empty = [side for side, n in sizes.items() if n == 0]
+    if empty:
+        raise SetupError(f"{data / 'split_summary.json'}: the {' and '.join(empty)} side has no volume "
+                         f"(validation {sizes['validation']}, test {sizes['test']} volumes); more patients or a "
+                         "smaller --ctclip_val_volumes")
+
+
 def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
-    work_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, Any] = {}
     if args.ctclip_data_dir is not None:
         data = Path(args.ctclip_data_dir)
         if not (data / "split_summary.json").is_file():
             raise FileNotFoundError(f"--ctclip_data_dir {data}: no split_summary.json (not a set this benchmark built)")
         split = json.loads((data / "split_summary.json").read_text())
+        check_split(split, data)
+        work_dir.mkdir(parents=True, exist_ok=True)
     else:
+        check_sides(args)
+        work_dir.mkdir(parents=True, exist_ok=True)
         data = work_dir / "ct_rate"
         split = build_data(args, data, timings)
+        check_split(split, data)
     templates = resolve_templates(args.ctclip_templates or _train_config_value(args.ctclip_train_config, "val_templates")
                                   or "ctclip")
     variants: dict[str, Any] = {}
@@ -363,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_learning_ctclip_"))
-    result = run(args, work)
+    try:
+        result = run(args, work)
+    except SetupError as e:
+        log.error("%s", e)
+        return 2
     print(report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
