@@ -94,9 +94,10 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 
 def check_model_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """A checkpoint of another architecture is refused before any weight is touched."""
-    saved = {"slice_norm": "minmax", **saved}  # checkpoints older than the setting were trained with min-max
+    # checkpoints older than these settings were trained with min-max slices, EOT pooling, no centring
+    saved = {"slice_norm": "minmax", "text_pool": "eot", "embed_center": False, **saved}
     keys = ("slice_encoder", "image_size", "slice_norm", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
-            "context_length", "text_width", "text_layers", "text_heads")
+            "context_length", "text_width", "text_layers", "text_heads", "text_pool", "embed_center")
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise CheckpointError(f"{path} was trained with another architecture: " + "; ".join(diff))

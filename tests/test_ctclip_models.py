@@ -6,6 +6,7 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import timm
@@ -482,3 +483,62 @@ def test_checkpoint_of_another_slice_norm_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="slice_norm: checkpoint 'minmax' vs now 'window'"):
         check_model_config(old, now, tmp_path / "latest.pt")
     check_model_config(dataclasses.asdict(tiny_cfg(slice_norm="window")), now, tmp_path / "latest.pt")
+
+
+def test_ct_windows_match_a_numpy_windowing():
+    """ct_windows: three HU windows of the uint8 store (0 = -1000 HU, 255 = +1000 HU), one per channel."""
+    from ctclip.models.slice_encoder import CT_WINDOWS_HU
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(2, 1, 16, 16), dtype=np.uint8)
+    enc = build_slice_encoder("tiny_cnn", image_size=16, slice_norm="ct_windows")
+    assert enc.mean.numel() == 3 and enc.backbone.features[0].in_channels == 3
+    got = (enc.preprocess(torch.from_numpy(raw)) * enc.std + enc.mean).numpy()
+    hu = -1000.0 + raw[:, 0].astype(np.float64) * 2000.0 / 255.0
+    for c, (lo, hi) in enumerate(CT_WINDOWS_HU):
+        np.testing.assert_allclose(got[:, c], np.clip((hu - lo) / (hi - lo), 0, 1), atol=1e-5)
+
+
+def test_mean_text_pool_averages_the_text_tokens():
+    from ctclip.models.text import encode_tokens
+
+    torch.manual_seed(0)
+    tower = build_text_tower(64, 32, 2, 2, 16).eval()
+    texts = ["Pleural effusion is not present.", "Cardiomegaly."]
+    tokens = tokenize(texts, 64)
+    with torch.no_grad():
+        got = encode_tokens(tower, tokens, "mean")
+        # the reference: the tower's own full-context token features, averaged over each text's tokens
+        x = tower.token_embedding(tokens) + tower.positional_embedding
+        x = tower.ln_final(tower.transformer(x, attn_mask=tower.attn_mask))
+        keep = (tokens != 0).float().unsqueeze(-1)
+        ref = ((x * keep).sum(1) / keep.sum(1)) @ tower.text_projection
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, encode_tokens(tower, tokens, "eot"))
+    with pytest.raises(ValueError, match="text pool"):
+        encode_tokens(tower, tokens, "max")
+    with pytest.raises(ValueError, match="text_pool"):
+        tiny_cfg(text_pool="max")
+
+
+def test_embed_center_centres_the_batch_and_is_checked_on_resume(tmp_path):
+    from ctclip.checkpoint import CheckpointError, check_model_config
+    from ctclip.models.clip3d import BatchCenter
+
+    model = tiny_model(slice_encoder="tiny_cnn", image_size=32, slice_norm="window", embed_center=True,
+                       text_pool="mean")
+    assert isinstance(model.volume_center, BatchCenter) and isinstance(model.text_center, BatchCenter)
+    raw = model.fusion(model.encode_slices(volumes(b=4, d=3, hw=32)))
+    centred = model.volume_center(raw)
+    torch.testing.assert_close(centred.mean(0), torch.zeros(raw.shape[1]), atol=1e-5, rtol=0)
+    assert model.encode_volume(volumes(b=1, d=3, hw=32)).shape == (1, model.cfg.embed_dim)  # one row: no error
+    model.eval()  # running statistics: a volume's embedding does not depend on its batch
+    v = volumes(b=3, d=3, hw=32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_volume(v)[:1], model.encode_volume(v[:1]), atol=1e-5, rtol=1e-5)
+    plain = tiny_model()
+    assert isinstance(plain.volume_center, torch.nn.Identity) and "volume_center.running_mean" not in plain.state_dict()
+    now = dataclasses.asdict(tiny_cfg(embed_center=True, text_pool="mean"))
+    old = {k: v for k, v in dataclasses.asdict(tiny_cfg()).items() if k not in ("embed_center", "text_pool")}
+    with pytest.raises(CheckpointError, match="text_pool: checkpoint 'eot' vs now 'mean'"):
+        check_model_config(old, now, tmp_path / "latest.pt")

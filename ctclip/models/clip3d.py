@@ -29,6 +29,19 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned inverse temperatu
 NO_DECAY_NAMES = ("cls_token", "pos_embed", "reg_token", "register_tokens", "positional_embedding", "logit_scale")
 
 
+class BatchCenter(nn.BatchNorm1d):
+    """Centre and scale each embedding dimension on the batch (running statistics at eval, and for a
+    one-row batch in training, where batch statistics do not exist)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] < 2:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
+        return super().forward(x)
+
+
 class CTCLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,6 +63,9 @@ class CTCLIP(nn.Module):
         if cfg.text_weights:
             load_openai_text_weights(self.text, cfg.text_weights)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # optional centring of both embeddings on the batch (cfg.embed_center); identity otherwise
+        self.volume_center = BatchCenter(cfg.embed_dim) if cfg.embed_center else nn.Identity()
+        self.text_center = BatchCenter(cfg.embed_dim) if cfg.embed_center else nn.Identity()
 
     def tokenize(self, texts: list[str]) -> torch.LongTensor:
         """(B, context_length) CLIP BPE ids on the CPU; longer texts are truncated."""
@@ -61,14 +77,14 @@ class CTCLIP(nn.Module):
 
     def encode_volume_from_slices(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, C) -> (B, embed_dim), L2-normalised. `mask` (B, D): True for real (unpadded) slices."""
-        return F.normalize(self.fusion(slice_feats, mask=mask), dim=-1)
+        return F.normalize(self.volume_center(self.fusion(slice_feats, mask=mask)), dim=-1)
 
     def encode_volume(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.encode_volume_from_slices(self.encode_slices(volumes))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) ids -> (B, embed_dim), L2-normalised."""
-        return F.normalize(encode_tokens(self.text, tokens), dim=-1)
+        return F.normalize(self.text_center(encode_tokens(self.text, tokens, self.cfg.text_pool)), dim=-1)
 
     def forward(self, volumes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(volume features, text features, logit scale = exp(clamped logit_scale))."""

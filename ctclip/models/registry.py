@@ -17,6 +17,7 @@ import yaml
 
 from ctclip.models.clip3d import CTCLIP
 from ctclip.models.slice_encoder import REGISTERED_ENCODERS, SLICE_NORMS
+from ctclip.models.text import TEXT_POOLS
 
 DINOV2_SOURCES = ("file", "hub")
 
@@ -47,6 +48,14 @@ class ModelConfig:
     text_heads: int = 8
     text_weights: str | None = None  # local OpenAI CLIP weights (state dict or TorchScript archive)
     init_temperature: float = 0.07
+    # how the text tower pools its tokens: "eot" (CLIP: the end-of-text token; keep it with OpenAI weights)
+    # or "mean" (the mean over the text's tokens: a tower trained from scratch starts from a bag of words,
+    # whose random features already follow the report's content, not its length)
+    text_pool: str = "eot"
+    # centre each embedding on the batch (BatchNorm1d without affine, running statistics at eval) before
+    # the L2 norm: towers trained from scratch start with every volume (and every report) embedded in
+    # nearly the same direction (cosine ~0.95), which leaves the contrastive loss almost no gradient
+    embed_center: bool = False
 
     def __post_init__(self) -> None:
         positive = ("slice_chunk", "image_size", "fusion_dim", "fusion_depth", "fusion_heads", "embed_dim",
@@ -56,6 +65,10 @@ class ModelConfig:
                or getattr(self, n) <= 0]
         if bad:
             raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
+        if self.text_pool not in TEXT_POOLS:
+            raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if not isinstance(self.embed_center, bool):
+            raise ValueError(f"ModelConfig: embed_center must be true or false, got {self.embed_center!r}")
         if self.slice_norm not in SLICE_NORMS:
             raise ValueError(f"ModelConfig: slice_norm must be one of {SLICE_NORMS}, got {self.slice_norm!r}")
         if self.dinov2_source not in DINOV2_SOURCES:

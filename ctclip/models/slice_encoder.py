@@ -47,7 +47,11 @@ DINOV2_ARCHS = _dinov2_archs()
 TINY_VIT = "tiny_vit"
 TINY_CNN = "tiny_cnn"
 REGISTERED_ENCODERS: tuple[str, ...] = (*DINOV2_ARCHS, TINY_VIT, TINY_CNN)
-SLICE_NORMS = ("minmax", "window")
+SLICE_NORMS = ("minmax", "window", "ct_windows")
+# "ct_windows": three display windows of the stored HU range, one per channel (the radiologist's lung,
+# mediastinal and calcium/bone settings; RSNA 2019's winners fed their CNNs three brain windows the same way)
+STORE_HU_RANGE = (-1000.0, 1000.0)  # what uint8 0 and 255 mean (ctclip_preprocess.py's default --hu_range)
+CT_WINDOWS_HU = ((-1000.0, 200.0), (-160.0, 240.0), (100.0, 1000.0))
 DINOV2_HUB_REPO = "facebookresearch/dinov2"
 
 
@@ -89,6 +93,11 @@ class SliceEncoder(nn.Module):
         x = slices.float()
         if self.slice_norm == "window":
             x = x / 255.0
+        elif self.slice_norm == "ct_windows":
+            hu = STORE_HU_RANGE[0] + x * ((STORE_HU_RANGE[1] - STORE_HU_RANGE[0]) / 255.0)
+            lo = torch.tensor([w[0] for w in CT_WINDOWS_HU], device=x.device).view(1, -1, 1, 1)
+            hi = torch.tensor([w[1] for w in CT_WINDOWS_HU], device=x.device).view(1, -1, 1, 1)
+            x = ((hu - lo) / (hi - lo)).clamp(0.0, 1.0)
         else:
             lo = x.amin(dim=(-2, -1), keepdim=True)
             span = x.amax(dim=(-2, -1), keepdim=True) - lo
@@ -137,7 +146,7 @@ def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path
     elif name == TINY_VIT:
         backbone, width, mean, std = _build_tiny(image_size)
     elif name == TINY_CNN:
-        backbone, width, mean, std = _build_tiny_cnn(image_size)
+        backbone, width, mean, std = _build_tiny_cnn(image_size, 3 if slice_norm == "ct_windows" else 1)
     elif name.startswith("timm:"):
         backbone, width, mean, std = _build_timm(name[len("timm:"):], image_size, weights)
     elif name.startswith("openclip:"):
@@ -174,12 +183,12 @@ def _build_tiny(image_size: int):
     return (model, model.num_features, *_timm_mean_std(model))
 
 
-def _build_tiny_cnn(image_size: int):
+def _build_tiny_cnn(image_size: int, in_chans: int):
     from ctclip.models.tiny_cnn import TinySliceCNN
 
-    model = TinySliceCNN(image_size=image_size)
-    # one grey channel, centred: [0, 1] -> [-1, 1]
-    return model, model.num_features, (0.5,), (0.5,)
+    model = TinySliceCNN(image_size=image_size, in_chans=in_chans)
+    # grey channels centred: [0, 1] -> [-1, 1]
+    return model, model.num_features, (0.5,) * in_chans, (0.5,) * in_chans
 
 
 def _build_dinov2(name: str, image_size: int, weights, source: str):

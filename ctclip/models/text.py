@@ -51,25 +51,38 @@ def build_text_tower(context_length: int, width: int, layers: int, heads: int, e
     )
 
 
-def encode_tokens(tower: TextTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """`tower(tokens)` computed only up to the batch's longest text.
+TEXT_POOLS = ("eot", "mean")
+
+
+def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot") -> torch.Tensor:
+    """`tower(tokens)` computed only up to the batch's longest text; `pool` "mean" averages the final
+    token features over each text's tokens (start and end tokens included, padding excluded) instead of
+    taking the end-of-text token's.
 
     The tokenizer pads every text to the context length (a long context holds whole CT-RATE reports), but
     with the causal mask nothing after a text's end-of-text token reaches the token the tower pools, so
     the padding columns change nothing and cost most of the work when reports vary in length. Equal to
     the full forward up to float rounding (tests/test_ctclip_models.py).
     """
+    if pool not in TEXT_POOLS:
+        raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
     if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
+        if pool != "eot":
+            raise ValueError("text pool 'mean' needs a causal text tower without a CLS token")
         return tower(tokens)  # layouts this shortcut does not cover
     length = max(int((tokens != 0).sum(dim=1).max()), 1)
-    if length >= tokens.shape[1]:
+    if length >= tokens.shape[1] and pool == "eot":
         return tower(tokens)
     cut = tokens[:, :length]
     x = tower.token_embedding(cut).to(tower.transformer.get_cast_dtype())
     x = x + tower.positional_embedding[:length].to(x.dtype)
     x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
     x = tower.ln_final(x)
-    pooled = x[torch.arange(x.shape[0], device=x.device), cut.argmax(dim=-1)]
+    if pool == "mean":
+        keep = (cut != 0).unsqueeze(-1).to(x.dtype)
+        pooled = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+    else:
+        pooled = x[torch.arange(x.shape[0], device=x.device), cut.argmax(dim=-1)]
     if isinstance(tower.text_projection, torch.nn.Linear):
         return tower.text_projection(pooled)
     return pooled @ tower.text_projection if tower.text_projection is not None else pooled
