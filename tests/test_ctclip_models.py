@@ -178,6 +178,10 @@ def test_slice_encoder_id_follows_weights():
     with torch.no_grad():
         b.slice_encoder.backbone.patch_embed.proj.weight[0, 0, 0, 0] += 1
     assert a.slice_encoder_id() != b.slice_encoder_id()
+    # the same weights under another slice normalisation give other features: another cache key
+    w = tiny_model(seed=0, slice_norm="window")
+    assert w.slice_encoder.weights_sha256() == a.slice_encoder.weights_sha256()
+    assert w.slice_encoder_id() != a.slice_encoder_id() and ":norm=window:" in w.slice_encoder_id()
 
 
 # ---------------------------------------------------------------- DINOv2 official layout

@@ -94,9 +94,11 @@ class CTCLIP(nn.Module):
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def slice_encoder_id(self) -> str:
-        """Backbone name, input size and sha256 of its weights: the key of a slice feature cache."""
+        """Backbone name, input size, slice normalisation (when not the default min-max, so that keys of
+        existing caches stay valid) and sha256 of its weights: the key of a slice feature cache."""
         enc = self.slice_encoder
-        return f"{enc.name}@{enc.image_size}px:sha256={enc.weights_sha256()}"
+        norm = "" if enc.slice_norm == "minmax" else f":norm={enc.slice_norm}"
+        return f"{enc.name}@{enc.image_size}px{norm}:sha256={enc.weights_sha256()}"
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
