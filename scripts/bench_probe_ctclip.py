@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_side(store: Path, labels: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """(N, 1, D, H, W) uint8 volumes, (N, 18) labels, names: the labelled volumes of the store."""
-    table = pd.read_csv(labels).set_index("VolumeName")
+    for path in (store, labels):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    table = pd.read_csv(labels)
+    if "VolumeName" not in table.columns:
+        raise ValueError(f"{labels}: no column VolumeName")
+    table = table.set_index("VolumeName")
     missing = [c for c in FINDINGS if c not in table.columns]
     if missing:
         raise ValueError(f"{labels}: no column(s) {missing}")
@@ -126,13 +132,8 @@ class Probe(nn.Module):
         self.head = nn.Linear(64, len(FINDINGS))
 
     def embed(self, volumes: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(volumes)
-        if self.pool == "cls":
-            return self.fusion(feats)
-        f = self.fusion
-        x = f.proj_in(feats)
-        x = torch.cat([f.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return f.proj_out(f.norm(f.encoder(x)[:, 1:].mean(dim=1)))
+        tokens = self.fusion.tokens(self.encoder(volumes))
+        return self.fusion.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1))
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(volumes))
@@ -222,6 +223,10 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    bad = [a for a in args.arms if a != "pooled" and (len(a.split(":")) != 3 or a.split(":")[2] not in ("cls", "mean"))]
+    if bad:  # refused before any work
+        print(f"error: arm(s) {bad}: expected 'pooled' or ENCODER:NORM:POOL with POOL cls or mean", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     data = args.data_dir
     if data is None:
@@ -234,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(bp)
         data = args.work_dir / "ct_rate"
         build_data(bp.parse_args([]), data, {})
-    xtr, ytr, _ = load_side(data / "train_volumes.h5", data / "train_predicted_labels.csv")
-    xte, yte, _ = load_side(data / "valid_volumes.h5", data / "test_predicted_labels.csv")
+    try:
+        xtr, ytr, _ = load_side(data / "train_volumes.h5", data / "train_predicted_labels.csv")
+        xte, yte, _ = load_side(data / "valid_volumes.h5", data / "test_predicted_labels.csv")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}", flush=True)
     arms: dict[str, Any] = {}
     for arm in args.arms:

@@ -79,3 +79,14 @@ def test_the_3d_clip_leaves_the_uniform_loss(small_set, tmp_path):
     # ln(32) = 3.47 is where both towers stay when they cannot start to agree (the old set-up: 3.46-3.48 for
     # 400 steps); measured here: 2.99 over the last ten of 60 steps
     assert np.mean(losses[-10:]) < math.log(batch) - 0.3, losses[-10:]
+
+
+def test_probe_names_bad_inputs_before_training(tmp_path, capsys):
+    assert probe.main(["--data_dir", str(tmp_path), "--arms", "tiny_cnn:window"]) == 2
+    assert "'tiny_cnn:window'" in capsys.readouterr().err
+    assert probe.main(["--data_dir", str(tmp_path / "missing")]) == 2
+    assert "train_volumes.h5: no such file" in capsys.readouterr().err
+    (tmp_path / "train_volumes.h5").write_bytes(b"")
+    (tmp_path / "train_predicted_labels.csv").write_text("Name,Cardiomegaly\nx,1\n")
+    assert probe.main(["--data_dir", str(tmp_path)]) == 2
+    assert "train_predicted_labels.csv: no column VolumeName" in capsys.readouterr().err

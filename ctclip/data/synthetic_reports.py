@@ -40,12 +40,15 @@ def _pick(rng: np.random.Generator, options: list[str] | tuple[str, ...]) -> str
     return options[int(rng.integers(len(options)))]
 
 
+def _join(items: list[str]) -> str:
+    """ "a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _lobes(d: dict) -> str:
     """ "the right lower lobe", "the left upper lobe and right lower lobe", or "both lungs"."""
     lobes = list(d.get("lobes") or ([d["lobe"]] if d.get("lobe") else []))
-    if not lobes:
-        return "both lungs"
-    return "the " + (lobes[0] if len(lobes) == 1 else ", ".join(lobes[:-1]) + " and " + lobes[-1])
+    return "the " + _join(lobes) if lobes else "both lungs"
 
 
 def _side_words(side: str | None, organ: str = "lung") -> str:
@@ -93,8 +96,7 @@ def _pleural(d: dict, rng) -> str:
 
 def _lymph(d: dict, rng) -> str:
     nodes = d.get("nodes") or [{"station": "subcarinal", "short_mm": 12}]
-    names = list(dict.fromkeys(n["station"] for n in nodes))
-    stations = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    stations = _join(list(dict.fromkeys(n["station"] for n in nodes)))
     largest = d.get("largest_mm", max(n["short_mm"] for n in nodes))
     plural = len(nodes) > 1
     return _pick(rng, (

@@ -36,12 +36,19 @@ class SliceFusion(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, out_dim)
 
-    def forward(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D, in_dim) -> (B, out_dim), not normalised. `mask` (B, D) bool: True = real slice."""
+    def tokens(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, in_dim) -> the encoder's outputs (B, 1 + D, dim): the CLS token first, then the slices."""
         x = self.proj_in(slice_feats)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         if mask is not None:
             mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask.bool()], dim=1)
-        x = self.encoder(x, mask=mask)
-        return self.proj_out(self.norm(x[:, 0]))
+        return self.encoder(x, mask=mask)
+
+    def head(self, token: torch.Tensor) -> torch.Tensor:
+        """A pooled (B, dim) token -> (B, out_dim)."""
+        return self.proj_out(self.norm(token))
+
+    def forward(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, in_dim) -> (B, out_dim), not normalised. `mask` (B, D) bool: True = real slice."""
+        return self.head(self.tokens(slice_feats, mask)[:, 0])
