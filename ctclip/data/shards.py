@@ -46,6 +46,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ctclip.data.store import (
+    PENDING,
+    READABLE_VERSIONS,
     STORE_VERSION,
     VIRTUAL_SOURCES_ATTR,
     VOLUME_ATTRS,
@@ -206,14 +208,16 @@ def inspect_store(path: Path) -> SourceStore:
         if VIRTUAL_SOURCES_ATTR in f.attrs:
             raise MergeError(f"{path}: is itself a merged virtual store; merge the shard stores it points to")
         version = int(f.attrs.get("store_version", -1))
-        if version != STORE_VERSION:
-            raise MergeError(f"{path}: store version {version}, this code reads {STORE_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise MergeError(f"{path}: store version {version}, this code reads {', '.join(map(str, READABLE_VERSIONS))}")
         src = SourceStore(path=path, target_shape=tuple(int(x) for x in f.attrs["target_shape"]),
                           config=json.loads(f.attrs["config"]), version=_text(f.attrs.get("ctclip_version", "")),
                           shard=store_shard(f.attrs))
-        for name in sorted(f.keys()):
+        pending = f.get(PENDING)
+        members = [(n, n) for n in f.keys() if n != PENDING] + [(n, f"{PENDING}/{n}") for n in (pending or {})]
+        for name, key in sorted(members):
             try:
-                problem = _volume_problem(f[name], src.target_shape)
+                problem = _volume_problem(f[key], src.target_shape)
             except (OSError, KeyError, ValueError) as e:  # a damaged object header
                 problem = f"unreadable: {type(e).__name__}: {e}"
             if problem is None:

@@ -2,12 +2,16 @@
 
 Crash safety without a journal: a store is created complete-but-empty (every dataset of the run,
 with its full file space and every attribute already allocated) in a temporary file that is renamed
-into place. From then on, committing a volume only writes raw data into space that already exists
-and rewrites fixed-size attributes in place; the `complete` attribute is set to 1 in a second flush
-after the data and the other attributes are on disk. A process killed at any moment therefore leaves
-a store whose structure is intact and in which every volume is either complete or marked incomplete.
-`VolumeStore` (the reader) only ever shows complete volumes. Re-running the preprocessing redoes the
-incomplete ones and gives the same store as an uninterrupted run.
+into place. Datasets not yet done wait in the ``/_pending`` group, out of the volumes' namespace, so
+``h5py.File(store)[name]`` (how plain h5py users and the seed's code read) only ever finds a finished
+volume. Committing a volume writes raw data into space that already exists, rewrites fixed-size
+attributes in place, sets `complete` to 1 in a second flush, and only then moves the dataset's link
+from ``/_pending/<name>`` to ``/<name>`` (a metadata-only step guarded by a ``.linking`` marker file: a
+process killed inside that step leaves the marker, and the next writer checks the store before going
+on). A process killed at any moment therefore leaves a store in which every volume is either
+complete under its own name or still pending. Re-running the preprocessing redoes the pending ones and
+gives the same store as an uninterrupted run. A volume that failed stays pending (its name is in the
+run's errors CSV).
 
 Adding volumes to an existing store (a later run over a larger folder) creates their datasets in
 place; that short, metadata-only step is guarded by a marker file so an interrupted extension is
@@ -15,18 +19,20 @@ detected on the next run.
 
 Layout (h5py view)::
 
-    /<VolumeName>              uint8 (D, H, W), chunks (1, H, W), no compression
-        attrs: complete (0/1), source_path, original_shape (3,), spacing (3,), affine (4, 4),
+    /<VolumeName>              uint8 (D, H, W), chunks (1, H, W), no compression; only complete volumes
+        attrs: complete (1), source_path, original_shape (3,), spacing (3,), affine (4, 4),
                hu_slope, hu_intercept, rescale ("csv"|"nifti"|"none"), rescale_reason,
                orientation (on-disk axis codes), uint8_range (HU mapped to 0 and 255),
                output_spacing (mm per stored voxel, D H W), content_start / content_shape (where
                the resized volume sits inside the padding)
+    /_pending/<VolumeName>     the same, for volumes not yet done (complete 0)
     file attrs: store_version, ctclip_version, target_shape, config (JSON of the preprocessing
-                config); a shard store (scripts/ctclip_preprocess.py --num_shards) also has
+                config, with `axis_codes`: the stored layout, see `store_axis_codes`); a shard store (scripts/ctclip_preprocess.py --num_shards) also has
                 shard_index and num_shards; a merged virtual store (ctclip/data/shards.py) has
                 virtual_sources (JSON list of the shard stores, relative to its own folder)
 
-Readers using plain h5py must check ``attrs["complete"] == 1``.
+Version 1 stores (before 2026-12) kept pending datasets beside the complete ones: their readers must check
+``attrs["complete"] == 1`` (`VolumeStore` does); a writer moves their pending datasets on first open.
 
 A merged virtual store holds no voxels: its datasets are HDF5 virtual datasets that read from the
 shard stores beside it. HDF5 reads a missing source file as zeros without an error, so `VolumeStore`
@@ -47,7 +53,11 @@ from typing import Any
 import h5py
 import numpy as np
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+PENDING = "_pending"
+# what stores written before layouts were configurable recorded as "layout" (the radiological view)
+LEGACY_LAYOUT = "D: inferior->superior (b2u) | H: anterior->posterior | W: right->left (radiological)"
 _STR_SIZES = {"source_path": 4096, "rescale": 16, "rescale_reason": 256, "orientation": 8}
 _NUM_ATTRS: dict[str, tuple[tuple[int, ...], str]] = {
     "original_shape": ((3,), "i8"),
@@ -78,12 +88,12 @@ def _placeholder_attrs(ds: h5py.Dataset) -> None:
 
 
 def _create_volume_dataset(f: h5py.File, name: str, shape: tuple[int, int, int]) -> None:
-    if "/" in name or not name:
+    if "/" in name or not name or name == PENDING:
         raise StoreError(f"invalid volume name {name!r}")
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # all chunks exist from the start: commits write data only
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # no zero-filling pass (the file stays sparse until written)
-    ds = f.create_dataset(name, shape=shape, dtype=np.uint8, chunks=(1, shape[1], shape[2]),
+    ds = f.require_group(PENDING).create_dataset(name, shape=shape, dtype=np.uint8, chunks=(1, shape[1], shape[2]),
                           dcpl=dcpl, track_times=False)
     _placeholder_attrs(ds)
 
@@ -105,6 +115,17 @@ def _decode(value: Any) -> Any:
     return value
 
 
+def store_axis_codes(config: Mapping[str, Any]) -> str:
+    """The stored layout of a store, as axis codes of its (D, H, W) arrays (ctclip.data.preprocess),
+    from its config attribute; stores written before the layout was recorded were radiological."""
+    if "axis_codes" in config:
+        return str(config["axis_codes"])
+    if config.get("layout") == LEGACY_LAYOUT:
+        return ("S" if config.get("slide_b2u", True) else "I") + "PL"
+    raise StoreError(f"the store's config records no layout ({sorted(config)}); it was not written by "
+                     "ctclip_preprocess.py")
+
+
 @dataclass(frozen=True)
 class StoreSpec:
     target_shape: tuple[int, int, int]
@@ -124,6 +145,38 @@ def _shard_label(shard: tuple[int, ...] | None) -> str:
     return "an unsharded store" if shard is None else f"shard {shard[0]} of {shard[1]}"
 
 
+def _marker(path: Path, what: str) -> Path:
+    return path.with_name(f"{path.name}.{what}")
+
+
+def _recover_link(path: Path, f: h5py.File, marker: Path) -> None:
+    """A writer died while moving one volume's link. Check that the store still reads and that the
+    volume is under exactly one name (its own name only once complete), then carry on."""
+    name = marker.read_text()
+    try:
+        listed = {n: f[n] for n in f} | {f"{PENDING}/{n}": f[PENDING][n] for n in f.get(PENDING, {})}
+        done, waiting = listed.get(name), listed.get(f"{PENDING}/{name}")
+        if done is not None and waiting is not None:
+            del f[name if int(done.attrs["complete"]) != 1 else f"{PENDING}/{name}"]
+        elif done is not None and int(done.attrs["complete"]) != 1:
+            f.move(name, f"{PENDING}/{name}")
+        f.flush()
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise StoreError(f"{path}: a previous run was killed while storing {name!r} ({marker.name} exists) and "
+                         f"the store no longer reads ({e}); rebuild it with --overwrite") from e
+    marker.unlink()
+
+
+def _upgrade_v1(f: h5py.File) -> None:
+    """A version 1 store kept incomplete datasets beside the complete ones: move them to /_pending."""
+    if int(f.attrs["store_version"]) == STORE_VERSION:
+        return
+    pending = f.require_group(PENDING)
+    for name in [n for n, obj in f.items() if isinstance(obj, h5py.Dataset) and int(obj.attrs["complete"]) != 1]:
+        f.move(name, f"{PENDING}/{name}")
+    pending.file.attrs["store_version"] = STORE_VERSION
+
+
 class StoreWriter:
     """The single writer of a store. Workers compute; only this object touches the file."""
 
@@ -135,10 +188,11 @@ class StoreWriter:
         """Open (or create) the store for `names`; datasets for new names are allocated up front."""
         path = Path(path)
         names = sorted(set(names))
-        marker = path.with_name(path.name + ".extending")
+        marker, linking = _marker(path, "extending"), _marker(path, "linking")
         if overwrite:
             path.unlink(missing_ok=True)
             marker.unlink(missing_ok=True)
+            linking.unlink(missing_ok=True)
         if not path.exists():
             cls._create(path, names, spec)
         elif marker.exists():
@@ -150,10 +204,14 @@ class StoreWriter:
             raise StoreError(f"{path}: cannot open for writing ({e}); is another process using it, "
                              "or is it not an HDF5 store?") from e
         try:
+            if linking.exists():
+                _recover_link(path, f, linking)
             cls._check_compatible(path, f, spec)
-            missing = [n for n in names if n not in f]
-            if missing:
+            pending = f.get(PENDING)
+            missing = [n for n in names if n not in f and (pending is None or n not in pending)]
+            if missing or int(f.attrs["store_version"]) != STORE_VERSION:
                 marker.write_text(f"adding {len(missing)} volumes, started {time.ctime()}\n")
+                _upgrade_v1(f)
                 for name in missing:
                     _create_volume_dataset(f, name, spec.target_shape)
                 f.flush()
@@ -188,7 +246,7 @@ class StoreWriter:
             raise StoreError(f"{path}: is a merged virtual store (views into shard stores); preprocess into the "
                              "shard stores and merge again, or write another output file")
         version = int(f.attrs.get("store_version", -1))
-        if version != STORE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(f"{path}: store version {version}, this code writes {STORE_VERSION}; use --overwrite")
         shape = tuple(int(x) for x in f.attrs["target_shape"])
         if shape != tuple(spec.target_shape):
@@ -206,22 +264,27 @@ class StoreWriter:
                              "use another output file or --overwrite")
 
     def is_complete(self, name: str) -> bool:
-        return name in self._f and int(self._f[name].attrs["complete"]) == 1
+        obj = self._f.get(name)
+        return isinstance(obj, h5py.Dataset) and int(obj.attrs["complete"]) == 1
 
     def pending(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if not self.is_complete(n)]
 
     def commit(self, name: str, volume: np.ndarray, attrs: Mapping[str, Any]) -> None:
-        """Write one volume and its attributes; it becomes visible to readers only at the end."""
-        ds = self._f[name]
+        """Write one volume and its attributes; it appears under its name only at the end."""
+        pending = self._f.require_group(PENDING)
+        if name in self._f:  # rewriting a done volume (not done by the pipeline): back to pending first
+            self._f[name].attrs.modify("complete", np.uint8(0))
+            self._f.flush()
+            self._link(f"/{name}", f"/{PENDING}/{name}", name)
+        if name not in pending:
+            raise StoreError(f"{self.path}: no dataset allocated for {name!r} (open the writer with its name)")
+        ds = pending[name]
         if volume.shape != ds.shape or volume.dtype != np.uint8:
             raise StoreError(f"{name}: got {volume.dtype} {volume.shape}, the store holds uint8 {ds.shape}")
         unknown = set(attrs) - (set(VOLUME_ATTRS) - {"complete"})
         if unknown:
             raise StoreError(f"{name}: unknown volume attributes {sorted(unknown)}")
-        if int(ds.attrs["complete"]):
-            ds.attrs.modify("complete", np.uint8(0))  # rewriting a done volume (not done by the pipeline)
-            self._f.flush()
         ds.write_direct(np.ascontiguousarray(volume))
         for key, value in attrs.items():
             if key in _STR_SIZES:
@@ -235,6 +298,15 @@ class StoreWriter:
         self._f.flush()  # data and attributes on disk before the volume is declared complete
         ds.attrs.modify("complete", np.uint8(1))
         self._f.flush()
+        self._link(f"/{PENDING}/{name}", f"/{name}", name)
+
+    def _link(self, source: str, dest: str, name: str) -> None:
+        """Move a dataset's link; the marker says which volume was moving if the process dies meanwhile."""
+        marker = _marker(self.path, "linking")
+        marker.write_text(name)
+        self._f.move(source, dest)
+        self._f.flush()
+        marker.unlink()
 
     def close(self) -> None:
         if self._f:
@@ -353,6 +425,13 @@ class VolumeStore:
         out = {k: _decode(v) for k, v in self.file.attrs.items()}
         out["config"] = json.loads(out["config"])
         return out
+
+    def axis_codes(self) -> str:
+        """The stored layout of this store's volumes (see `store_axis_codes`)."""
+        try:
+            return store_axis_codes(self.file_attrs()["config"])
+        except StoreError as e:
+            raise StoreError(f"{self.path}: {e}") from None
 
     def close(self) -> None:
         if self._f is not None and self._pid == os.getpid():
