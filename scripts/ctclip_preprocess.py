@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes computing volumes (0 = in the main process)")
     p.add_argument("--slide_b2u", action=argparse.BooleanOptionalAction, default=True,
                    help="store slices bottom (inferior) to up (superior)")
+    p.add_argument("--layout", choices=["seed", "radiological"], default="seed",
+                   help="in-plane layout: seed = rows anterior->posterior, columns patient left->right (the seed's "
+                        "stores); radiological = columns patient right->left. Recorded in the store; training and "
+                        "evaluation refuse a store whose layout differs from the model's")
+    p.add_argument("--quantize", choices=["trunc", "round"], default="trunc",
+                   help="HU -> uint8: trunc as the seed does (byte-identical stores), or round to the nearest level")
     p.add_argument("--rescale", choices=["auto", "csv", "none"], default="auto",
                    help="how stored values become HU: auto decides per volume and never applies a scaling twice")
     p.add_argument("--hu_range", type=float, nargs=2, default=[-1000.0, 1000.0], metavar=("LO", "HI"))

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ctclip.data.nifti import VolumeError, read_nifti
-from ctclip.data.preprocess import LAYOUT, VolumeParams, preprocess_volume
+from ctclip.data.preprocess import VolumeParams, preprocess_volume
 from ctclip.data.rescale import CsvRescale, RescaleError
 from ctclip.data.shards import check_shard, select_shard, shard_path
 from ctclip.data.store import StoreError, StoreSpec, StoreWriter
@@ -50,6 +50,8 @@ class PreprocessConfig:
     target_shape: tuple[int, int, int] = (160, 224, 224)
     num_workers: int = 4
     slide_b2u: bool = True
+    layout: str = "seed"  # seed | radiological (ctclip.data.preprocess)
+    quantize: str = "trunc"  # trunc (the seed's) | round
     rescale: str = "auto"
     hu_range: tuple[float, float] = (-1000.0, 1000.0)
     spacing: tuple[float, float, float] | None = None
@@ -61,12 +63,14 @@ class PreprocessConfig:
 
     def volume_params(self) -> VolumeParams:
         return VolumeParams(tuple(self.target_shape), tuple(map(float, self.hu_range)), self.slide_b2u,
-                            self.rescale, None if self.spacing is None else tuple(map(float, self.spacing)))
+                            self.rescale, None if self.spacing is None else tuple(map(float, self.spacing)),
+                            self.layout, self.quantize)  # type: ignore[arg-type]
 
     def store_config(self) -> dict[str, Any]:
         """What determines the stored arrays (paths, workers and limits do not)."""
-        p = asdict(self.volume_params())
-        p["layout"] = LAYOUT
+        params = self.volume_params()
+        p = asdict(params)
+        p["axis_codes"] = params.codes  # read back by ctclip.data.store.store_axis_codes
         return p
 
 
