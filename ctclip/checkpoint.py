@@ -133,5 +133,6 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu"):
     finally:
         encoder_log.setLevel(level)
     load_model_state(model, ckpt["model"], path)
-    meta = {k: ckpt.get(k) for k in ("step", "epoch", "best_metric", "config", "model_config", "store_shape")}
+    meta = {k: ckpt.get(k) for k in ("step", "epoch", "best_metric", "config", "model_config", "store_shape",
+                                            "store_layout")}
     return model.to(device).eval(), meta

@@ -27,6 +27,7 @@ import torch
 
 from ctclip.checkpoint import load_trained_model
 from ctclip.data.dataset import CTLabelDataset, make_loader
+from ctclip.data.preprocess import check_layout
 from ctclip.data.reports import load_reports, report_text, text_columns
 from ctclip.data.store import VolumeStore
 from ctclip.eval_outputs import file_sha256, write_outputs
@@ -204,8 +205,15 @@ def _dataset(cfg: EvalConfig, meta: dict[str, Any]) -> CTLabelDataset:
         raise EvalError(f"no volume of {cfg.test_labels} is in {cfg.test_data}")
     with VolumeStore(cfg.test_data) as store:
         shape = [int(x) for x in store.file_attrs()["target_shape"]]
+        codes = store.axis_codes()
     if meta.get("store_shape") and list(meta["store_shape"]) != shape:
         log.warning("%s holds %s volumes; the model was trained on %s", cfg.test_data, shape, meta["store_shape"])
+    if meta.get("store_layout") is None:
+        log.warning("%s records no store layout (trained before layouts were recorded): cannot check that %s "
+                    "(%s) is stored the way it was trained on", cfg.model_path, cfg.test_data, codes)
+    problem = check_layout(str(cfg.test_data), codes, str(cfg.model_path), meta.get("store_layout"))
+    if problem:
+        raise EvalError(problem)
     return data
 
 

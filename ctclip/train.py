@@ -38,6 +38,7 @@ from ctclip.checkpoint import (
     set_rng_state,
 )
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset, collate_volumes, make_loader
+from ctclip.data.preprocess import check_layout
 from ctclip.data.store import VolumeStore
 from ctclip.feature_cache import (
     CachedReportDataset,
@@ -167,9 +168,10 @@ def _warn_truncation(cfg: TrainConfig, data: CTReportDataset, sample: int = 2000
                     cfg.model.context_length, max(lengths))
 
 
-def _store_shape(path: Path) -> list[int]:
+def _store_facts(path: Path) -> tuple[list[int], str]:
+    """The volume shape and the stored layout (axis codes) of a store."""
     with VolumeStore(path) as s:
-        return [int(x) for x in s.file_attrs()["target_shape"]]
+        return [int(x) for x in s.file_attrs()["target_shape"]], s.axis_codes()
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -186,7 +188,12 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column, sentence_keep=cfg.sentence_keep,
                            seed=cfg.seed)
     _check_inputs(cfg, data)
-    store_shape = _store_shape(Path(cfg.ct_filepath))
+    store_shape, store_layout = _store_facts(Path(cfg.ct_filepath))
+    if cfg.do_validate:
+        problem = check_layout(str(cfg.val_ct_filepath), _store_facts(Path(cfg.val_ct_filepath))[1],
+                               f"this run (training store {cfg.ct_filepath})", store_layout)
+        if problem:
+            raise SetupError(problem.replace("was trained on", "trains on"))
     resume_path = resolve_resume(cfg.resume, out)
     ckpt = load_checkpoint(resume_path) if resume_path else None
     # started before the model is built: building it and the feature cache is part of the budget
@@ -196,6 +203,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
         if ckpt["store_shape"] != store_shape:
             raise SetupError(f"{cfg.ct_filepath} holds volumes of shape {store_shape}, but {resume_path} was "
                              f"trained on {ckpt['store_shape']}")
+        problem = check_layout(str(cfg.ct_filepath), store_layout, str(resume_path), ckpt.get("store_layout"))
+        if problem:
+            raise SetupError(problem)
 
     model = build_model(cfg.model).to(dist.device)
     if ckpt is not None:
@@ -235,7 +245,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     summary: dict[str, Any] = {"steps": step, "best_metric": best, "stopped_by": "steps"}
     stopping = False
     save = functools.partial(_save, cfg=cfg, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                             store_shape=store_shape, clock=clock)
+                             store_shape=store_shape, store_layout=store_layout, clock=clock)
     while step < total_steps and not stopping:
         sampler.set_epoch(epoch, start_in_epoch)
         loader.dataset.set_epoch(epoch)  # before the workers start: they copy the dataset
@@ -363,13 +373,14 @@ def _accumulated_backward(step_module, micro, autocast, scaler, device) -> float
     return value
 
 
-def _save(path, *, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape,
+def _save(path, *, cfg, model, optimizer, scheduler, scaler, step, epoch, step_in_epoch, best, store_shape, store_layout,
           clock) -> None:
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
         "step_in_epoch": step_in_epoch, "best_metric": best, "rng": rng_state(), "config": resolved(cfg),
-        "model_config": asdict(cfg.model), "store_shape": store_shape, "budget_used_s": clock.used(),
+        "model_config": asdict(cfg.model), "store_shape": store_shape,
+        "store_layout": store_layout, "budget_used_s": clock.used(),
     })
 
 

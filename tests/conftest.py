@@ -42,6 +42,18 @@ def synthetic_chest(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def radiological_valid(synthetic_chest) -> Path:
+    """synthetic_chest's validation volumes stored in the radiological layout (W patient right->left)."""
+    from scripts.ctclip_preprocess import main as preprocess
+
+    out = synthetic_chest / "valid_radiological.h5"
+    assert preprocess(["--ct_data_path", str(synthetic_chest / "volumes" / "valid"), "--ct_out_path", str(out),
+                       "--metadata_path", str(synthetic_chest / "validation_metadata.csv"), "--target_shape", "16",
+                       "48", "48", "--num_workers", "0", "--layout", "radiological"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def synthetic_head(tmp_path_factory) -> Path:
     """A small synthetic RSNA DICOM set (configs/hemorrhage/synthetic_small.yaml with seed 0, which has
     JPEG 2000, RLE and implicit-VR series, BitsStored-12 quirk series, a tilted and a thin series,

@@ -198,6 +198,23 @@ def test_bad_inputs_are_named(synthetic_chest, trained, tmp_path, caplog):
     assert eval_main(_eval_args(synthetic_chest, trained, tmp_path / "f", "--templates", "nope")) == 2
 
 
+def test_a_store_of_another_layout_is_refused(synthetic_chest, trained, radiological_valid, tmp_path, caplog):
+    args = _eval_args(synthetic_chest, trained, tmp_path / "a", labels="valid_predicted_labels.csv")
+    args[args.index("--test_data") + 1] = str(radiological_valid)
+    assert eval_main(args) == 2
+    assert "was trained on SPR" in caplog.text and "stores volumes as SPL" in caplog.text
+    assert "Preprocess the volumes again with the default --layout seed" in caplog.text
+    assert not (tmp_path / "a" / "summary.json").exists()
+    caplog.clear()  # a checkpoint from before layouts were recorded: a warning, then the evaluation
+    old = torch.load(trained, weights_only=True)
+    del old["store_layout"]
+    torch.save(old, tmp_path / "old.pt")
+    args[args.index("--model_path") + 1] = str(tmp_path / "old.pt")
+    args[args.index("--output_dir") + 1] = str(tmp_path / "b")
+    assert eval_main(args + ["--n_bootstrap", "0"]) == 0
+    assert "records no store layout" in caplog.text
+
+
 def test_templates_presets_and_files(tmp_path):
     t = load_templates("ctclip")
     assert t.render("Lung nodule") == (["Lung nodule is present."], ["Lung nodule is not present."])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from scripts.ctclip_preprocess import main as preprocess_main
 from scripts.ctclip_train import main as train_main
@@ -116,6 +117,26 @@ def test_bad_inputs_stop_before_training(chest, tmp_path, caplog):
     assert train_main(args) == 2 and "trained on [16, 48, 48]" in caplog.text
     assert train_main(_args(chest, tmp_path / "d", "--cache_features")) == 2  # cache needs a frozen backbone
     assert train_main(_args(chest, tmp_path / "e", "--do_validate")) == 2
+
+
+def test_a_store_of_another_layout_is_refused(chest, radiological_valid, tmp_path, caplog):
+    """Mirrored anatomy is never mixed silently: not on resume, not as the validation store."""
+    assert train_main(_args(chest, tmp_path / "a", "--max_steps", "1")) == 0
+    ckpt = torch.load(tmp_path / "a" / "latest.pt", weights_only=True)
+    assert ckpt["store_layout"] == "SPR"  # recorded: the seed's layout, slices bottom to top
+    args = _args(chest, tmp_path / "b", "--max_steps", "2", "--resume", str(tmp_path / "a" / "latest.pt"))
+    args[args.index("--ct_filepath") + 1] = str(radiological_valid)
+    args[args.index("--txt_filepath") + 1] = str(chest / "validation_reports.csv")
+    assert train_main(args) == 2
+    assert "SPL (D inferior->superior, H anterior->posterior, W patient right->left)" in caplog.text
+    assert "was trained on SPR" in caplog.text and "mirrored" in caplog.text
+    caplog.clear()
+    assert train_main(_args(chest, tmp_path / "c", "--max_steps", "1", "--do_validate", "--val_ct_filepath",
+                            str(radiological_valid), "--val_label_path",
+                            str(chest / "valid_predicted_labels.csv"))) == 2
+    assert "trains on SPR" in caplog.text and "--layout radiological" not in caplog.text
+    assert "the default --layout seed" in caplog.text
+    assert not (tmp_path / "c" / "latest.pt").exists()
 
 
 @pytest.mark.ddp
