@@ -16,9 +16,11 @@ Outputs, named after ``--output`` (default ``predictions.csv``):
                                the six probabilities (+ cnn_<class>, the CNN ensemble alone, with a head)
     predictions_per_study.csv  per series: slice count, failed slices, flags, max_<class> and mean_<class>
     predictions_run.json       settings, members and folds with sha256 and notes, sequence heads, input
-                               counts (left out by reason, failed, BitsStored-12 fixes), versions, timings
+                               counts (left out by reason, failed, BitsStored-12 fixes, slices windowed with
+                               brain 40/80 for want of a header window), versions, timings
     predictions_errors.csv     every file that could not be used (path, stage, error)
     predictions_manifest.csv   DICOM input: every file with its series, order and flags (hemorrhage.series)
+                               and window_fallback (1: predicted from brain 40/80, no usable header window)
 
 `run_inference` raises `UsageError` for unusable weights or input (exit 2 in the script) and reports
 failed files in the summary (exit 3) after writing everything else.
@@ -67,7 +69,7 @@ from hemorrhage.models.checkpoint import FOLDS, CheckpointError, check_weights, 
 from hemorrhage.models.sequence import slice_gaps
 from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
 from hemorrhage.prepare import UsageError
-from hemorrhage.series import resolve_workers, write_manifest
+from hemorrhage.series import Discovery, resolve_workers, write_manifest
 from hemorrhage.windows import WindowSpec, parse_window_spec
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class InferSummary:
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     left_out: dict[str, int] = field(default_factory=dict)
     quirk_fixed: int = 0
+    window_fallback: int = 0  # predicted slices windowed with DEFAULT_WINDOW (no usable header window)
     notes: list[str] = field(default_factory=list)  # e.g. "randomly initialised weights"
     timings: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
@@ -155,7 +158,8 @@ class InferSummary:
         rate = self.n_slices / total if total > 0 else 0.0
         return (f"hemorrhage_infer: {self.n_studies} studies, {self.n_series} series, {self.n_slices} slices "
                 f"predicted; {len(self.failed)} files failed; left out: {out}; {self.quirk_fixed} BitsStored-12 "
-                f"fixes; {total:.1f} s ({rate:.1f} slices/s) -> {self.output}")
+                f"fixes; {self.window_fallback} without a header window (brain 40/80); {total:.1f} s "
+                f"({rate:.1f} slices/s) -> {self.output}")
 
 
 def output_paths(output: Path) -> dict[str, Path]:
@@ -189,6 +193,7 @@ class SeriesPrediction:
     quirk: np.ndarray
     probs: np.ndarray  # (S, 6) final
     cnn: np.ndarray  # (S, 6) CNN ensemble alone
+    window_fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (S,) DEFAULT_WINDOW used
 
 
 def _write_frame(df: pd.DataFrame, path: Path) -> None:
@@ -205,7 +210,8 @@ def slice_frame(preds: list[SeriesPrediction], with_cnn: bool) -> pd.DataFrame:
         for i, k in enumerate(p.kept):
             row = {"StudyInstanceUID": j.study_uid, "SeriesInstanceUID": j.series_uid,
                    "SOPInstanceUID": j.sop_uids[k], "slice_index": int(k), "position": j.positions[k],
-                   "flags": j.slice_flags[k], "quirk_fixed": int(p.quirk[i])}
+                   "flags": j.slice_flags[k], "quirk_fixed": int(p.quirk[i]),
+                   "window_fallback": int(p.window_fallback[i]) if len(p.window_fallback) else 0}
             row.update(zip(CLASSES, p.probs[i].tolist()))
             if with_cnn:
                 row.update(zip((f"cnn_{c}" for c in CLASSES), p.cnn[i].tolist()))
@@ -227,6 +233,13 @@ def study_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
         row.update(zip((f"mean_{c}" for c in CLASSES), p.probs.mean(0).tolist()))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def fallback_column(preds: list[SeriesPrediction], d: Discovery) -> dict[str, dict[str, object]]:
+    """The manifest's window_fallback per file: 1 for a predicted slice windowed with DEFAULT_WINDOW."""
+    used = {p.job.paths[k] for p in preds for i, k in enumerate(p.kept)
+            if len(p.window_fallback) and p.window_fallback[i]}
+    return {e.header.path: {"window_fallback": int(e.header.path in used)} for s in d.series for e in s.entries}
 
 
 def kaggle_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
@@ -340,14 +353,19 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     summary = InferSummary(cfg.output, n_studies=len({p.job.study_uid for p in preds}), n_series=len(preds),
                            n_slices=sum(len(p.kept) for p in preds), failed=info.errors + failed,
                            left_out=dict(info.left_out), quirk_fixed=int(sum(p.quirk.sum() for p in preds)),
-                           notes=notes)
+                           window_fallback=int(sum(p.window_fallback.sum() for p in preds)), notes=notes)
+    if summary.window_fallback:
+        log.warning("%d slices have no usable WindowCenter/WindowWidth: windowed with brain 40/80 (the original "
+                    "could not prepare them); window_fallback in %s", summary.window_fallback,
+                    output_paths(cfg.output)["per_slice"])
     paths = output_paths(cfg.output)
     _write_frame(kaggle_frame(preds), paths["predictions"])
     _write_frame(slice_frame(preds, with_cnn=bool(heads)), paths["per_slice"])
     _write_frame(study_frame(preds), paths["per_study"])
     _write_frame(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), paths["errors"])
     if info.discovery is not None:
-        write_manifest(info.discovery, paths["manifest"])
+        write_manifest(info.discovery, paths["manifest"], fallback_column(preds, info.discovery),
+                       ("window_fallback",))
     else:
         paths.pop("manifest")
     timings["write"] = time.perf_counter() - t
@@ -367,6 +385,7 @@ class SeriesOutput:
     quirk: np.ndarray  # (S,) bool: BitsStored-12 fix applied
     probs: dict[str, np.ndarray]  # member label -> (S, folds, 6), mean over TTA passes
     features: dict[str, np.ndarray]  # member label -> (S, folds, feature_dim); empty unless asked for
+    window_fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (S,) DEFAULT_WINDOW used
 
 
 def stream_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble, *, batch_size: int,
@@ -394,7 +413,8 @@ def stream_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemb
         t = time.perf_counter()
         outs = run_group(ens, pending, batch_size, want_features)
         timing["cnn"] += time.perf_counter() - t
-        done = [SeriesOutput(jobs[it["index"]], it["kept"].numpy(), it["quirk"].numpy(), probs, feats)
+        done = [SeriesOutput(jobs[it["index"]], it["kept"].numpy(), it["quirk"].numpy(), probs, feats,
+                             it["window_fallback"].numpy())
                 for it, (probs, feats) in zip(pending, outs)]
         pending.clear()
         return done
@@ -438,7 +458,8 @@ def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsem
                 heads, folds_seq, ens.members,
                 [(o.probs, o.features, np.asarray(slice_gaps([o.job.positions[k] for k in o.kept.tolist()])))
                  for o in chunk], ens.device)
-        preds.extend(SeriesPrediction(o.job, o.kept, o.quirk, f, c) for o, f, c in zip(chunk, final, cnn))
+        preds.extend(SeriesPrediction(o.job, o.kept, o.quirk, f, c, o.window_fallback)
+                     for o, f, c in zip(chunk, final, cnn))
         chunk.clear()
         timing["sequence"] += time.perf_counter() - t
 
@@ -491,7 +512,8 @@ def write_run_record(cfg: InferConfig, summary: InferSummary, info: SourceInfo, 
         "input": {"kind": info.kind, "root": str(info.root), "files": info.n_files,
                   "window": info.window if info.kind == "prepared" else window, "studies": summary.n_studies,
                   "series": summary.n_series, "slices_predicted": summary.n_slices, "files_failed": len(summary.failed),
-                  "left_out": summary.left_out, "bits_stored_12_fixed": summary.quirk_fixed},
+                  "left_out": summary.left_out, "bits_stored_12_fixed": summary.quirk_fixed,
+                  "window_fallback": summary.window_fallback},
         "ensemble": {"members": members, "tta": tta, "center_crop": cfg.center_crop,
                      "averaging": "sigmoid probabilities: mean over TTA passes, then folds, then members"},
         "sequence_heads": [{"path": str(h.path), "sha256": sha256_file(h.path), "members": [member_label(k) for k in

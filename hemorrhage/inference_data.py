@@ -2,14 +2,17 @@
 
     jobs, info = find_series("data/dicoms", num_workers=8)          # DICOM tree, or a prepared folder
     ds = SeriesInputs(jobs, InputSettings(spec, sizes=(256, 512), tta=parse_tta("0")))
-    item = ds[0]    # {"index", "kept", "quirk", "errors", "inputs": {256: uint8 (P, S, 3, 256, 256), ...}}
+    item = ds[0]    # {"index", "kept", "quirk", "window_fallback", "errors",
+                    #  "inputs": {256: uint8 (P, S, 3, 256, 256), ...}}
 
 One item is one series, decoded, windowed and resized in a DataLoader worker: the three-slice input
 needs a slice's neighbours, and a series is the unit that has them. Images stay uint8 until the model
 normalises them on the device.
 
-Per model input size the original test-time recipe is kept (``2DNet/src/predict.py``): resize each
-windowed slice to the input size (cv2 bilinear), stack ``[s+1, s, s-1]``, then
+Per model input size the original test-time recipe is kept (its dataset's stacking, then
+``2DNet/src/predict.py``): bring each windowed slice to the 512 x 512 stacking grid and then to the input
+size (`hemorrhage.dataset.to_input_size`; the grid step is done once per series, whatever the number of
+sizes), stack ``[s+1, s, s-1]``, then
 - no TTA (``--tta 0``) and the flip set: a centre crop of 0.8 resized back (the original's "center"
   prediction; its validation during training used the same crop, so the published weights expect it);
 - random TTA (``--tta N``, the original used 10): N passes of channel reversal (p 0.5), horizontal flip
@@ -35,7 +38,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from hemorrhage.augment import augment_tta, center_crop_resize, rng_for
-from hemorrhage.dataset import neighbour_indices
+from hemorrhage.dataset import neighbour_indices, to_input_size, to_stack_grid
 from hemorrhage.dicom import DicomReadError
 from hemorrhage.prepare import slice_image
 from hemorrhage.series import EXCLUDING, Discovery, discover
@@ -106,6 +109,7 @@ class SeriesJob:
     kind: str  # "dicom" | "png" | "npz"
     ordered_by: str = "position"
     npz: str = ""  # kind npz: the series' stack
+    window_fallback: list[bool] = field(default_factory=list)  # prepared: per slice, from the manifest (or empty)
 
     @property
     def n_slices(self) -> int:
@@ -165,9 +169,10 @@ def jobs_from_prepared(root: Path) -> tuple[list[SeriesJob], SourceInfo]:
         g = g.sort_values("order_i")
         positions = [float(p) if p else np.nan for p in g["position"]]
         outputs = [str(root / o) for o in g["output"]]
+        fallback = (g["window_fallback"] == "1").tolist() if "window_fallback" in g.columns else []  # older runs
         jobs.append(SeriesJob(study, series, g["SOPInstanceUID"].tolist(), positions, g["flags"].tolist(),
                               outputs, "npz" if fmt == "npz" else "png", g["ordered_by"].iloc[0],
-                              npz=outputs[0] if fmt == "npz" else ""))
+                              npz=outputs[0] if fmt == "npz" else "", window_fallback=fallback))
     return jobs, info
 
 
@@ -216,45 +221,63 @@ def _read_png(path: str) -> np.ndarray:
     return img
 
 
-def load_images(job: SeriesJob, s: InputSettings) -> tuple[list[np.ndarray], list[int], list[bool], list[tuple]]:
-    """Windowed uint8 images (H, W) or (H, W, 3) of the slices that could be read, their indices in the
-    job, whether the BitsStored-12 fix touched them, and (path, stage, error) of the others."""
-    images, kept, quirk, errors = [], [], [], []
+@dataclass
+class LoadedSeries:
+    """The readable slices of one series, windowed, and what happened to each."""
+
+    images: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W) or (H, W, 3)
+    kept: list[int] = field(default_factory=list)  # indices into the job's slices
+    quirk: list[bool] = field(default_factory=list)  # the BitsStored-12 fix touched it
+    window_fallback: list[bool] = field(default_factory=list)  # no header window: brain 40/80 instead
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (path, stage, error) of the others
+
+
+def _prepared_fallback(job: SeriesJob, i: int) -> bool:
+    return bool(job.window_fallback[i]) if job.window_fallback else False
+
+
+def load_images(job: SeriesJob, s: InputSettings) -> LoadedSeries:
+    """Windowed uint8 images of the slices of `job` that could be read (see `LoadedSeries`).
+
+    The window fallback of a prepared folder is the one its manifest records (``window_fallback``)."""
+    out = LoadedSeries()
     if job.kind == "npz":
         try:
             with np.load(job.npz, allow_pickle=False) as z:
                 stack, sops = z["images"], z["sop_uids"].tolist()
         except (OSError, ValueError, KeyError) as e:
-            return [], [], [], [(job.npz, "pixels", f"unreadable npz stack: {type(e).__name__}: {e}")]
+            out.errors.append((job.npz, "pixels", f"unreadable npz stack: {type(e).__name__}: {e}"))
+            return out
         if sops != job.sop_uids:
-            return [], [], [], [(job.npz, "pixels", "the npz stack holds other slices than the manifest lists")]
+            out.errors.append((job.npz, "pixels", "the npz stack holds other slices than the manifest lists"))
+            return out
         if stack.ndim == 4:
             stack = np.moveaxis(stack, 1, -1)  # (N, 3, H, W) -> (N, H, W, 3)
-        return list(stack), list(range(len(stack))), [False] * len(stack), []
+        n = len(stack)
+        return LoadedSeries(list(stack), list(range(n)), [False] * n,
+                            [_prepared_fallback(job, i) for i in range(n)])
     for i, path in enumerate(job.paths):
         try:
             if job.kind == "png":
-                img, fixed = _read_png(path), False
+                img, fixed, fallback = _read_png(path), False, _prepared_fallback(job, i)
             else:
-                _, img, fixed = slice_image(path, s.spec, s.fix_quirk)
+                h, img, fixed = slice_image(path, s.spec, s.fix_quirk)
+                fallback = s.spec.falls_back(h.window_center, h.window_width)
         except DicomReadError as e:
-            errors.append((path, "pixels", e.reason))
+            out.errors.append((path, "pixels", e.reason))
             continue
-        images.append(img)
-        kept.append(i)
-        quirk.append(fixed)
-    return images, kept, quirk, errors
-
-
-def _resize(img: np.ndarray, size: int) -> np.ndarray:
-    if img.shape[:2] == (size, size):
-        return img
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+        out.images.append(img)
+        out.kept.append(i)
+        out.quirk.append(fixed)
+        out.window_fallback.append(fallback)
+    return out
 
 
 def model_inputs(images: list[np.ndarray], size: int, s: InputSettings, key: str) -> np.ndarray:
-    """uint8 (P, S, 3, size, size): the passes drawn in the worker (1 unless random TTA)."""
-    resized = [_resize(img, size) for img in images]
+    """uint8 (P, S, 3, size, size): the passes drawn in the worker (1 unless random TTA).
+
+    `images` may already be on the 512 x 512 stacking grid (`to_stack_grid`), which then costs nothing."""
+    resized = [to_input_size(img, size) for img in images]
     three = resized[0].ndim == 3
     if s.tta.mode == "random":
         out = np.empty((s.tta.passes, len(resized), 3, size, size), np.uint8)
@@ -283,15 +306,17 @@ class SeriesInputs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         job, s = self.jobs[index], self.settings
-        images, kept, quirk, errors = load_images(job, s)
-        shapes = {img.ndim for img in images}
-        if len(shapes) > 1:  # grey and three-window images mixed: a corrupt prepared folder
-            errors = errors + [(job.paths[0], "pixels", "the series mixes grey and three-window images")]
-            images, kept, quirk = [], [], []
-        inputs = {size: torch.from_numpy(model_inputs(images, size, s, job.series_uid)) for size in s.sizes} \
-            if images else {}
-        return {"index": index, "kept": torch.as_tensor(kept, dtype=torch.long),
-                "quirk": torch.as_tensor(quirk, dtype=torch.bool), "errors": errors, "inputs": inputs}
+        got = load_images(job, s)
+        if len({img.ndim for img in got.images}) > 1:  # grey and three-window images: a corrupt prepared folder
+            mixed = (job.paths[0], "pixels", "the series mixes grey and three-window images")
+            got = LoadedSeries(errors=[*got.errors, mixed])
+        grid = [to_stack_grid(img) for img in got.images]  # once, whatever the number of input sizes
+        inputs = {size: torch.from_numpy(model_inputs(grid, size, s, job.series_uid)) for size in s.sizes} \
+            if grid else {}
+        return {"index": index, "kept": torch.as_tensor(got.kept, dtype=torch.long),
+                "quirk": torch.as_tensor(got.quirk, dtype=torch.bool),
+                "window_fallback": torch.as_tensor(got.window_fallback, dtype=torch.bool), "errors": got.errors,
+                "inputs": inputs}
 
 
 def identity_collate(item: dict) -> dict:

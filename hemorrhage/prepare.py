@@ -14,7 +14,9 @@ Writes under the output folder:
                                   (mm along the normal), ``quirk_fixed``, ``study_uid``, ``series_uid``,
                                   ``window``; --compress deflates them
     manifest.csv                  one row per file: study, series, SOP, path, position, order, flags,
-                                  included, output, status, quirk_fixed, window (see hemorrhage.series)
+                                  included, output, status, quirk_fixed, window, window_fallback (see
+                                  hemorrhage.series; window_fallback 1: no usable WindowCenter/Width,
+                                  windowed with brain 40/80, hemorrhage.windows.DEFAULT_WINDOW)
     errors.csv                    path, stage, error of every file that failed
     prepare_config.yaml           the settings used (a resumed run must use the same ones)
 
@@ -97,6 +99,7 @@ class PrepareSummary:
     written: int = 0
     done_before: int = 0
     quirk_fixed: int = 0  # slices written this run with the BitsStored-12 fix applied
+    window_fallback: int = 0  # slices written this run with brain 40/80 for want of a header window
     left_out: Counter = field(default_factory=Counter)
     failed: list[FileError] = field(default_factory=list)
     seconds: float = 0.0
@@ -107,7 +110,8 @@ class PrepareSummary:
         return (f"hemorrhage_prepare: {self.n_files} files -> {self.n_studies} studies, "
                 f"{self.n_series} series, {self.n_slices} slices ({self.fmt}, {self.window}): "
                 f"{self.written} written, {self.done_before} already done, {len(self.failed)} failed; "
-                f"left out: {out}; {self.quirk_fixed} BitsStored-12 fixes; {self.seconds:.1f} s "
+                f"left out: {out}; {self.quirk_fixed} BitsStored-12 fixes; {self.window_fallback} without a "
+                f"header window (brain 40/80); {self.seconds:.1f} s "
                 f"({rate:.0f} slices/s) -> {self.output_dir}")
 
 
@@ -165,6 +169,7 @@ class SliceResult:
     quirk_fixed: bool = False
     error: str = ""
     stage: str = "pixels"
+    window_fallback: bool = False  # header mode, no usable header window: DEFAULT_WINDOW was used
 
 
 def run_task(task: Task, spec: WindowSpec, fix_quirk: bool) -> list[SliceResult]:
@@ -174,10 +179,11 @@ def run_task(task: Task, spec: WindowSpec, fix_quirk: bool) -> list[SliceResult]
     kept: list[int] = []
     for k, path in enumerate(task.paths):
         try:
-            _, img, fixed = slice_image(path, spec, fix_quirk)
+            h, img, fixed = slice_image(path, spec, fix_quirk)
         except DicomReadError as e:
             results.append(SliceResult(path, error=e.reason))
             continue
+        fallback = spec.falls_back(h.window_center, h.window_width)
         if task.npz:
             if images and img.shape != images[0].shape:
                 why = f"image {img.shape} differs from the series' {images[0].shape}"
@@ -191,7 +197,7 @@ def run_task(task: Task, spec: WindowSpec, fix_quirk: bool) -> list[SliceResult]
                 results.append(SliceResult(path, error="cv2 could not encode the PNG", stage="write"))
                 continue
             write_atomic(Path(task.pngs[k]), buf.tobytes())
-        results.append(SliceResult(path, fixed))
+        results.append(SliceResult(path, fixed, window_fallback=fallback))
     if task.npz:
         fixed_flags = [r.quirk_fixed for r in results if not r.error]
         save_series_npz(task, kept, images, fixed_flags, spec)
@@ -347,7 +353,8 @@ def _manifest_extra(d: Discovery, cfg: PrepareConfig, spec: WindowSpec, outputs:
                 header_window(h.window_center, h.window_width, original_int=spec.original_int))
             extra[p] = {"output": outputs.get(p, "") if status in ("written", "done_before") else "",
                         "status": status, "window": window,
-                        "quirk_fixed": int(e.included and cfg.fix_bits_stored_12 and h.needs_quirk_fix)}
+                        "quirk_fixed": int(e.included and cfg.fix_bits_stored_12 and h.needs_quirk_fix),
+                        "window_fallback": int(e.included and spec.falls_back(h.window_center, h.window_width))}
     return extra
 
 
@@ -399,8 +406,14 @@ def run_prepare(cfg: PrepareConfig) -> PrepareSummary:
     summary.written = sum(1 for r in results if not r.error)
     summary.done_before = len(done)
     summary.quirk_fixed = sum(1 for r in results if r.quirk_fixed and not r.error)
+    summary.window_fallback = sum(1 for r in results if r.window_fallback and not r.error)
+    if summary.window_fallback:
+        log.warning("%d slices have no usable WindowCenter/WindowWidth: windowed with brain 40/80 (the original "
+                    "wrote no image for them); window_fallback = 1 in %s", summary.window_fallback,
+                    out / "manifest.csv")
     extra = _manifest_extra(d, cfg, spec, outputs, done, by_path)
-    write_manifest(d, out / "manifest.csv", extra, ("output", "status", "quirk_fixed", "window"))
+    write_manifest(d, out / "manifest.csv", extra,
+                   ("output", "status", "quirk_fixed", "window", "window_fallback"))
     write_errors(summary.failed, out / "errors.csv", root)
     summary.seconds = time.perf_counter() - t0
     return summary

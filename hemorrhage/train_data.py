@@ -9,11 +9,13 @@ The original drew 4 x n_studies samples per epoch: a random training study, then
 with a triangular weight (``max(1, int(min(i, n-1-i) / 4))``) that favours central slices; its code
 passed ``n - 1`` and so never drew a study's last slice, which we do (weight 1). A study with several
 series draws one of them at random. Slices without a label are never drawn but still serve as
-neighbours. Each sample is the three slices ``[s+1, s, s-1]``, resized to the input size (cv2
-bilinear), then augmented (`hemorrhage.augment.augment_train`; the original's settings unless the run
-names another preset) on uint8 in the DataLoader worker with a generator seeded by (seed, epoch, draw),
-so a resumed or re-run epoch sees the same images. (The original resized to 512 before augmenting and
-to the input size after; we resize first, which is cheaper and differs only in interpolation detail.)
+neighbours. Each sample is the three slices ``[s+1, s, s-1]``, each brought to the original's 512 x 512
+stacking grid and then to the input size (`hemorrhage.dataset.to_input_size`, the recipe inference uses),
+then augmented (`hemorrhage.augment.augment_train`; the original's settings unless the run names another
+preset) on uint8 in the DataLoader worker with a generator seeded by (seed, epoch, draw), so a resumed or
+re-run epoch sees the same images. (The original augmented the 512 x 512 stack and resized to the input
+size after; we augment at the input size, a quarter of the pixels at 256, which changes interpolation
+detail only: crops, warps and erased boxes are fractions of the side either way.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.utils.data import Dataset, Sampler
 
 from hemorrhage.augment import AugmentConfig, augment_train, rng_for
 from hemorrhage.classes import CLASSES, split_label_id
-from hemorrhage.dataset import neighbour_indices
+from hemorrhage.dataset import neighbour_indices, to_input_size
 from hemorrhage.inference_data import SeriesJob
 
 
@@ -230,7 +232,7 @@ class TrainSlices(Dataset):
     def __getitem__(self, draw: tuple[int, int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         k, s, epoch, key = draw
         idx = neighbour_indices(self.series[k].job.n_slices)[s]
-        imgs = [cv2.resize(im, (self.size, self.size), interpolation=cv2.INTER_LINEAR) for im in self._slices(k, idx)]
+        imgs = [to_input_size(im, self.size) for im in self._slices(k, idx)]
         if imgs[0].ndim == 3:
             raise ValueError("three-window images: train on single-window data (the neighbours are the channels)")
         x = augment_train(np.stack(imgs, -1), rng_for(self.seed, epoch, key), self.augment)

@@ -8,7 +8,8 @@ The original RSNA 2019 recipe, kept exactly (`window_uint8`): clip HU to [WC - W
 (`clip_to_window`), then stretch each image's own min..max to 0..255 and truncate to uint8
 (`minmax_uint8`; a constant image gives zeros, never NaN). The window comes from the header (first
 value of a multi-valued WindowCenter/WindowWidth; `original_int=True` truncates them with int() as the
-original did) or is fixed; the three-window mode puts brain 40/80, subdural 80/200 and bone 600/2800
+original did; a slice without them gets brain 40/80, where the original wrote no image, see
+DEFAULT_WINDOW) or is fixed; the three-window mode puts brain 40/80, subdural 80/200 and bone 600/2800
 of one slice into three channels.
 
 This is not DICOM's VOI LUT: the standard's LINEAR function maps [c - 0.5 - (w-1)/2, c - 0.5 + (w-1)/2]
@@ -50,13 +51,22 @@ SUBDURAL = Window(80.0, 200.0)
 BONE = Window(600.0, 2800.0)
 THREE_WINDOWS = (BRAIN, SUBDURAL, BONE)
 NAMED_WINDOWS = {"brain": BRAIN, "subdural": SUBDURAL, "bone": BONE}
-DEFAULT_WINDOW = BRAIN  # what the original used when the header has no window
+# Header mode, a slice without a usable WindowCenter/WindowWidth: our choice, not the original's. Its
+# prepare step read both elements unguarded, so such a slice raised AttributeError, was logged and got
+# no PNG (it never reached a model). We window it with the brain window instead and count it
+# (`WindowSpec.falls_back`; manifests and run records carry the count).
+DEFAULT_WINDOW = BRAIN
+
+
+def has_window(center: Sequence[float], width: Sequence[float]) -> bool:
+    """Whether the header's window can be used: a finite first WindowCenter and a first WindowWidth > 0."""
+    return len(center) > 0 and len(width) > 0 and bool(np.isfinite(center[0])) and width[0] > 0
 
 
 def header_window(center: Sequence[float], width: Sequence[float], *, original_int: bool = False,
                   default: Window = DEFAULT_WINDOW) -> Window:
-    """The header's window: first value of each (multi-valued) element; `default` if absent or width <= 0."""
-    if len(center) == 0 or len(width) == 0 or not width[0] > 0:
+    """The header's window: first value of each (multi-valued) element; `default` if not `has_window`."""
+    if not has_window(center, width):
         return default
     c, w = float(center[0]), float(width[0])
     return Window(float(int(c)), float(int(w))) if original_int else Window(c, w)
@@ -140,6 +150,10 @@ class WindowSpec:
     @property
     def channels(self) -> int:
         return 3 if self.mode == "three" else 1
+
+    def falls_back(self, center: Sequence[float], width: Sequence[float]) -> bool:
+        """Whether a slice with this header window gets DEFAULT_WINDOW instead (header mode, no usable window)."""
+        return self.mode == "header" and not has_window(center, width)
 
     def describe(self) -> str:
         return {"header": "header window", "three": "three windows " + ",".join(map(str, THREE_WINDOWS))}.get(

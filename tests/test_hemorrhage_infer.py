@@ -4,7 +4,8 @@ from randomly initialised models (the three full-size architectures at a small i
 DenseNet where only the plumbing is under test).
 
 The reference for the numbers is the original recipe restated here on the prepared PNGs: read, resize
-(cv2 bilinear), stack [s+1, s, s-1], centre crop 0.8 resized back, normalise, model, sigmoid.
+each slice to 512 x 512 and stack [s+1, s, s-1] (its dataset), resize the stack to the model size and crop
+the centre 0.8 resized back (its predictor), normalise, model, sigmoid.
 """
 
 from __future__ import annotations
@@ -151,9 +152,10 @@ def test_real_head_slices_and_one_slice_series(samples, full_weights, tmp_path):
 
 def reference_probs(png_dir: Path, sops: list[str], weights: Path, size: int, crop: float = 0.8) -> np.ndarray:
     """The original recipe on prepared PNGs of one series (slices in order): mean over the fold files."""
-    imgs = [cv2.resize(cv2.imread(str(png_dir / png_name(s)), cv2.IMREAD_GRAYSCALE), (size, size)) for s in sops]
+    imgs = [cv2.resize(cv2.imread(str(png_dir / png_name(s)), cv2.IMREAD_GRAYSCALE), (512, 512)) for s in sops]
     n = len(imgs)
-    x = np.stack([np.stack([imgs[min(i + 1, n - 1)], imgs[i], imgs[max(i - 1, 0)]], -1) for i in range(n)])
+    x = np.stack([cv2.resize(np.stack([imgs[min(i + 1, n - 1)], imgs[i], imgs[max(i - 1, 0)]], -1), (size, size))
+                  for i in range(n)])
     t = int(size * crop)
     a = (size - t) // 2
     x = np.stack([cv2.resize(np.ascontiguousarray(im[a:a + t, a:a + t]), (size, size)) for im in x])
