@@ -2,6 +2,8 @@
 
 - `scores.csv`: P(present) per volume (VolumeName + the 18 findings); with --aggregate scan also
   `scores_per_scan.csv` (ScanName + 18), the units the metrics were computed on;
+- `logits.csv` (and `logits_per_scan.csv`): the same as logits, log(p / (1 - p)) = scale * (cos(present) -
+  cos(absent)), which the metrics rank by: P(present) rounds to exactly 1.0 for confident volumes;
 - `metrics_per_finding.csv`: per finding n, positives, prevalence, threshold, and every metric with its
   CI bounds (`auroc`, `auroc_lower`, `auroc_upper`, ...), the reason when undefined;
 - `summary.json`: macro means with CIs, protocol and notes, thresholds (what `--threshold file:` reads),
@@ -26,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+from scipy.special import expit
 from sklearn.metrics import roc_curve
 
 from ctclip.findings import FINDINGS
@@ -67,7 +70,7 @@ def write_json(path: Path, data: Any) -> None:
 def write_scores(path: Path, key: str, names: Sequence[str], scores: np.ndarray) -> None:
     df = pd.DataFrame(scores, columns=list(FINDINGS))
     df.insert(0, key, list(names))
-    _replace_into(path, lambda p: df.to_csv(p, index=False, float_format="%.9g"))  # float32 round-trips
+    _replace_into(path, lambda p: df.to_csv(p, index=False, float_format="%.17g"))  # float64 round-trips
 
 
 def metrics_table(result: EvaluationResult) -> pd.DataFrame:
@@ -128,10 +131,13 @@ def versions() -> dict[str, str]:
 def write_outputs(out: Path, cfg: Any, result: EvaluationResult, units: Sequence[str], unit_scores: np.ndarray,
                   unit_labels: np.ndarray, volume_names: Sequence[str], volume_scores: np.ndarray,
                   retrieval: dict[str, Any] | None, provenance: dict[str, Any]) -> dict[str, Any]:
+    """`unit_scores` and `volume_scores` are logits (zero-shot margins); the probabilities are derived."""
     out.mkdir(parents=True, exist_ok=True)
-    write_scores(out / "scores.csv", "VolumeName", volume_names, volume_scores)
+    write_scores(out / "scores.csv", "VolumeName", volume_names, expit(volume_scores))
+    write_scores(out / "logits.csv", "VolumeName", volume_names, volume_scores)
     if len(units) != len(volume_names) or list(units) != list(volume_names):
-        write_scores(out / "scores_per_scan.csv", "ScanName", units, unit_scores)
+        write_scores(out / "scores_per_scan.csv", "ScanName", units, expit(unit_scores))
+        write_scores(out / "logits_per_scan.csv", "ScanName", units, unit_scores)
     table = metrics_table(result)
     _replace_into(out / "metrics_per_finding.csv", lambda p: table.to_csv(p, index=False))
     plot_roc_curves(out / "roc_curves.png", result, unit_labels, unit_scores)
@@ -156,7 +162,7 @@ def write_outputs(out: Path, cfg: Any, result: EvaluationResult, units: Sequence
         **provenance,
         "config": resolved(cfg),
         "versions": versions(),
-        "outputs": {"scores": str(out / "scores.csv"), "metrics": str(out / "metrics_per_finding.csv"),
+        "outputs": {"scores": str(out / "scores.csv"), "logits": str(out / "logits.csv"), "metrics": str(out / "metrics_per_finding.csv"),
                     "roc_curves": str(out / "roc_curves.png"),
                     "retrieval": str(out / "retrieval.json") if retrieval is not None else None},
     }

@@ -41,7 +41,7 @@ from ctclip.zeroshot import (
     load_templates,
     patient_of,
     prompt_features,
-    zero_shot_scores,
+    zero_shot_margins,
 )
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,10 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t = time.perf_counter()
     feats, labels = encode_loader(model, loader, device, autocast, hasher)
     timings["encode_volumes_s"] = time.perf_counter() - t
-    scale = float(model.temperature_scale().detach())
-    scores = zero_shot_scores(feats, prompt_features(model, FINDINGS, templates, device), scale)
+    model_scale = float(model.temperature_scale().detach())
+    scale = templates.scale(model_scale)
+    # ranked by the margin (the logit of P(present), float64): probabilities tie at 1.0 when saturated
+    scores = zero_shot_margins(feats, prompt_features(model, FINDINGS, templates, device), scale)
 
     units, unit_scores, unit_labels = list(data.names), scores, labels
     notes = list(rule_notes)
@@ -168,7 +170,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t = time.perf_counter()
     result = evaluate_findings(unit_labels, unit_scores, FINDINGS, rule=rules,
                                protocol=PROTOCOLS[cfg.metric_protocol], n_bootstrap=cfg.n_bootstrap, ci=cfg.ci,
-                               seed=cfg.bootstrap_seed, clusters=clusters, stratified=cfg.stratified)
+                               seed=cfg.bootstrap_seed, clusters=clusters, stratified=cfg.stratified, logits=True)
     timings["metrics_s"] = time.perf_counter() - t
     result.notes[:0] = notes
 
@@ -180,13 +182,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     timings["total_s"] = time.perf_counter() - t0
     provenance = {
         "model": {"path": str(cfg.model_path), "sha256": file_sha256(cfg.model_path), "step": meta.get("step"),
-                  "model_config": meta.get("model_config"), "logit_scale": scale},
+                  "model_config": meta.get("model_config"), "logit_scale": model_scale},
         "data": {"test_data": str(cfg.test_data), "volumes_sha256": hasher.hexdigest(), "n_volumes": len(data),
                  "test_labels": str(cfg.test_labels), "test_labels_sha256": file_sha256(cfg.test_labels),
                  "reports": str(cfg.reports) if cfg.reports else None,
                  "reports_sha256": file_sha256(cfg.reports) if cfg.reports else None,
                  "missing_volumes": data.missing_volumes},
-        "templates": {"positive": list(templates.positive), "negative": list(templates.negative)},
+        "templates": {"positive": list(templates.positive), "negative": list(templates.negative),
+                      "score_scale": scale, "score_scale_source": "model" if templates.logit_scale is None else "templates"},
         "device": str(device), "precision": precision, "timings": timings,
     }
     summary = write_outputs(Path(cfg.output_dir), cfg, result, units, unit_scores, unit_labels, data.names, scores,

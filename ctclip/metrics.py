@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.special import expit, logit
 
 METRICS: tuple[str, ...] = ("auroc", "auprc", "f1", "accuracy", "precision", "recall", "specificity")
 CTCLIP_GRID = np.linspace(0.0, 1.0, 100)  # the reference's candidate thresholds
@@ -164,20 +165,24 @@ def _auprc(c: _Curves) -> np.ndarray:
     return np.where(c.n_pos > 0, ap, np.nan)
 
 
-def _operating_point(c: _Curves, rule: ThresholdRule) -> tuple[np.ndarray, np.ndarray]:
-    """(B,) column of the curves (how many distinct scores count as positive) and (B,) threshold."""
+def _operating_point(c: _Curves, rule: ThresholdRule, logits: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) column of the curves (how many distinct scores count as positive) and (B,) threshold.
+
+    With `logits` the scores are logits of probabilities (compared as such, without the ties rounding
+    to 1.0 makes); thresholds are still given and reported as probabilities."""
     b = len(c.tp)
+    to_score = logit if logits else (lambda t: t)
     if rule.method == "fixed":
-        g = int(np.sum(c.distinct >= rule.value))
+        g = int(np.sum(c.distinct >= to_score(rule.value)))
         return np.full(b, g), np.full(b, float(rule.value))
     with np.errstate(invalid="ignore", divide="ignore"):
         if rule.method == "youden":
             j = c.tp / c.n_pos[:, None] - c.fp / c.n_neg[:, None]
             g = np.argmax(np.nan_to_num(j, nan=-np.inf), axis=1)  # first max: the highest threshold
             thresholds = np.r_[np.inf, c.distinct][g]
-            return g, thresholds
+            return g, (expit(thresholds) if logits else thresholds)
         # ctclip: positive = score > t on the grid; the LAST t with the smallest distance to (0, 1)
-        cols = np.sum(c.distinct[None, :] > CTCLIP_GRID[:, None], axis=1)  # (T,)
+        cols = np.sum(c.distinct[None, :] > to_score(CTCLIP_GRID)[:, None], axis=1)  # (T,)
         tpr = c.tp[:, cols] / c.n_pos[:, None]
         fpr = c.fp[:, cols] / c.n_neg[:, None]
         dist = np.sqrt((1 - tpr) ** 2 + fpr ** 2)
@@ -188,15 +193,17 @@ def _operating_point(c: _Curves, rule: ThresholdRule) -> tuple[np.ndarray, np.nd
 
 
 def binary_metrics(y: np.ndarray, s: np.ndarray, weights: np.ndarray | None = None,
-                   rule: ThresholdRule = ThresholdRule(), protocol: Protocol = STANDARD) -> dict[str, np.ndarray]:
+                   rule: ThresholdRule = ThresholdRule(), protocol: Protocol = STANDARD,
+                   logits: bool = False) -> dict[str, np.ndarray]:
     """Every metric of METRICS plus "threshold", one value per row of `weights` ((B, N) sample counts;
-    None = the sample itself, B = 1). `y` in {0, 1}, no NaN (drop those rows first)."""
+    None = the sample itself, B = 1). `y` in {0, 1}, no NaN (drop those rows first). `logits`: `s` are
+    logits of probabilities (see `_operating_point`)."""
     y = np.asarray(y, dtype=np.float64)
     s = np.asarray(s, dtype=np.float64)
     if weights is None:
         weights = np.ones((1, len(y)))
     c = _curves(y, s, weights)
-    g, threshold = _operating_point(c, rule)
+    g, threshold = _operating_point(c, rule, logits)
     rows = np.arange(len(g))
     tp, fp = c.tp[rows, g], c.fp[rows, g]
     pos, neg = c.n_pos, c.n_neg
@@ -258,7 +265,7 @@ def _undefined(name: str, n: int, n_pos: int, reason: str) -> FindingResult:
 
 
 def evaluate_finding(name: str, y: np.ndarray, s: np.ndarray, rule: ThresholdRule, protocol: Protocol,
-                     counts: np.ndarray | None, ci: float) -> FindingResult:
+                     counts: np.ndarray | None, ci: float, logits: bool = False) -> FindingResult:
     """Point metrics of one finding, and percentile CIs when `counts` ((B, N) resamples) is given.
     Rows whose label is NaN must already be removed (the caller drops them and their counts)."""
     n, n_pos = len(y), int(np.sum(y == 1))
@@ -267,11 +274,11 @@ def evaluate_finding(name: str, y: np.ndarray, s: np.ndarray, rule: ThresholdRul
     if n_pos in (0, n):
         which = "positive" if n_pos == n else "negative"
         return _undefined(name, n, n_pos, f"all {n} labels are {which}: AUROC is undefined")
-    point = binary_metrics(y, s, None, rule, protocol)
+    point = binary_metrics(y, s, None, rule, protocol, logits)
     values = {m: float(point[m][0]) for m in METRICS}
     if counts is None or not protocol.resample:
         return FindingResult(name, n, n_pos, float(point["threshold"][0]), values, dict(values), dict(values))
-    boot = binary_metrics(y, s, counts, rule, protocol)
+    boot = binary_metrics(y, s, counts, rule, protocol, logits)
     bounds = {m: percentile_ci(boot[m], ci) for m in METRICS}
     return FindingResult(name, n, n_pos, float(point["threshold"][0]), values,
                          {m: b[0] for m, b in bounds.items()}, {m: b[1] for m, b in bounds.items()},
@@ -282,14 +289,17 @@ def evaluate_finding(name: str, y: np.ndarray, s: np.ndarray, rule: ThresholdRul
 def evaluate_findings(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str], *,
                       rule: ThresholdRule | Mapping[str, ThresholdRule] = ThresholdRule(),
                       protocol: Protocol = STANDARD, n_bootstrap: int = 1000, ci: float = 0.95, seed: int = 0,
-                      clusters: np.ndarray | None = None, stratified: bool = False) -> EvaluationResult:
+                      clusters: np.ndarray | None = None, stratified: bool = False,
+                      logits: bool = False) -> EvaluationResult:
     """Per-finding metrics with CIs, and macro means with CIs over the findings that are defined.
 
     labels (N, F) in {0, 1, NaN} and scores (N, F). Resamples are drawn once over the N units (or
     their `clusters`) and shared by all findings, so the macro mean's interval keeps the correlation
     between findings; a finding's NaN-labelled rows are dropped from its share of every resample.
     `stratified` resamples each finding's positives and negatives separately instead (seeded per
-    finding); the macro interval then treats findings as independent."""
+    finding); the macro interval then treats findings as independent. `logits`: the scores are logits of
+    the probabilities (zero-shot margins): ranked without the probabilities' float ties, thresholds given
+    and reported as probabilities."""
     labels, scores = np.asarray(labels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     if labels.shape != scores.shape or labels.ndim != 2 or labels.shape[1] != len(findings):
         raise ValueError(f"labels {labels.shape} and scores {scores.shape} must both be (N, {len(findings)})")
@@ -311,7 +321,7 @@ def evaluate_findings(labels: np.ndarray, scores: np.ndarray, findings: Sequence
             counts = bootstrap_counts(len(y), n_bootstrap, seed + 1000 * (j + 1), strata=y)
         else:
             counts = shared[:, keep]
-        results.append(evaluate_finding(name, y, s, rules[name], protocol, counts, ci))
+        results.append(evaluate_finding(name, y, s, rules[name], protocol, counts, ci, logits))
     notes = _notes(protocol, resample, stratified, clusters is not None, results)
     return EvaluationResult(protocol.name, results, _macro(results, resample, ci), n_bootstrap if resample else 0,
                             ci, notes)

@@ -65,7 +65,7 @@ from ctclip.zeroshot import (
     load_templates,
     mean_defined,
     prompt_features,
-    zero_shot_scores,
+    zero_shot_margins,
 )
 from ctcore.cli import resolved, save_resolved
 from ctcore.distributed import (
@@ -395,10 +395,10 @@ def _validate(cfg, model, dist, autocast, runlog, step, epoch, at: dict[str, flo
         loader = make_loader(val, batch_size=max(1, cfg.batch_size // (cfg.grad_accum * dist.world_size)),
                              num_workers=min(cfg.num_workers, 2))
         feats, labels = encode_loader(model, loader, dist.device, autocast)
-        scale = float(model.temperature_scale().detach())
-        prompts = prompt_features(model, templates=load_templates(cfg.val_templates), device=dist.device)
-        scores = zero_shot_scores(feats, prompts, scale)
-        aurocs = auroc_per_finding(labels, scores)
+        templates = load_templates(cfg.val_templates)
+        prompts = prompt_features(model, templates=templates, device=dist.device)
+        margins = zero_shot_margins(feats, prompts, templates.scale(float(model.temperature_scale().detach())))
+        aurocs = auroc_per_finding(labels, margins)  # ranked by the margin: no ties from saturated softmax
         metric = mean_defined(aurocs)
         runlog.write({"kind": "valid", "step": step, "epoch": epoch, "mean_auroc": metric,
                       "n_volumes": len(val), "seconds": time.perf_counter() - t0, **at,

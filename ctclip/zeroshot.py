@@ -2,13 +2,23 @@
 
 For each finding, the volume embedding is compared with the embeddings of a positive and a negative
 prompt (CT-CLIP's "{} is present." / "{} is not present."); a softmax over the pair of scaled
-similarities gives P(present). Several templates per side are averaged (prompt ensembling: mean of
-the normalised text embeddings, normalised again). Used for validation during training and by
-`ctclip.evaluate` for the full evaluation.
+similarities gives P(present) = sigmoid(margin), margin = scale * (cos(v, present) - cos(v, absent)).
+Several templates per side are averaged (prompt ensembling: mean of the normalised text embeddings,
+normalised again). Used for validation during training and by `ctclip.evaluate` for the full evaluation.
+
+Rankings (AUROC, AUPRC, thresholds) use the margin, in float64, never the probability: a softmax in
+float32 returns exactly 1.0 for every margin above ~17 (float64: ~37), so confident volumes would tie and
+move the AUROC; with the learned scale near its cap of 100 that is most positives. The probabilities are
+still what the outputs show.
+
+Presets: `ctclip` (the default, CT-CLIP's pair with the model's learned scale), `ensemble` (four pairs),
+`seed` (the seed's validation: "{}" / "no {}" with the finding as named, softmax over unscaled cosines,
+i.e. scale 1; it gives the seed's probabilities, and the same ranking as any other scale).
 
 Template files (`--templates path`): YAML or JSON ``{"positive": [...], "negative": [...]}``, or a text
 file whose first line is the positive and second line the negative template. In a template, ``{}``
-is the finding as named in the labels CSV and ``{lower}`` the same in lower case. Every positive
+is the finding as named in the labels CSV and ``{lower}`` the same in lower case. An optional
+``logit_scale`` key sets the score's scale (a number; default: the model's learned scale). Every positive
 template names the finding; a negative template may instead be a shared normal reference without a
 placeholder ("No significant pathology."), the same for every finding: a text tower that never saw
 "No <finding>." in its reports scores such a reference better than a negated finding name.
@@ -18,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from ctclip.findings import FINDINGS
@@ -37,6 +49,10 @@ DEFAULT_TEMPLATES: tuple[str, str] = ("{} is present.", "{} is not present.")
 class Templates:
     positive: tuple[str, ...]
     negative: tuple[str, ...]
+    logit_scale: float | None = None  # None: the model's learned scale (CT-CLIP); 1.0: unscaled cosines (the seed)
+
+    def scale(self, model_scale: float) -> float:
+        return float(model_scale if self.logit_scale is None else self.logit_scale)
 
     def render(self, finding: str) -> tuple[list[str], list[str]]:
         def fill(t: str) -> str:
@@ -50,6 +66,7 @@ TEMPLATE_PRESETS: dict[str, Templates] = {
         ("{} is present.", "There is {lower}.", "Findings consistent with {lower}.", "{} is seen."),
         ("{} is not present.", "There is no {lower}.", "No evidence of {lower}.", "{} is not seen."),
     ),
+    "seed": Templates(("{}",), ("no {}",), logit_scale=1.0),
 }
 
 
@@ -70,7 +87,12 @@ def load_templates(spec: str | Path) -> Templates:
             raise ValueError(f"--templates {path}: expected keys 'positive' and 'negative'")
         pos, neg = data["positive"], data["negative"]
         pos, neg = [pos] if isinstance(pos, str) else pos, [neg] if isinstance(neg, str) else neg
+        scale = data.get("logit_scale")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale) or scale <= 0):
+            raise ValueError(f"--templates {path}: logit_scale must be a positive number, got {scale!r}")
     else:
+        scale = None
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if len(lines) != 2:
             raise ValueError(f"--templates {path}: a text file needs exactly 2 lines (positive, negative)")
@@ -83,7 +105,7 @@ def load_templates(spec: str | Path) -> Templates:
             raise ValueError(f"--templates {path}: positive template {t!r} has no {{}} or {{lower}} placeholder")
     if not pos or not neg:
         raise ValueError(f"--templates {path}: needs at least one positive and one negative template")
-    return Templates(tuple(pos), tuple(neg))
+    return Templates(tuple(pos), tuple(neg), None if scale is None else float(scale))
 
 
 @torch.inference_mode()
@@ -101,10 +123,21 @@ def prompt_features(model, findings: Sequence[str] = FINDINGS,
 
 
 @torch.inference_mode()
+def zero_shot_margins(volume_feats: torch.Tensor, prompt_feats: torch.Tensor, logit_scale: float) -> np.ndarray:
+    """The logit of P(present) per volume and finding, float64 (N, F): scale * (cos(v, present) - cos(v,
+    absent)). Rank by this; `probabilities` turns it into the softmax's P(present)."""
+    sims = torch.einsum("ne,fke->nfk", volume_feats.double().cpu(), prompt_feats.double().cpu())
+    return ((sims[..., 0] - sims[..., 1]) * float(logit_scale)).numpy()
+
+
+def probabilities(margins: np.ndarray) -> np.ndarray:
+    """P(present) = softmax over the pair = sigmoid(margin), float64."""
+    return expit(np.asarray(margins, dtype=np.float64))
+
+
 def zero_shot_scores(volume_feats: torch.Tensor, prompt_feats: torch.Tensor, logit_scale: float) -> np.ndarray:
-    """P(present) per volume and finding: softmax over the (present, absent) pair. (N, F)."""
-    sims = torch.einsum("ne,fke->nfk", volume_feats.float(), prompt_feats.float()) * logit_scale
-    return sims.softmax(dim=-1)[..., 0].cpu().numpy()
+    """P(present) per volume and finding (N, F), float64. For ranking use `zero_shot_margins`."""
+    return probabilities(zero_shot_margins(volume_feats, prompt_feats, logit_scale))
 
 
 @torch.inference_mode()

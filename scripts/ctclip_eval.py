@@ -10,7 +10,7 @@
     python scripts/ctclip_eval.py ... --test_labels data/ct_rate/valid_predicted_labels.csv --output_dir runs/vitb/eval_valid
     python scripts/ctclip_eval.py ... --threshold file:runs/vitb/eval_valid/summary.json --output_dir runs/vitb/eval_test
 
-Outputs in --output_dir: scores.csv, metrics_per_finding.csv, summary.json, roc_curves.png and, with
+Outputs in --output_dir: scores.csv (P(present)), logits.csv (what the metrics rank by), metrics_per_finding.csv, summary.json, roc_curves.png and, with
 --reports, retrieval.json (see ctclip/eval_outputs.py). Exit status: 0 done, 2 bad input (the message
 names the file, column, volume or flag).
 """
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reports", type=Path, default=None, help="reports CSV of the test volumes: adds report<->volume retrieval")
     a("--text_column", default=None, help="report text for retrieval (default: the one the model was trained on)")
     a("--templates", default="ctclip",
-      help="prompt templates: a preset (ctclip: '{} is present.'/'{} is not present.'; ensemble) or a YAML/JSON/"
+      help="prompt templates: a preset (ctclip: '{} is present.'/'{} is not present.' with the model's scale, "
+           "CT-CLIP's; seed: '{}'/'no {}' with unscaled cosines, the seed's validation; ensemble) or a YAML/JSON/"
            "text file (see ctclip/zeroshot.py)")
     a("--metric_protocol", choices=["standard", "ctclip"], default="standard",
       help="standard: real bootstrap CIs, binary F1; ctclip: the CT-CLIP reference code's numbers (no resampling)")

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val_ct_filepath", type=Path, default=None)
     a("--val_label_path", type=Path, default=None)
     a("--val_templates", default="ctclip",
-      help="zero-shot prompts of the validation: a preset (ctclip, ensemble) or a template file (as ctclip_eval.py)")
+      help="zero-shot prompts of the validation: a preset (ctclip, seed, ensemble) or a template file (as ctclip_eval.py)")
     a("--use_ddp", action="store_true", help="distributed data parallel (run under torchrun or srun)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a("--verbose", action="store_true")

@@ -11,12 +11,14 @@ import pandas as pd
 import pytest
 import torch
 from matplotlib.image import imread
+from scipy.special import expit
 from sklearn.metrics import roc_auc_score
 
 from ctclip.checkpoint import load_trained_model
 from ctclip.data.store import VolumeStore
 from ctclip.eval_outputs import file_sha256
 from ctclip.findings import FINDINGS
+from ctclip.metrics import evaluate_findings
 from ctclip.retrieval import recall_at_k, text_gallery
 from ctclip.zeroshot import (
     TEMPLATE_PRESETS,
@@ -24,6 +26,7 @@ from ctclip.zeroshot import (
     load_templates,
     prompt_features,
     scan_of,
+    zero_shot_margins,
     zero_shot_scores,
 )
 from scripts.ctclip_eval import main as eval_main
@@ -90,8 +93,10 @@ def test_outputs_are_complete_and_consistent(synthetic_chest, trained, standard_
     one_class = [f for f in FINDINGS if labels[f].nunique() < 2]
     assert ABSENT in one_class and sorted(table.index[table["undefined"].notna()]) == sorted(one_class)
     defined = [f for f in FINDINGS if f not in one_class]
-    for f in defined:  # point AUROC = sklearn on the written scores
-        assert abs(table.loc[f, "auroc"] - roc_auc_score(labels.loc[scores.index, f], scores[f])) < 1e-9
+    logits = pd.read_csv(out / "logits.csv").set_index("VolumeName")
+    np.testing.assert_allclose(scores.to_numpy(), expit(logits.to_numpy()), rtol=1e-15)
+    for f in defined:  # point AUROC = sklearn on the written logits (what the metrics rank by)
+        assert abs(table.loc[f, "auroc"] - roc_auc_score(labels.loc[logits.index, f], logits[f])) < 1e-9
         assert table.loc[f, "auroc_lower"] <= table.loc[f, "auroc"] <= table.loc[f, "auroc_upper"]
 
     s = json.loads((out / "summary.json").read_text())
@@ -215,6 +220,41 @@ def test_a_store_of_another_layout_is_refused(synthetic_chest, trained, radiolog
     assert "records no store layout" in caplog.text
 
 
+def test_saturated_scores_are_ranked_by_their_margin():
+    """With the learned scale at its cap a float32 softmax says 1.0 for most positives, and they tie. The
+    margin ranks them; ties remain only where the embeddings are the same."""
+    rng = np.random.default_rng(0)
+    n, e = 400, 32
+    prompts = torch.nn.functional.normalize(torch.randn(1, 2, e, dtype=torch.float64), dim=-1)
+    y = rng.integers(0, 2, n)
+    direction = (prompts[0, 0] - prompts[0, 1]).numpy()
+    vols = rng.normal(size=(n, e)) + np.outer(np.where(y == 1, 1.0, -0.3) + rng.normal(0, 0.8, n), direction) * 3
+    vols[1] = vols[0]  # one truly equal pair
+    feats = torch.nn.functional.normalize(torch.from_numpy(vols), dim=-1).float()
+    margins = zero_shot_margins(feats, prompts.float(), 100.0)[:, 0]
+    old = (torch.einsum("ne,fke->nfk", feats, prompts.float()) * 100.0).softmax(-1)[..., 0].numpy()[:, 0]
+    assert (old == 1.0).sum() > 20  # the float32 probabilities tie at 1.0 ...
+    assert len(np.unique(margins)) == n - 1 and margins[0] == margins[1]  # ... the margins only where equal
+    np.testing.assert_allclose(zero_shot_scores(feats, prompts.float(), 100.0)[:, 0], expit(margins), rtol=1e-15)
+    result = evaluate_findings(y[:, None].astype(float), margins[:, None], ["x"], n_bootstrap=0, logits=True)
+    assert result.findings[0].values["auroc"] == pytest.approx(roc_auc_score(y, margins), abs=1e-12)
+    assert roc_auc_score(y, old) != pytest.approx(roc_auc_score(y, margins), abs=1e-4)  # the ties moved it
+
+
+def test_seed_preset_is_the_seeds_softmax_over_unscaled_cosines(trained):
+    model, _ = load_trained_model(trained)
+    seed = load_templates("seed")
+    assert seed.render("Lung nodule") == (["Lung nodule"], ["no Lung nodule"]) and seed.scale(57.0) == 1.0
+    assert load_templates("ctclip").scale(57.0) == 57.0
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(model.encode_text(model.tokenize(["Emphysema", "no Emphysema"])), dim=-1)
+        vol = torch.nn.functional.normalize(torch.randn(5, text.shape[1]), dim=-1)
+    cos = (vol @ text.T).double().numpy()
+    expected = np.exp(cos[:, 0]) / (np.exp(cos[:, 0]) + np.exp(cos[:, 1]))  # the seed's run_softmax_eval
+    got = zero_shot_scores(vol, prompt_features(model, ["Emphysema"], seed), seed.scale(57.0))[:, 0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 def test_templates_presets_and_files(tmp_path):
     t = load_templates("ctclip")
     assert t.render("Lung nodule") == (["Lung nodule is present."], ["Lung nodule is not present."])
@@ -235,6 +275,11 @@ def test_templates_presets_and_files(tmp_path):
     assert ref.render("Lung nodule")[1] == ref.render("Emphysema")[1]
     f.write_text("positive: '{}.'\nnegative: ['']\n")
     with pytest.raises(ValueError, match="not a non-empty string"):
+        load_templates(f)
+    f.write_text("positive: '{}'\nnegative: 'no {}'\nlogit_scale: 1\n")
+    assert load_templates(f).logit_scale == 1.0
+    f.write_text("positive: '{}'\nnegative: 'no {}'\nlogit_scale: -2\n")
+    with pytest.raises(ValueError, match="logit_scale must be a positive number"):
         load_templates(f)
 
 

@@ -128,6 +128,19 @@ def test_ctclip_rule_resampled_and_fixed_threshold_match_loop():
             _assert_close(fixed[m][b], v, f"fixed {m}")
 
 
+@pytest.mark.parametrize("rule", [ThresholdRule("youden"), ThresholdRule("ctclip"), ThresholdRule("fixed", 0.4)])
+def test_logit_scores_give_the_probability_scores_metrics(rule):
+    """Zero-shot margins (logits) with thresholds given and reported as probabilities: the same numbers as
+    the probabilities themselves wherever those do not saturate."""
+    y, s = _data(n=180, seed=5, ties=False)
+    counts = bootstrap_counts(len(y), 50, seed=1)
+    on_p = binary_metrics(y, s, counts, rule)
+    on_logit = binary_metrics(y, np.log(s / (1 - s)), counts, rule, logits=True)
+    for m in METRICS:
+        _assert_close(on_logit[m], on_p[m], m)
+    np.testing.assert_allclose(on_logit["threshold"], on_p["threshold"], rtol=1e-12)  # expit(logit(p)) = p
+
+
 def test_ctclip_protocol_reproduces_reference_numbers():
     rng = np.random.default_rng(4)
     labels = (rng.random((120, 3)) < [0.2, 0.4, 0.6]).astype(float)
