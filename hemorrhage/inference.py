@@ -297,20 +297,27 @@ def check_inputs(cfg: CNNRunConfig):
     return tta, spec, device, amp, inv, heads
 
 
+RESIZE_RECIPE = "each slice to 512x512, then the model size"  # hemorrhage.dataset.to_input_size
+# what features and heads made before the resize was recorded used (identical for 512x512 slices)
+_BEFORE_RECORDED = {"resize": "one resize to the model size"}
+
+
 def describe_inputs(tta: TTASpec, spec: WindowSpec, info: SourceInfo, center_crop: float) -> dict[str, str | float]:
     """How the CNN inputs were made: stored with extracted features and sequence heads, compared at inference."""
     return {"tta": tta.describe(), "window": info.window if info.kind == "prepared" else spec.describe(),
-            "center_crop": float(center_crop)}
+            "center_crop": float(center_crop), "resize": RESIZE_RECIPE}
 
 
 def input_mismatches(heads: list[SequenceCheckpoint], now: dict[str, str | float]) -> list[str]:
     """Where a head's training features were made differently from this run's inputs."""
     out = []
     for h in heads:
-        diff = [f"{k}: {h.inputs[k]!r} in training, {now[k]!r} now" for k in now if k in h.inputs and h.inputs[k] != now[k]]
+        then = {**_BEFORE_RECORDED, **h.inputs}
+        diff = [f"{k}: {then[k]!r} in training, {now[k]!r} now" for k in now if k in then and then[k] != now[k]]
         if diff:
             out.append(f"sequence head {h.path.name} was trained on features made otherwise ({'; '.join(diff)}): "
-                       "its inputs shift; extract features with this run's settings or change --tta/--window/--center_crop")
+                       "its inputs shift; extract features with this run's settings or change --tta/--window/--center_crop"
+                       + (" (the resize differs only for slices that are not 512x512)" if "resize" in " ".join(diff) else ""))
     return out
 
 

@@ -220,3 +220,17 @@ def test_inference_counts_the_fallback(windowless, tiny_weights, tmp_path, sourc
         m = read(tmp_path / "p_manifest.csv")
         assert {str(data / p) for p in m.loc[m["window_fallback"] == "1", "path"]} == windowless["paths"]
         assert set(m["window_fallback"]) == {"0", "1"}
+
+
+def test_heads_from_before_the_two_step_resize_are_flagged():
+    from types import SimpleNamespace
+
+    from hemorrhage.inference import RESIZE_RECIPE, input_mismatches
+
+    now = {"tta": "none", "window": "header window", "center_crop": 0.8, "resize": RESIZE_RECIPE}
+    old = SimpleNamespace(path=Path("sequence_fold0.pth"), inputs={"tta": "none", "window": "header window",
+                                                                    "center_crop": 0.8})
+    new = SimpleNamespace(path=Path("sequence_fold1.pth"), inputs=dict(now))
+    warnings = input_mismatches([old, new], now)  # type: ignore[list-item]
+    assert len(warnings) == 1 and "sequence_fold0.pth" in warnings[0]
+    assert "one resize to the model size" in warnings[0] and "not 512x512" in warnings[0]
