@@ -25,7 +25,8 @@ Layout (h5py view)::
                orientation (on-disk axis codes), uint8_range (HU mapped to 0 and 255),
                output_spacing (mm per stored voxel, D H W), content_start / content_shape (where
                the resized volume sits inside the padding)
-    /_pending/<VolumeName>     the same, for volumes not yet done (complete 0)
+    /_pending/<VolumeName>     the same, for volumes not yet done (complete 0); the group is removed
+                               when a writer closes with nothing pending
     file attrs: store_version, ctclip_version, target_shape, config (JSON of the preprocessing
                 config, with `axis_codes`: the stored layout, see `store_axis_codes`); a shard store (scripts/ctclip_preprocess.py --num_shards) also has
                 shard_index and num_shards; a merged virtual store (ctclip/data/shards.py) has
@@ -154,6 +155,10 @@ def _recover_link(path: Path, f: h5py.File, marker: Path) -> None:
     volume is under exactly one name (its own name only once complete), then carry on."""
     name = marker.read_text()
     try:
+        if name == PENDING:  # killed while removing the empty /_pending group: it is there or it is not
+            list(f)
+            marker.unlink()
+            return
         listed = {n: f[n] for n in f} | {f"{PENDING}/{n}": f[PENDING][n] for n in f.get(PENDING, {})}
         done, waiting = listed.get(name), listed.get(f"{PENDING}/{name}")
         if done is not None and waiting is not None:
@@ -309,9 +314,18 @@ class StoreWriter:
         marker.unlink()
 
     def close(self) -> None:
+        """Close the store; an empty /_pending group goes, so a finished store holds volumes only."""
         if self._f:
-            self._f.close()
-            self._f = None  # type: ignore[assignment]
+            try:
+                if PENDING in self._f and len(self._f[PENDING]) == 0:
+                    marker = _marker(self.path, "linking")
+                    marker.write_text(PENDING)
+                    del self._f[PENDING]
+                    self._f.flush()
+                    marker.unlink()
+            finally:
+                self._f.close()
+                self._f = None  # type: ignore[assignment]
 
     def __enter__(self) -> StoreWriter:
         return self
