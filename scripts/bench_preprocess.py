@@ -5,7 +5,9 @@
 Per volume, on the real chest CT (512x512x133) and on a larger synthetic one built from it
 (512x512x300), all in one run and on one thread:
   floor      nibabel reads and decompresses the stored array (dtype as stored, unscaled)
-  reference  nibabel get_fdata (float64) -> closest canonical -> trilinear resize -> clip -> uint8
+  reference  the seed's run_preprocess.py recipe, restated: nibabel closest canonical -> get_fdata
+             (float64) -> clip -> float32 -> one trilinear resize -> pad -> uint8 (its defaults); the
+             run also checks that ours gives the same bytes
   ours       ctclip.data.nifti.read_nifti + ctclip.data.preprocess.preprocess_volume
   our read   read_nifti alone (libdeflate inflate + header): what our processing adds on top of it
 Then throughput of the whole job (scripts/ctclip_preprocess.py's run_preprocess) with 1 and 2
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ctclip.data.nifti import read_nifti
-from ctclip.data.preprocess import VolumeParams, display_view, preprocess_volume
+from ctclip.data.preprocess import VolumeParams, preprocess_volume
 from ctcore.cli import parse_args
 from ctcore.samples import fetch_samples
 
@@ -44,14 +46,12 @@ def floor(path: Path) -> np.ndarray:
 
 def reference(path: Path) -> np.ndarray:
     canon = nib.as_closest_canonical(nib.load(path))
-    view = np.ascontiguousarray(display_view(canon.get_fdata(), True))
-    scale = min(t / s for t, s in zip(TARGET, view.shape))
-    size = tuple(max(1, round(s * scale)) for s in view.shape)
-    x = F.interpolate(torch.from_numpy(view)[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
-    x = x.clamp(-1000, 1000).numpy()
-    out = np.zeros(TARGET, dtype=np.uint8)
-    out[tuple(slice(0, s) for s in size)] = np.round((x + 1000) / 2000 * 255).astype(np.uint8)
-    return out
+    vol = np.clip(canon.get_fdata(), -1000, 1000).transpose(2, 1, 0).astype(np.float32)
+    scale = min(t / s for t, s in zip(TARGET, vol.shape))
+    size = [int(round(s * scale)) for s in vol.shape]
+    x = F.interpolate(torch.tensor(vol)[None, None], size=size, mode="trilinear", align_corners=False)[0, 0].numpy()
+    x = np.pad(x, [((t - n) // 2, t - n - (t - n) // 2) for t, n in zip(TARGET, size)], constant_values=-1000)
+    return np.clip((x / 1000.0 + 1.0) / 2.0 * 255.0, 0, 255)[:, ::-1, :].astype(np.uint8)
 
 
 def ours(path: Path) -> np.ndarray:
@@ -199,11 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             t = {k: time_variant(fn, path, args.repeats) for k, fn in VARIANTS.items()}
             rss = {k: peak_rss_mb(k, path) for k in ("floor", "reference", "ours")}
             raw_mb = read_nifti(path).raw.nbytes / 2**20
-            results["volumes"][label] = {"seconds": t, "peak_rss_mb": rss, "raw_mb": raw_mb}
+            same = bool(np.array_equal(ours(path), reference(path)))
+            results["volumes"][label] = {"seconds": t, "peak_rss_mb": rss, "raw_mb": raw_mb, "same_bytes": same}
             print(f"{label:26s} {t['floor']:8.3f} {t['reference']:8.3f} {t['ours']:8.3f} {t['our_read']:9.3f}"
                   f" {t['ours'] / t['floor']:10.2f}"
                   f" {t['reference'] / t['ours']:9.2f} {rss['floor']:6.0f}/{rss['reference']:6.0f}/{rss['ours']:6.0f}"
-                  f"    {rss['ours'] / raw_mb:10.2f}")
+                  f"    {rss['ours'] / raw_mb:10.2f}   same bytes as the seed's: {'yes' if same else 'NO'}")
         folder = tmp / "copies"
         folder.mkdir()
         for i in range(args.copies):
