@@ -2,7 +2,7 @@
 (scripts/slurm/) and the Apptainer definition (apptainer/ct-toolkit.def).
 
 The job scripts cannot be submitted here; they are checked as far as a machine without SLURM allows:
-valid bash, every `scripts/X.py --flag` they (and their usage lines, and the README section) run is
+valid bash, every `scripts/X.py --flag` they (and their usage lines, and docs/cluster.md) run is
 accepted by that script's own parser, and they run as plain bash with fake `sbatch` / `apptainer`
 commands that record what they were asked to do.
 """
@@ -295,11 +295,8 @@ def test_copy_merge_resumes_and_follows_changed_shards(synthetic_chest, shard_di
 
 # --------------------------------------------------------------------------------- the job scripts
 
-def _readme_cluster_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    start = text.index("## Running on a cluster")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+def _cluster_doc() -> str:
+    return (ROOT / "docs" / "cluster.md").read_text()
 
 
 def test_flag_checker_catches_a_renamed_flag():
@@ -327,8 +324,8 @@ def test_job_script_is_valid_bash_and_calls_existing_flags(path):
     assert bad_flags(lines) == []
 
 
-def test_readme_cluster_commands_use_existing_flags():
-    section = _readme_cluster_section()
+def test_cluster_doc_commands_use_existing_flags():
+    section = _cluster_doc()
     lines = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
              for line in logical_lines(block, comments=False)]
     jobs = {t for line in lines for kind, t, _, _ in invocations(line) if kind == "job"}
