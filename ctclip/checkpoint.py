@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ctclip.models.registry import ModelConfig, build_model
+from ctcore.atomic import atomic_write
 
 CHECKPOINT_VERSION = 1
 
@@ -61,12 +61,7 @@ def _to_tuples(x: Any) -> Any:
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """torch.save to a temporary name in the same folder, then os.replace: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

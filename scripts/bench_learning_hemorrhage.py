@@ -52,6 +52,7 @@ from hemorrhage.evaluate import EvalConfig, run_eval
 if __package__ in (None, ""):  # run as a file: make `scripts` importable like the tests do
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ctcore.atomic import atomic_write  # noqa: E402
 from scripts.hemorrhage_extract_features import main as extract_features  # noqa: E402
 from scripts.hemorrhage_infer import main as infer  # noqa: E402
 from scripts.hemorrhage_make_synthetic import main as make_synthetic  # noqa: E402
@@ -244,10 +245,7 @@ def plot_curves(path: Path, cnn_logs: dict[int, list[dict]], seq_logs: dict[int,
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 # ---------------------------------------------------------------------------------------------- report

@@ -208,4 +208,4 @@ def test_sigkill_then_rerun_equals_uninterrupted(samples, tmp_path, trials):
                     assert f[name][()].tobytes() == reference[name][0]
         subprocess.run(_cmd(src, out), check=True, env=env, capture_output=True)
         assert _snapshot(out) == reference, f"trial {trial}"
-        assert not list(tmp_path.glob(".k*creating*"))  # no temp file left behind
+        assert not list(tmp_path.glob(".k*partial*"))  # no temp file left behind

@@ -57,6 +57,7 @@ from ctclip.data.store import (
     VolumeStore,
     store_shard,
 )
+from ctcore.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 MODES = ("copy", "virtual")
@@ -283,13 +284,12 @@ def check_sources(sources: list[SourceStore], allow_missing_shards: bool = False
 
 
 def _write_skipped(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["store", "VolumeName", "reason"])
-        w.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["store", "VolumeName", "reason"])
+            w.writerows(rows)
+    atomic_write(path, write)
 
 
 def merge_stores(cfg: MergeConfig) -> MergeSummary:
@@ -383,8 +383,7 @@ def _merge_virtual(sources: list[SourceStore], out: Path, spec: StoreSpec, overw
     used = [s for s in sources if s.volumes]
     # relative to the merged file's folder, which is where HDF5 looks first: the folder can move as a whole
     rels = [os.path.relpath(s.path.resolve(), out.parent.resolve()) for s in used]
-    tmp = out.with_name(f".{out.name}.merging-{os.getpid()}")
-    try:
+    def create(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["store_version"] = STORE_VERSION
             f.attrs["ctclip_version"] = spec.version
@@ -400,6 +399,4 @@ def _merge_virtual(sources: list[SourceStore], out: Path, spec: StoreSpec, overw
                         src = sf[name].attrs
                         for key in src:  # the stored types too (fixed-size strings), not just the values
                             ds.attrs.create(key, src[key], dtype=src.get_id(key).dtype)
-        os.replace(tmp, out)  # the merged store appears whole or not at all
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(out, create)  # the merged store appears whole or not at all

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ctcore.atomic import atomic_write, atomic_write_text
+
 log = logging.getLogger(__name__)
 
 VOLUME_RE = re.compile(r"^(?P<split>[A-Za-z]+)_(?P<pid>\d+)_(?P<scan>[A-Za-z0-9]+)_(?P<recon>\d+)\.nii(\.gz)?$")
@@ -140,11 +142,9 @@ def split_validation(cfg: SplitConfig) -> dict:
         "source_files": {FILES[r][1]: _sha256(data_dir / FILES[r][1]) for r in FILES},
         "outputs": {name: _sha256(data_dir / name) for r in FILES for name in (FILES[r][0], FILES[r][2])},
     }
-    (data_dir / "split_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(data_dir / "split_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))

@@ -54,6 +54,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ctcore.atomic import atomic_write
+
 STORE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 PENDING = "_pending"
@@ -228,9 +230,7 @@ class StoreWriter:
 
     @staticmethod
     def _create(path: Path, names: list[str], spec: StoreSpec) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
-        try:
+        def create(tmp: Path) -> None:
             with h5py.File(tmp, "w") as f:
                 f.attrs["store_version"] = STORE_VERSION
                 f.attrs["ctclip_version"] = spec.version
@@ -240,9 +240,7 @@ class StoreWriter:
                     f.attrs["shard_index"], f.attrs["num_shards"] = (int(x) for x in spec.shard)
                 for name in names:
                     _create_volume_dataset(f, name, spec.target_shape)
-            os.replace(tmp, path)  # the store appears whole or not at all
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, create)  # the store appears whole or not at all
 
     @staticmethod
     def _check_compatible(path: Path, f: h5py.File, spec: StoreSpec) -> None:

@@ -11,7 +11,6 @@ Every file is written under a hidden temporary name and renamed, so an interrupt
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from ctclip.data.synthetic_config import ChestSynthConfig
 from ctclip.data.synthetic_findings import PLANTABLE
 from ctclip.data.synthetic_volume import SyntheticVolume
 from ctclip.findings import FINDINGS, finding_index
+from ctcore.atomic import atomic_write, atomic_write_text
 
 SPLITS = {
     "train": ("train_metadata.csv", "train_reports.csv", "train_predicted_labels.csv"),
@@ -45,9 +45,7 @@ def save_nifti_atomic(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
     img.header.set_slope_inter(np.nan, np.nan)  # no NIfTI scaling: values on disk are what you get
-    tmp = path.with_name("." + path.name.removesuffix(".nii.gz") + ".partial.nii.gz")
-    nib.save(img, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz")
 
 
 def masks_to_bits(masks: dict[str, np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
@@ -69,9 +67,7 @@ def volume_path(out_dir: Path, name: str) -> Path:
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".partial")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def prepare_out_dir(cfg: ChestSynthConfig) -> None:
@@ -122,6 +118,4 @@ def write_info(cfg: ChestSynthConfig, base_volume: str, volumes: list[dict], sec
         "seconds": round(seconds, 2),
         "volumes": volumes,
     }
-    tmp = cfg.out_dir / ("." + INFO_FILE + ".partial")
-    tmp.write_text(json.dumps(info, indent=1, default=float))
-    os.replace(tmp, cfg.out_dir / INFO_FILE)
+    atomic_write_text(cfg.out_dir / INFO_FILE, json.dumps(info, indent=1, default=float))
