@@ -34,7 +34,6 @@ from ctclip.eval_outputs import file_sha256, write_outputs
 from ctclip.findings import FINDINGS
 from ctclip.metrics import PROTOCOLS, EvaluationResult, ThresholdRule, evaluate_findings
 from ctclip.retrieval import recall_at_k, text_gallery
-from ctclip.train_utils import autocast_factory
 from ctclip.zeroshot import (
     aggregate_by_scan,
     encode_loader,
@@ -43,6 +42,7 @@ from ctclip.zeroshot import (
     prompt_features,
     zero_shot_margins,
 )
+from ctcore.precision import autocast_factory, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_trained_model(cfg.model_path, device)
     data = _dataset(cfg, meta)
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(cfg.precision, device)
     autocast, _ = autocast_factory(precision, device)
     loader = make_loader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                          pin_memory=device.type == "cuda")

@@ -55,7 +55,6 @@ from ctclip.train_utils import (
     GlobalBatchSampler,
     RunLog,
     Throughput,
-    autocast_factory,
     cosine_with_warmup,
     max_memory_mb,
 )
@@ -76,6 +75,7 @@ from ctcore.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from ctcore.precision import autocast_factory
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,6 @@ import torch
 from torch.utils.data import Sampler
 
 
-def autocast_factory(precision: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], Any]:
-    """(a function returning the autocast context, a GradScaler or None). fp16 only on CUDA."""
-    if precision == "fp32":
-        return contextlib.nullcontext, None
-    if precision == "bf16":
-        return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)), None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-    raise ValueError(f"--precision must be bf16, fp16 or fp32, got {precision!r}")
-
-
 def cosine_with_warmup(warmup_steps: int, total_steps: int,
                        budget_progress: Callable[[], float] | None = None) -> Callable[[int], float]:
     """LR multiplier: linear warmup from ~0 to 1, then cosine to 0 at total_steps.

@@ -125,7 +125,7 @@ def run_cpu_variant(spec: dict) -> dict:
     from ctclip.feature_cache import build_feature_cache, cache_dir, cache_key
     from ctclip.models.registry import build_model
     from ctclip.train import train
-    from ctclip.train_utils import autocast_factory
+    from ctcore.precision import autocast_factory
 
     cfg = _train_config(spec)
     features_root = cfg.ct_filepath.with_name(cfg.ct_filepath.name + ".features")

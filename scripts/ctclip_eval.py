@@ -26,6 +26,7 @@ from ctclip.checkpoint import CheckpointError
 from ctclip.data.reports import TableError
 from ctclip.evaluate import EvalConfig, EvalError, evaluate
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch_size", type=int, default=4)
     a("--num_workers", type=int, default=2)
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    a("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 autocast on GPU, fp32 on CPU")
+    a("--precision", choices=PRECISION_CHOICES, default="auto",
+      help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 | fp16 | fp32 (none, off)")
     a("--verbose", action="store_true")
     return p
 

@@ -27,6 +27,7 @@ from ctclip.models.registry import model_config_from_yaml
 from ctclip.train import SetupError, TrainConfig, train
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.distributed import read_launch_env
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ctclip"
 
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup_steps", type=int, default=500)
     a("--grad_accum", type=int, default=1, help="micro-batches per step; negatives still span the whole batch")
     a("--grad_clip", type=float, default=1.0)
-    a("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
+    a("--precision", choices=PRECISION_CHOICES, default="bf16",
+      help="autocast: bf16 | fp16 (CUDA, with a GradScaler) | fp32 (none, off) | auto (bf16 on CUDA, fp32 on CPU)")
     a("--num_workers", type=int, default=4)
     a("--seed", type=int, default=42)
     a("--save_interval", type=int, default=1000, help="steps between latest.pt checkpoints")
