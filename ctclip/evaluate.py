@@ -42,12 +42,13 @@ from ctclip.zeroshot import (
     prompt_features,
     zero_shot_margins,
 )
+from ctcore.errors import UsageError
 from ctcore.precision import autocast_factory, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(UsageError):
     """The evaluation cannot run; the message names the file, column, volume or flag."""
 
 

@@ -43,6 +43,7 @@ from ctclip.data.splits import VOLUME_RE
 from ctclip.impressions_backends import BACKENDS, Backend, GenerationSettings, load_backend
 from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
+from ctcore.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ _LEADING_LABEL = re.compile(r"^\s*(?:\*\*)?\s*impressions?\s*(?:\*\*)?\s*:\s*(?:
 _NEXT_SECTION = re.compile(r"###|\b(?:findings|impressions?|clinical information|technique)\s*:", re.IGNORECASE)
 
 
-class ImpressionError(ValueError):
+class ImpressionError(UsageError):
     """The run cannot start or continue: bad inputs, or an output file that belongs to another model."""
 
 

@@ -75,6 +75,7 @@ from ctcore.distributed import (
     cleanup_distributed,
     init_distributed,
 )
+from ctcore.errors import UsageError
 from ctcore.precision import autocast_factory
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class TrainingStep(nn.Module):
         return v, m.encode_text(tokens), m.temperature_scale()
 
 
-class SetupError(ValueError):
+class SetupError(UsageError):
     """The run cannot start; raised before any training step, with a message naming the problem."""
 
 

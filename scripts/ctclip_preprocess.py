@@ -25,8 +25,9 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from ctclip.data.preprocess_run import PreprocessConfig, UsageError, run_preprocess
+from ctclip.data.preprocess_run import PreprocessConfig, run_preprocess
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

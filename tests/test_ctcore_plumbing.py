@@ -58,3 +58,18 @@ def test_one_precision_vocabulary_with_the_old_spellings():
         y = torch.ones(2, 2) @ torch.ones(2, 2)
     assert y.dtype == torch.bfloat16 and scaler is None
     assert autocast_factory("none", cpu)[0]().__class__.__name__ == "nullcontext"
+
+
+def test_job_errors_share_one_usage_error_base():
+    from ctclip.data.preprocess_run import UsageError as PreprocessUsageError
+    from ctclip.data.reports import TableError
+    from ctclip.data.shards import MergeError
+    from ctclip.data.splits import SplitError
+    from ctclip.evaluate import EvalError
+    from ctclip.impressions import ImpressionError
+    from ctclip.train import SetupError
+    from ctcore.errors import UsageError
+
+    assert PreprocessUsageError is UsageError and issubclass(UsageError, ValueError)
+    for cls in (TableError, MergeError, SplitError, EvalError, ImpressionError, SetupError):
+        assert issubclass(cls, UsageError), cls

@@ -32,14 +32,13 @@ from ctclip.data.preprocess import VolumeParams, preprocess_volume
 from ctclip.data.rescale import CsvRescale, RescaleError
 from ctclip.data.shards import check_shard, select_shard, shard_path
 from ctclip.data.store import StoreError, StoreSpec, StoreWriter
+from ctcore.errors import UsageError
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 METADATA_COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept")
 
 
-class UsageError(ValueError):
-    """The job cannot start (bad paths, bad metadata file, incompatible store): nothing was written."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ctclip.findings import FINDINGS
+from ctcore.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ TEXT_CHOICES: Mapping[str, tuple[str, ...]] = {
 }
 
 
-class TableError(ValueError):
+class TableError(UsageError):
     """A CSV cannot be used; the message names the file, and the column or row."""
 
 

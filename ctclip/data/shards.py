@@ -58,13 +58,14 @@ from ctclip.data.store import (
     store_shard,
 )
 from ctcore.atomic import atomic_write
+from ctcore.errors import UsageError
 
 log = logging.getLogger(__name__)
 MODES = ("copy", "virtual")
 T = TypeVar("T")
 
 
-class MergeError(ValueError):
+class MergeError(UsageError):
     """The stores cannot be merged as asked; nothing was written."""
 
 

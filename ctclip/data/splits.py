@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ctcore.atomic import atomic_write, atomic_write_text
+from ctcore.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ FILES = {
 }
 
 
-class SplitError(ValueError):
+class SplitError(UsageError):
     pass
 
 
