@@ -437,7 +437,7 @@ def stored_values(raw: np.ndarray, h: DicomHeader, *, fix_quirk: bool = True, or
 def hu_values(values: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """values * slope + intercept in float32 (exact for every 16-bit integer; never uint16 arithmetic).
 
-    The one place the rescale is computed: the table path of `hemorrhage.prepare.slice_image` applies it
+    The one place the rescale is computed: the table path of `hemorrhage.inputs.slice_image` applies it
     to the range of stored values and must give the same bytes as applying it to every pixel.
     """
     hu = np.asarray(values).astype(np.float32)

@@ -48,19 +48,19 @@ from hemorrhage.classes import CLASSES
 from hemorrhage.ensemble import CNNEnsemble
 from hemorrhage.inference import (
     CNNRunConfig,
-    SeriesOutput,
     check_inputs,
     describe_inputs,
     library_versions,
     parse_input_sizes,
-    stream_series,
 )
-from hemorrhage.inference_data import InputError, InputSettings, SeriesJob, find_series
+from hemorrhage.inference_data import InputError, SeriesJob, find_series
+from hemorrhage.inputs import InputSettings
 from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory
 from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features
 from hemorrhage.models.sequence_checkpoint import Member, member_label
 from hemorrhage.prepare import UsageError
 from hemorrhage.series import write_manifest
+from hemorrhage.streaming import SeriesOutput, stream_series
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,9 @@
 Steps: the weights folder is checked (every file opened, keys and shapes compared) and the sequence heads
 read before any image is; the input's series are discovered (headers only) and ordered; DataLoader
 workers decode, window and resize each series (`hemorrhage.inference_data`); the main process batches
-slices across series, moves uint8 to the device and runs every fold of every member under
-`torch.inference_mode()` (channels_last and bf16 autocast on CUDA by default; `hemorrhage.ensemble`).
+slices across series (`hemorrhage.streaming`), moves uint8 to the device and runs every fold of every
+member under `torch.inference_mode()` (channels_last and bf16 autocast on CUDA by default;
+`hemorrhage.ensemble`).
 
 Outputs, named after ``--output`` (default ``predictions.csv``):
 
@@ -34,17 +35,14 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 
 from ctcore.cli import resolved
-from hemorrhage.classes import CLASSES
 from hemorrhage.ensemble import (
     CNNEnsemble,
     apply_sequence_heads_batch,
@@ -53,28 +51,27 @@ from hemorrhage.ensemble import (
     resolve_device,
     sequence_folds,
 )
-from hemorrhage.inference_data import (
-    CENTER_CROP,
-    InputError,
-    InputSettings,
-    SeriesInputs,
-    SeriesJob,
-    SourceInfo,
-    TTASpec,
-    find_series,
-    identity_collate,
-    parse_tta,
+from hemorrhage.inference_data import InputError, SeriesJob, SourceInfo, find_series
+from hemorrhage.inference_outputs import (
+    SeriesPrediction,
+    fallback_column,
+    kaggle_frame,
+    output_paths,
+    slice_frame,
+    study_frame,
+    write_frame,
 )
+from hemorrhage.inputs import CENTER_CROP, RESIZE_RECIPE, InputSettings, TTASpec, parse_tta
 from hemorrhage.models.checkpoint import FOLDS, CheckpointError, check_weights, sha256_file
 from hemorrhage.models.sequence import slice_gaps
 from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
 from hemorrhage.prepare import UsageError
-from hemorrhage.series import Discovery, resolve_workers, write_manifest
+from hemorrhage.series import write_manifest
+from hemorrhage.streaming import SeriesOutput, stream_series
 from hemorrhage.windows import WindowSpec, parse_window_spec
 
 log = logging.getLogger(__name__)
 
-FLOAT_FORMAT = "%.7g"
 SEQUENCE_CHUNK = 32  # series per sequence-head batch (their features are held until then)
 
 
@@ -162,13 +159,6 @@ class InferSummary:
                 f"({rate:.1f} slices/s) -> {self.output}")
 
 
-def output_paths(output: Path) -> dict[str, Path]:
-    stem = output.with_suffix("")
-    return {"predictions": output, "per_slice": Path(f"{stem}_per_slice.csv"),
-            "per_study": Path(f"{stem}_per_study.csv"), "run": Path(f"{stem}_run.json"),
-            "errors": Path(f"{stem}_errors.csv"), "manifest": Path(f"{stem}_manifest.csv")}
-
-
 def parse_input_sizes(entries: list[str], labels: list[str]) -> dict[str, int]:
     """["256"] -> every member at 256; ["DenseNet121_change_avg_512=384"] -> that member only."""
     sizes: dict[str, int] = {}
@@ -181,75 +171,6 @@ def parse_input_sizes(entries: list[str], labels: list[str]) -> dict[str, int]:
             raise UsageError(f"--input_size {entry!r}: no loaded member {name!r} (members: {', '.join(labels)})")
         sizes.update(dict.fromkeys(targets, int(value)))
     return sizes
-
-
-# ----------------------------------------------------------------------------------------- per series
-
-
-@dataclass
-class SeriesPrediction:
-    job: SeriesJob
-    kept: np.ndarray  # indices into the job's slices
-    quirk: np.ndarray
-    probs: np.ndarray  # (S, 6) final
-    cnn: np.ndarray  # (S, 6) CNN ensemble alone
-    window_fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (S,) DEFAULT_WINDOW used
-
-
-def _write_frame(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
-    os.replace(tmp, path)
-
-
-def slice_frame(preds: list[SeriesPrediction], with_cnn: bool) -> pd.DataFrame:
-    rows = []
-    for p in preds:
-        j = p.job
-        for i, k in enumerate(p.kept):
-            row = {"StudyInstanceUID": j.study_uid, "SeriesInstanceUID": j.series_uid,
-                   "SOPInstanceUID": j.sop_uids[k], "slice_index": int(k), "position": j.positions[k],
-                   "flags": j.slice_flags[k], "quirk_fixed": int(p.quirk[i]),
-                   "window_fallback": int(p.window_fallback[i]) if len(p.window_fallback) else 0}
-            row.update(zip(CLASSES, p.probs[i].tolist()))
-            if with_cnn:
-                row.update(zip((f"cnn_{c}" for c in CLASSES), p.cnn[i].tolist()))
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def study_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
-    rows = []
-    for p in preds:
-        j = p.job
-        flags = sorted({f for k in p.kept for f in j.slice_flags[k].split(";") if f})
-        n_failed = j.n_slices - len(p.kept)
-        if n_failed:
-            flags.append("missing_slices")
-        row = {"StudyInstanceUID": j.study_uid, "SeriesInstanceUID": j.series_uid, "n_slices": len(p.kept),
-               "n_failed": n_failed, "ordered_by": j.ordered_by, "flags": ";".join(flags)}
-        row.update(zip((f"max_{c}" for c in CLASSES), p.probs.max(0).tolist()))
-        row.update(zip((f"mean_{c}" for c in CLASSES), p.probs.mean(0).tolist()))
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def fallback_column(preds: list[SeriesPrediction], d: Discovery) -> dict[str, dict[str, object]]:
-    """The manifest's window_fallback per file: 1 for a predicted slice windowed with DEFAULT_WINDOW."""
-    used = {p.job.paths[k] for p in preds for i, k in enumerate(p.kept)
-            if len(p.window_fallback) and p.window_fallback[i]}
-    return {e.header.path: {"window_fallback": int(e.header.path in used)} for s in d.series for e in s.entries}
-
-
-def kaggle_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
-    ids, labels = [], []
-    for p in preds:
-        for i, k in enumerate(p.kept):
-            sop = p.job.sop_uids[k]
-            ids += [f"{sop}_{c}" for c in CLASSES]
-            labels += p.probs[i].tolist()
-    return pd.DataFrame({"ID": ids, "Label": labels})
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -297,7 +218,6 @@ def check_inputs(cfg: CNNRunConfig):
     return tta, spec, device, amp, inv, heads
 
 
-RESIZE_RECIPE = "each slice to 512x512, then the model size"  # hemorrhage.dataset.to_input_size
 # what features and heads made before the resize was recorded used (identical for 512x512 slices)
 _BEFORE_RECORDED = {"resize": "one resize to the model size"}
 
@@ -366,10 +286,10 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                     "could not prepare them); window_fallback in %s", summary.window_fallback,
                     output_paths(cfg.output)["per_slice"])
     paths = output_paths(cfg.output)
-    _write_frame(kaggle_frame(preds), paths["predictions"])
-    _write_frame(slice_frame(preds, with_cnn=bool(heads)), paths["per_slice"])
-    _write_frame(study_frame(preds), paths["per_study"])
-    _write_frame(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), paths["errors"])
+    write_frame(kaggle_frame(preds), paths["predictions"])
+    write_frame(slice_frame(preds, with_cnn=bool(heads)), paths["per_slice"])
+    write_frame(study_frame(preds), paths["per_study"])
+    write_frame(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), paths["errors"])
     if info.discovery is not None:
         write_manifest(info.discovery, paths["manifest"], fallback_column(preds, info.discovery),
                        ("window_fallback",))
@@ -381,70 +301,6 @@ def run_inference(cfg: InferConfig) -> InferSummary:
     summary.files = {k: str(v) for k, v in paths.items()}
     write_run_record(cfg, summary, info, ens, heads, folds_seq, tta.describe(), spec.describe(), device, amp)
     return summary
-
-
-@dataclass
-class SeriesOutput:
-    """The CNN outputs of one series, as `stream_series` yields them."""
-
-    job: SeriesJob
-    kept: np.ndarray  # indices into the job's slices (the ones that decoded)
-    quirk: np.ndarray  # (S,) bool: BitsStored-12 fix applied
-    probs: dict[str, np.ndarray]  # member label -> (S, folds, 6), mean over TTA passes
-    features: dict[str, np.ndarray]  # member label -> (S, folds, feature_dim); empty unless asked for
-    window_fallback: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # (S,) DEFAULT_WINDOW used
-
-
-def stream_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble, *, batch_size: int,
-                  num_workers: int, want_features: bool = False, progress: bool = True,
-                  failed: list[tuple[str, str, str]] | None = None, timing: dict[str, float] | None = None
-                  ) -> Iterator[SeriesOutput]:
-    """Stream the series through the ensemble, batching slices across series; yields each series in order.
-
-    Files that fail to decode are appended to `failed` as (path, stage, error); a series with no readable
-    slice is logged and not yielded. `timing` accumulates "wait_for_data" and "cnn" seconds.
-    """
-    from tqdm.auto import tqdm
-
-    failed = [] if failed is None else failed
-    timing = {} if timing is None else timing
-    timing.setdefault("wait_for_data", 0.0)
-    timing.setdefault("cnn", 0.0)
-    workers = min(resolve_workers(num_workers), len(jobs))
-    loader = DataLoader(SeriesInputs(jobs, settings), batch_size=None, shuffle=False, num_workers=workers,
-                        collate_fn=identity_collate, pin_memory=ens.device.type == "cuda",
-                        prefetch_factor=4 if workers else None)
-    pending: list[dict] = []
-
-    def flush() -> list[SeriesOutput]:
-        t = time.perf_counter()
-        outs = run_group(ens, pending, batch_size, want_features)
-        timing["cnn"] += time.perf_counter() - t
-        done = [SeriesOutput(jobs[it["index"]], it["kept"].numpy(), it["quirk"].numpy(), probs, feats,
-                             it["window_fallback"].numpy())
-                for it, (probs, feats) in zip(pending, outs)]
-        pending.clear()
-        return done
-
-    with tqdm(total=sum(j.n_slices for j in jobs), desc="predict", unit="slice",
-              disable=None if progress else True) as bar:
-        t = time.perf_counter()
-        for item in loader:
-            timing["wait_for_data"] += time.perf_counter() - t
-            job = jobs[item["index"]]
-            for e in item["errors"]:
-                log.error("failed: %s: %s", e[0], e[2])
-            failed += [tuple(e) for e in item["errors"]]
-            if item["inputs"]:
-                pending.append(item)
-                if sum(len(it["kept"]) for it in pending) >= batch_size:
-                    yield from flush()
-            else:
-                log.error("series %s: no readable slice, left out", job.series_uid)
-            bar.update(job.n_slices)
-            t = time.perf_counter()
-        if pending:
-            yield from flush()
 
 
 def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsemble,
@@ -478,31 +334,6 @@ def predict_series(jobs: list[SeriesJob], settings: InputSettings, ens: CNNEnsem
     if chunk:
         finish()
     return preds, failed, timing
-
-
-def run_group(ens: CNNEnsemble, items: list[dict], batch_size: int, want_features: bool
-              ) -> list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Predict every slice of `items` in batches of `batch_size`; split the results back per series."""
-    inputs = {s: torch.cat([it["inputs"][s] for it in items], 1).to(ens.device, non_blocking=True)
-              for s in ens.sizes}
-    total = next(iter(inputs.values())).shape[1]
-    probs: dict[str, list[torch.Tensor]] = {m.label: [] for m in ens.members}
-    feats: dict[str, list[torch.Tensor]] = {m.label: [] for m in ens.members}
-    for start in range(0, total, batch_size):
-        out = ens.predict({s: x[:, start:start + batch_size] for s, x in inputs.items()}, want_features)
-        for label, o in out.items():
-            probs[label].append(o.probs)
-            if want_features:
-                feats[label].append(o.features)
-    all_p = {k: torch.cat(v).cpu().numpy() for k, v in probs.items()}
-    all_f = {k: torch.cat(v).cpu().numpy() for k, v in feats.items()} if want_features else {}
-    results, start = [], 0
-    for it in items:
-        n = len(it["kept"])
-        results.append(({k: v[start:start + n] for k, v in all_p.items()},
-                        {k: v[start:start + n] for k, v in all_f.items()}))
-        start += n
-    return results
 
 
 def write_run_record(cfg: InferConfig, summary: InferSummary, info: SourceInfo, ens: CNNEnsemble,

@@ -9,16 +9,9 @@ One item is one series, decoded, windowed and resized in a DataLoader worker: th
 needs a slice's neighbours, and a series is the unit that has them. Images stay uint8 until the model
 normalises them on the device.
 
-Per model input size the original test-time recipe is kept (its dataset's stacking, then
-``2DNet/src/predict.py``): bring each windowed slice to the 512 x 512 stacking grid and then to the input
-size (`hemorrhage.dataset.to_input_size`; the grid step is done once per series, whatever the number of
-sizes), stack ``[s+1, s, s-1]``, then
-- no TTA (``--tta 0``) and the flip set: a centre crop of 0.8 resized back (the original's "center"
-  prediction; its validation during training used the same crop, so the published weights expect it);
-- random TTA (``--tta N``, the original used 10): N passes of channel reversal (p 0.5), horizontal flip
-  (p 0.5) and a random crop of 0.6-0.99 resized back, drawn from a generator seeded by (seed, series,
-  size, pass) so that results do not depend on worker scheduling.
-The deterministic flip set (identity, flip, channel reversal, both) is applied on the device.
+Per model input size the original test-time recipe is kept (`hemorrhage.inputs.model_inputs`: the
+two-step resize, ``[s+1, s, s-1]``, then the centre crop or the random TTA passes); the 512 x 512 grid
+step is done once per series here, whatever the number of sizes.
 
 A prepared folder is one that ``scripts/hemorrhage_prepare.py`` wrote (``manifest.csv`` and
 ``prepare_config.yaml``): its PNG or npz images are already windowed, so ``--window`` does not apply.
@@ -37,60 +30,15 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from hemorrhage.augment import augment_tta, center_crop_resize, rng_for
-from hemorrhage.dataset import neighbour_indices, to_input_size, to_stack_grid
 from hemorrhage.dicom import DicomReadError
-from hemorrhage.prepare import slice_image
+from hemorrhage.inputs import InputSettings, model_inputs, slice_image, to_stack_grid
 from hemorrhage.series import EXCLUDING, Discovery, discover
-from hemorrhage.windows import WindowSpec
 
 log = logging.getLogger(__name__)
-
-CENTER_CROP = 0.8  # the original's inference crop (cropping(ratio=0.8, code=0))
-RANDOM_TTA_PASSES = 10  # the original's num_aug
 
 
 class InputError(ValueError):
     """The input folder cannot be used (missing, empty, an unusable prepared folder)."""
-
-
-# ----------------------------------------------------------------------------------------- TTA
-
-
-@dataclass(frozen=True)
-class TTASpec:
-    mode: str = "none"  # none | flip | random
-    passes: int = 1  # random: passes drawn in the workers
-
-    @property
-    def device_passes(self) -> int:
-        return 4 if self.mode == "flip" else 1
-
-    @property
-    def total_passes(self) -> int:
-        return self.passes * self.device_passes
-
-    def describe(self) -> str:
-        return {"none": "none (centre crop 0.8)",
-                "flip": "flip set: identity, hflip, channel reversal, both (centre crop 0.8)"}.get(
-            self.mode, f"{self.passes} random passes: channel reversal, hflip, crop 0.6-0.99")
-
-
-def parse_tta(text: str | int) -> TTASpec:
-    """'0' / 'none': one centre-crop pass; 'flip': the deterministic set; N > 0 or 'random[:N]': N random passes."""
-    t = str(text).strip().lower()
-    if t in ("0", "none", "off", "center"):
-        return TTASpec("none", 1)
-    if t == "flip":
-        return TTASpec("flip", 1)
-    if t.startswith("random"):
-        n = t.partition(":")[2] or str(RANDOM_TTA_PASSES)
-    else:
-        n = t
-    if not n.isdigit() or int(n) < 1:
-        raise ValueError(f"--tta {text!r}: expected 0 (none), flip, a number of random passes (the original "
-                         f"used {RANDOM_TTA_PASSES}) or random:N")
-    return TTASpec("random", int(n))
 
 
 # ----------------------------------------------------------------------------------------- series
@@ -202,16 +150,6 @@ def find_series(root: str | Path, num_workers: int = 0, progress: bool = True) -
 # ----------------------------------------------------------------------------------------- images -> inputs
 
 
-@dataclass(frozen=True)
-class InputSettings:
-    spec: WindowSpec  # DICOM input only
-    sizes: tuple[int, ...] = (256,)
-    tta: TTASpec = TTASpec()
-    center_crop: float = CENTER_CROP
-    fix_quirk: bool = True
-    seed: int = 0
-
-
 def _read_png(path: str) -> np.ndarray:
     img = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if img is None:
@@ -271,28 +209,6 @@ def load_images(job: SeriesJob, s: InputSettings) -> LoadedSeries:
         out.quirk.append(fixed)
         out.window_fallback.append(fallback)
     return out
-
-
-def model_inputs(images: list[np.ndarray], size: int, s: InputSettings, key: str) -> np.ndarray:
-    """uint8 (P, S, 3, size, size): the passes drawn in the worker (1 unless random TTA).
-
-    `images` may already be on the 512 x 512 stacking grid (`to_stack_grid`), which then costs nothing."""
-    resized = [to_input_size(img, size) for img in images]
-    three = resized[0].ndim == 3
-    if s.tta.mode == "random":
-        out = np.empty((s.tta.passes, len(resized), 3, size, size), np.uint8)
-        stack = np.stack(resized)  # (S, h, w) or (S, h, w, 3)
-        per_slice = stack if three else np.moveaxis(stack[neighbour_indices(len(stack))], 1, -1)
-        for p in range(s.tta.passes):
-            rng = rng_for(s.seed, key, size, p)
-            for i, img in enumerate(per_slice):
-                out[p, i] = np.moveaxis(augment_tta(np.ascontiguousarray(img), rng), -1, 0)
-        return out
-    if s.center_crop < 1.0:
-        resized = [center_crop_resize(img, s.center_crop) for img in resized]
-    stack = np.stack(resized)
-    x = np.moveaxis(stack, -1, 1) if three else stack[neighbour_indices(len(stack))]
-    return np.ascontiguousarray(x)[None]
 
 
 class SeriesInputs(Dataset):

@@ -43,7 +43,8 @@ import numpy as np
 import yaml
 
 from ctcore.cli import resolved, save_resolved
-from hemorrhage.dicom import DicomHeader, DicomReadError, hu_values, read_pixels, stored_values
+from hemorrhage.dicom import DicomReadError
+from hemorrhage.inputs import slice_image
 from hemorrhage.series import (
     EXCLUDING,
     Discovery,
@@ -56,7 +57,7 @@ from hemorrhage.series import (
     write_errors,
     write_manifest,
 )
-from hemorrhage.windows import WindowSpec, header_window, parse_window_spec, render, render_stored
+from hemorrhage.windows import WindowSpec, header_window, parse_window_spec
 
 log = logging.getLogger(__name__)
 
@@ -121,25 +122,6 @@ class PrepareSummary:
 def png_name(sop_uid: str) -> str:
     """The original's file name: ID_<SOPInstanceUID>.png (Kaggle IDs already start with ID_)."""
     return f"{sop_uid if sop_uid.startswith('ID_') else 'ID_' + sop_uid}.png"
-
-
-def slice_image(path: str | Path, spec: WindowSpec, fix_quirk: bool = True
-                ) -> tuple[DicomHeader, np.ndarray, bool]:
-    """(header, uint8 image, quirk_fixed) of one file: decode, HU, window (see hemorrhage.windows).
-
-    Integer stored values with a finite rescale go through `render_stored` (a table over the stored
-    range, same bytes); anything else through HU per pixel and `render`.
-    """
-    h, raw = read_pixels(path)
-    if raw.ndim != 2:
-        raise DicomReadError(path, f"not a single 2D slice (pixel array {raw.shape})")
-    values, slope, intercept, fixed = stored_values(raw, h, fix_quirk=fix_quirk, original_int=spec.original_int)
-    img = None
-    if np.isfinite(slope) and np.isfinite(intercept):
-        img = render_stored(values, lambda v: hu_values(v, slope, intercept), spec, h.window_center, h.window_width)
-    if img is None:
-        img = render(hu_values(values, slope, intercept), spec, h.window_center, h.window_width)
-    return h, img, fixed
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -215,7 +197,7 @@ def save_series_npz(task: Task, kept: list[int], images: list[np.ndarray], fixed
     save = np.savez_compressed if task.compress else np.savez  # plain: loading is a copy, not an inflate
     with open(tmp, "wb") as f:
         stack = np.stack(images)
-        if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.dataset.window_inputs takes
+        if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.inference_data.load_images reads
             stack = np.ascontiguousarray(np.moveaxis(stack, -1, 1))
         save(f, images=stack, sop_uids=np.array([task.sop_uids[k] for k in kept]),
              positions=np.array([task.positions[k] for k in kept], np.float64), quirk_fixed=np.array(fixed),

@@ -5,8 +5,8 @@
 The inputs are what `scripts/hemorrhage_infer.py` wrote next to ``predictions.csv``: the per-slice CSV
 (probabilities in slice order), the manifest (file of every slice) and the run JSON (the DICOM folder and
 the window it was run with). The slices are rendered with the run's window through the same
-`prepare.slice_image` the model saw, so the picture is the model's input, not a re-windowed copy. With
-Kaggle labels the true positive slices of each subtype are drawn as bars above the curves.
+`hemorrhage.inputs.slice_image` the model saw, so the picture is the model's input, not a re-windowed
+copy. With Kaggle labels the true positive slices of each subtype are drawn as bars above the curves.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from hemorrhage.classes import CLASSES
 from hemorrhage.dicom import DicomReadError
 from hemorrhage.evaluate import UsageError, read_kaggle_csv
-from hemorrhage.prepare import slice_image
+from hemorrhage.inputs import slice_image
 from hemorrhage.windows import parse_window_spec
 
 SUBTYPES = CLASSES[1:]

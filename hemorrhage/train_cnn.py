@@ -41,14 +41,8 @@ from ctcore.cli import save_resolved
 from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
 from hemorrhage.augment import augment_preset
 from hemorrhage.ensemble import autocast_context
-from hemorrhage.inference_data import (
-    InputSettings,
-    SeriesInputs,
-    find_series,
-    identity_collate,
-    is_prepared_folder,
-    parse_tta,
-)
+from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
+from hemorrhage.inputs import InputSettings, parse_tta
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
 from hemorrhage.models.cnn import build_cnn, cnn_spec, normalize_uint8

@@ -10,7 +10,7 @@ with a triangular weight (``max(1, int(min(i, n-1-i) / 4))``) that favours centr
 passed ``n - 1`` and so never drew a study's last slice, which we do (weight 1). A study with several
 series draws one of them at random. Slices without a label are never drawn but still serve as
 neighbours. Each sample is the three slices ``[s+1, s, s-1]``, each brought to the original's 512 x 512
-stacking grid and then to the input size (`hemorrhage.dataset.to_input_size`, the recipe inference uses),
+stacking grid and then to the input size (`hemorrhage.inputs.to_input_size`, the recipe inference uses),
 then augmented (`hemorrhage.augment.augment_train`; the original's settings unless the run names another
 preset) on uint8 in the DataLoader worker with a generator seeded by (seed, epoch, draw), so a resumed or
 re-run epoch sees the same images. (The original augmented the 512 x 512 stack and resized to the input
@@ -34,8 +34,8 @@ from torch.utils.data import Dataset, Sampler
 
 from hemorrhage.augment import AugmentConfig, augment_train, rng_for
 from hemorrhage.classes import CLASSES, split_label_id
-from hemorrhage.dataset import neighbour_indices, to_input_size
 from hemorrhage.inference_data import SeriesJob
+from hemorrhage.inputs import neighbour_indices, to_input_size
 
 
 class LabelError(ValueError):

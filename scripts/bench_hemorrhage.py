@@ -20,7 +20,7 @@ initialised weights in the published layout (hemorrhage.models.checkpoint.save_r
                  forkserver workers import the main script, torch included: seconds per pool on 2 cores)
   (c) compute    CNNEnsemble.predict alone on pre-made uint8 inputs already on the device
   (d) decode     per slice, one process, files read once before (page cache): pydicom .pixel_array vs
-                 hemorrhage.prepare.slice_image (decode, HU with the BitsStored-12 fix, window, min-max uint8)
+                 hemorrhage.inputs.slice_image (decode, HU with the BitsStored-12 fix, window, min-max uint8)
   (e) CUDA only  model compute (as c) in bf16 + channels_last vs fp32 without channels_last
 (a)-(c) run --repeats times (interleaved) after one untimed warm-up batch; medians are reported. Targets:
 ours / compute <= 1.1, PNG path / ours > 1 (ours faster), decode+window / pydicom decode <= 1.5.
@@ -53,10 +53,11 @@ from hemorrhage.augment import center_crop_resize
 from hemorrhage.classes import CLASSES
 from hemorrhage.ensemble import CNNEnsemble, resolve_amp, resolve_device
 from hemorrhage.inference import InferConfig, parse_input_sizes, run_inference
-from hemorrhage.inference_data import InputSettings, SeriesInputs, find_series, parse_tta
+from hemorrhage.inference_data import SeriesInputs, find_series
+from hemorrhage.inputs import InputSettings, parse_tta, slice_image
 from hemorrhage.models.checkpoint import SEED_ENSEMBLE, check_weights, save_random_weights
 from hemorrhage.models.sequence_checkpoint import member_label
-from hemorrhage.prepare import PrepareConfig, run_prepare, slice_image
+from hemorrhage.prepare import PrepareConfig, run_prepare
 from hemorrhage.series import resolve_workers
 from hemorrhage.windows import parse_window_spec
 

@@ -367,7 +367,7 @@ def test_stored_value_table_declines_what_it_cannot_do():
 @pytest.mark.parametrize("key", HEAD_KEYS)
 def test_slice_image_equals_hu_then_window_on_the_real_slices(samples, key):
     """The table path of slice_image against read_hu + render (pydicom-checked above) on the real slices."""
-    from hemorrhage.prepare import slice_image
+    from hemorrhage.inputs import slice_image
 
     s = read_hu(samples[key])
     for name in ("header", "three", "subdural"):
@@ -382,7 +382,7 @@ def test_slice_image_equals_hu_then_window_on_the_real_slices(samples, key):
 
 def test_slice_image_on_a_quirk_slice(samples, tmp_path):
     """BitsStored-12 quirk: the fixed int32 values go through the table and equal HU then window."""
-    from hemorrhage.prepare import slice_image
+    from hemorrhage.inputs import slice_image
 
     ds = pydicom.dcmread(samples.head_693_uncr)
     hu = apply_modality_lut(ds.pixel_array, ds).astype(np.int64)

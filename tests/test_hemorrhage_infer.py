@@ -22,7 +22,7 @@ import torch
 
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference import parse_input_sizes
-from hemorrhage.inference_data import parse_tta
+from hemorrhage.inputs import parse_tta
 from hemorrhage.models import SEED_ENSEMBLE, build_cnn, load_original_checkpoint, normalize_uint8
 from hemorrhage.models.checkpoint import save_original_checkpoint, save_random_weights, sha256_file
 from hemorrhage.models.sequence import SequenceConfig, SequenceModel

@@ -14,15 +14,14 @@ import cv2
 import numpy as np
 import pytest
 
-from hemorrhage.dataset import (
+from hemorrhage.inputs import (
     STACK_GRID,
+    InputSettings,
+    model_inputs,
     neighbour_indices,
-    resize_stack,
-    series_inputs,
+    parse_tta,
     to_input_size,
-    window_inputs,
 )
-from hemorrhage.inference_data import InputSettings, model_inputs, parse_tta
 from hemorrhage.windows import parse_window_spec
 
 
@@ -50,6 +49,11 @@ def original_inputs(slices: list[np.ndarray], size: int, crop: float = 1.0) -> n
     return np.stack(out)
 
 
+def settings(size: int, crop: float = 1.0) -> InputSettings:
+    """No TTA; crop 1 leaves the stacked inputs uncropped."""
+    return InputSettings(parse_window_spec("header"), (size,), parse_tta("0"), center_crop=crop)
+
+
 def head_like(n: int, side: int | tuple[int, int], seed: int) -> list[np.ndarray]:
     """Slices with smooth tissue, a sharp bright rim and noise: both interpolation regimes are exercised."""
     rng = np.random.default_rng(seed)
@@ -73,11 +77,11 @@ def test_neighbours_are_next_self_previous_with_edges_repeated():
 
 @pytest.mark.parametrize("side", [128, 600, (512, 600), 256])
 @pytest.mark.parametrize("size", [256, 64])
-def test_series_inputs_equal_the_original_two_steps(side, size):
+def test_inputs_equal_the_original_two_steps(side, size):
     slices = head_like(5, side, seed=1)
-    ours = series_inputs(np.stack(slices), size)
-    assert ours.dtype == np.uint8 and ours.shape == (5, 3, size, size)
-    np.testing.assert_array_equal(ours, original_inputs(slices, size))
+    ours = model_inputs(slices, size, settings(size), "series")
+    assert ours.dtype == np.uint8 and ours.shape == (1, 5, 3, size, size)
+    np.testing.assert_array_equal(ours[0], original_inputs(slices, size))
 
 
 @pytest.mark.parametrize("side", [128, 600])
@@ -92,7 +96,7 @@ def test_one_resize_is_not_the_original(side):
 def test_512_slices_keep_their_single_resize(size):
     slices = head_like(4, 512, seed=3)
     once = np.stack([cv2.resize(s, (size, size), interpolation=cv2.INTER_LINEAR) for s in slices])
-    np.testing.assert_array_equal(resize_stack(np.stack(slices), size), once)
+    np.testing.assert_array_equal(np.stack([to_input_size(s, size) for s in slices]), once)
     assert to_input_size(slices[0], STACK_GRID) is slices[0]  # no copy, no resample at 512
 
 
@@ -102,19 +106,18 @@ def test_inference_worker_inputs_equal_the_original(side, crop):
     """`model_inputs` (the DataLoader worker of inference, validation and feature extraction), with the
     prediction's centre crop after the resize to the model size."""
     slices = head_like(6, side, seed=4)
-    settings = InputSettings(parse_window_spec("header"), (256,), parse_tta("0"), center_crop=crop)
-    ours = model_inputs(slices, 256, settings, "series")
+    ours = model_inputs(slices, 256, settings(256, crop), "series")
     assert ours.shape == (1, 6, 3, 256, 256)
     np.testing.assert_array_equal(ours[0], original_inputs(slices, 256, crop))
 
 
-def test_window_inputs_keep_the_window_channels():
+def test_three_window_inputs_keep_the_window_channels():
+    """Three-window images (H, W, 3): the channels are the windows, each resized in the two steps."""
     rng = np.random.default_rng(0)
     w = rng.integers(0, 256, size=(3, 3, 20, 20), dtype=np.uint8)
-    x = window_inputs(w, 10)
+    x = model_inputs(list(np.moveaxis(w, 1, -1)), 10, settings(10), "series")[0]
+    assert x.shape == (3, 3, 10, 10)
     for s in range(3):
         for c in range(3):
             grid = cv2.resize(w[s, c], (512, 512), interpolation=cv2.INTER_LINEAR)
             np.testing.assert_array_equal(x[s, c], cv2.resize(grid, (10, 10), interpolation=cv2.INTER_LINEAR))
-    with pytest.raises(ValueError, match="3 windows"):
-        window_inputs(w[:, :2], 10)

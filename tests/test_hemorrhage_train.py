@@ -17,7 +17,8 @@ import yaml
 
 from hemorrhage.augment import AUGMENT_PRESETS, AugmentConfig
 from hemorrhage.classes import CLASSES
-from hemorrhage.inference_data import InputSettings, SeriesInputs, find_series, parse_tta
+from hemorrhage.inference_data import SeriesInputs, find_series
+from hemorrhage.inputs import InputSettings, parse_tta
 from hemorrhage.metrics import baseline_log_loss, prior_baseline, weighted_log_loss
 from hemorrhage.models.checkpoint import read_original_checkpoint
 from hemorrhage.prepare import UsageError
