@@ -1,8 +1,8 @@
 """One precision vocabulary for every script: auto | bf16 | fp16 | fp32.
 
-`none` and `off` are accepted as fp32 (the inference scripts' old `--amp none`). `auto` means bf16
-autocast on CUDA and fp32 on the CPU (CPU autocast is slower than fp32 for these models). fp16 needs
-CUDA and comes with a GradScaler for training.
+`none` and `off` are accepted as fp32 (the inference scripts' `--amp none`). `auto` means bf16
+autocast on CUDA and fp32 on the CPU (CPU autocast is slower than fp32 for these models). Training in
+fp16 needs CUDA and comes with a GradScaler.
 
     autocast, scaler = autocast_factory(cfg.precision, device)
     with autocast():
@@ -30,8 +30,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise ValueError(f"precision {name!r}: expected one of {', '.join(CHOICES)}")
     if key == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
-    if key == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA device (got {device}); use bf16 or fp32")
     return key
 
 
@@ -40,10 +38,18 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return _DTYPES[resolve_precision(name, device)]
 
 
-def autocast_factory(name: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], Any]:
-    """(a function returning the autocast context, a GradScaler for fp16 training or None)."""
-    dtype = autocast_dtype(name, device)
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
+    """A function returning the autocast context for `dtype` on `device` (a no-op for None)."""
     if dtype is None:
-        return contextlib.nullcontext, None
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_factory(name: str, device: torch.device) -> tuple[Callable[[], contextlib.AbstractContextManager], Any]:
+    """For training: (a function returning the autocast context, a GradScaler for fp16 or None).
+    fp16 training needs CUDA (its GradScaler)."""
+    dtype = autocast_dtype(name, device)
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA device (got {device}); use bf16 or fp32")
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+    return autocast_context(device, dtype), scaler

@@ -12,14 +12,13 @@ CNN has its own feature space, so the sequence head runs once per fold and its o
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ctcore.precision import autocast_context, autocast_dtype
 from hemorrhage.classes import N_CLASSES
 from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory, load_original_checkpoint
 from hemorrhage.models.cnn import HemorrhageCNN, build_cnn, normalize_uint8
@@ -27,9 +26,6 @@ from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features, pad_studies,
 from hemorrhage.models.sequence_checkpoint import Member, SequenceCheckpoint, member_label
 
 log = logging.getLogger(__name__)
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -41,20 +37,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """'auto' -> bf16 on CUDA, none on the CPU (CPU autocast is slower than fp32 for these CNNs)."""
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp in ("none", "off", "fp32"):
-        return None
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp {amp!r}: expected auto, bf16, fp16 or none")
-    return AMP_DTYPES[amp]
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
-    if dtype is None:
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    """--amp (the ctcore.precision vocabulary): 'auto' -> bf16 on CUDA, None (fp32) on the CPU."""
+    try:
+        return autocast_dtype(amp, device)
+    except ValueError as e:
+        raise ValueError(f"--amp: {e}") from None
 
 
 @dataclass

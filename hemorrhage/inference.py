@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ctcore.atomic import atomic_write_text
 from ctcore.cli import resolved
+from ctcore.errors import UsageError
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 from hemorrhage.ensemble import (
     CNNEnsemble,
     apply_sequence_heads_batch,
@@ -65,7 +67,6 @@ from hemorrhage.inputs import CENTER_CROP, RESIZE_RECIPE, InputSettings, TTASpec
 from hemorrhage.models.checkpoint import FOLDS, CheckpointError, check_weights, sha256_file
 from hemorrhage.models.sequence import slice_gaps
 from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
-from hemorrhage.prepare import UsageError
 from hemorrhage.series import write_manifest
 from hemorrhage.streaming import SeriesOutput, stream_series
 from hemorrhage.windows import WindowSpec, parse_window_spec
@@ -115,8 +116,8 @@ def add_cnn_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", "-j", type=int, default=-1,
                    help="decoding worker processes (-1 = all CPUs, 0 = in this process)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="autocast dtype; auto = bf16 on CUDA, none on the CPU")
+    p.add_argument("--amp", default="auto", choices=PRECISION_CHOICES,
+                   help="autocast dtype; auto = bf16 on CUDA, none (fp32) on the CPU; bf16 | fp16 | none (fp32, off)")
     p.add_argument("--input_size", nargs="+", default=[],
                    help="model input size: N for every member or MEMBER=N (default: the size in the folder name)")
     p.add_argument("--center_crop", type=float, default=0.8,
@@ -366,8 +367,4 @@ def write_run_record(cfg: InferConfig, summary: InferSummary, info: SourceInfo, 
         "timings_s": {k: round(v, 3) for k, v in summary.timings.items()},
         "outputs": summary.files,
     }
-    path = Path(summary.files["run"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(summary.files["run"]), json.dumps(record, indent=2, default=str))

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,16 +36,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
 from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
+from ctcore.errors import UsageError
+from ctcore.precision import autocast_factory
 from hemorrhage.augment import augment_preset
-from hemorrhage.ensemble import autocast_context
 from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
 from hemorrhage.inputs import InputSettings, parse_tta
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
 from hemorrhage.models.cnn import build_cnn, cnn_spec, normalize_uint8
-from hemorrhage.prepare import PrepareConfig, UsageError, run_prepare
+from hemorrhage.prepare import PrepareConfig, run_prepare
 from hemorrhage.series import resolve_workers
 from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds, read_labels
 from hemorrhage.windows import parse_window_spec
@@ -102,15 +103,11 @@ def resolve_augment(cfg: TrainConfig) -> str:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """(autocast context factory, GradScaler or None); the context comes from `ensemble.autocast_context`."""
-    p = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if p not in dtypes:
-        raise UsageError(f"--precision {precision!r}: expected auto, bf16, fp16 or fp32")
-    if p == "fp16" and device.type != "cuda":
-        raise UsageError("--precision fp16 needs CUDA (use bf16 or fp32 on the CPU)")
-    scaler = torch.amp.GradScaler("cuda") if p == "fp16" else None
-    return autocast_context(device, dtypes[p]), scaler
+    """(autocast context factory, GradScaler or None): ctcore.precision's, bad values as UsageError."""
+    try:
+        return autocast_factory(precision, device)
+    except ValueError as e:
+        raise UsageError(f"--precision: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -199,11 +196,10 @@ def gather_arrays(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, epoch: int,
                 best: float, best_epoch: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "best": best,
-                "best_epoch": best_epoch}, tmp)
-    os.replace(tmp, path)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "best": best,
+             "best_epoch": best_epoch}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def run_training(cfg: TrainConfig) -> dict:

@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.errors import UsageError
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 from hemorrhage.augment import AUGMENT_PRESETS
 from hemorrhage.models.cnn import list_cnns
-from hemorrhage.prepare import UsageError
 from hemorrhage.train_cnn import TrainConfig, run_training
 
 
@@ -50,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default=None, choices=sorted(AUGMENT_PRESETS),
                    help="augmentation preset (default: the model's own: the original's for the published "
                         "architectures, light for tiny_densenet)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto = bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--precision", default="auto", choices=PRECISION_CHOICES,
+                   help="auto = bf16 on CUDA, fp32 on the CPU; bf16 | fp16 (CUDA) | fp32 (none, off)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: CUDA if available)")
     p.add_argument("--num_workers", "-j", type=int, default=-1, help="DataLoader workers (-1 = all CPUs)")
     p.add_argument("--save_every", type=int, default=5, help="also keep model_epoch_<epoch>_<fold>.pth every N")
