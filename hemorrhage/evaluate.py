@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,15 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
+from ctcore.atomic import atomic_write
 from ctcore.cli import resolved
+from ctcore.errors import UsageError
 from hemorrhage.classes import CLASS_WEIGHTS, CLASSES, split_label_id
 from hemorrhage.metrics import baseline_log_loss, bootstrap_metrics, per_class_log_loss, prior_baseline
 
 log = logging.getLogger(__name__)
 N_EXAMPLES = 20
 SUMMARY_ROW = "weighted/macro"
-
-
-class UsageError(ValueError):
-    """Bad input or settings (exit status 2)."""
 
 
 @dataclass
@@ -188,9 +185,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def _replace(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, write, suffix=path.suffix)  # matplotlib and pandas read the suffix
 
 
 def metrics_frame(result: dict, baseline: dict) -> pd.DataFrame:

@@ -23,7 +23,7 @@ Layout of --output_dir:
     extract_run.json                members, weight checksums, counts, versions, timings
     errors.csv, manifest.csv        files that could not be used; DICOM input: every file's series and order
 
-Resumable: a series file is written through a temporary name and os.replace, and skipped on a re-run
+Resumable: a series file is written through a temporary name (ctcore.atomic), and skipped on a re-run
 when it exists, reads back, and was made by the same weight files (sha256); a retrained fold is redone.
 """
 
@@ -43,7 +43,9 @@ import pandas as pd
 import torch
 import yaml
 
+from ctcore.atomic import atomic_write
 from ctcore.cli import resolved, save_resolved
+from ctcore.errors import UsageError
 from hemorrhage.classes import CLASSES
 from hemorrhage.ensemble import CNNEnsemble
 from hemorrhage.inference import (
@@ -58,7 +60,6 @@ from hemorrhage.inputs import InputSettings
 from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory
 from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features
 from hemorrhage.models.sequence_checkpoint import Member, member_label
-from hemorrhage.prepare import UsageError
 from hemorrhage.series import write_manifest
 from hemorrhage.streaming import SeriesOutput, stream_series
 
@@ -147,13 +148,7 @@ def write_series_features(path: Path, sf: SeriesFeatures) -> Path:
     for i, (f, p) in enumerate(zip(sf.features, sf.probs)):
         arrays[f"features_{i}"] = np.asarray(f, np.float16)
         arrays[f"probs_{i}"] = np.asarray(p, np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # np.savez adds .npz otherwise
     return path
 
 
@@ -407,9 +402,7 @@ def write_index(out_dir: Path) -> pd.DataFrame:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format="%.7g")
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.7g"))
 
 
 def load_features_dir(out_dir: str | os.PathLike) -> list[SeriesFeatures]:

@@ -4,18 +4,18 @@
     write_frame(kaggle_frame(preds), paths["predictions"])
 
 The files and their columns are listed in `hemorrhage.inference`; every CSV is written through a temporary
-name and os.replace, floats with 7 significant digits.
+name (ctcore.atomic), floats with 7 significant digits.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ctcore.atomic import atomic_write
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference_data import SeriesJob
 from hemorrhage.series import Discovery
@@ -41,10 +41,7 @@ class SeriesPrediction:
 
 
 def write_frame(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format=FLOAT_FORMAT))
 
 
 def slice_frame(preds: list[SeriesPrediction], with_cnn: bool) -> pd.DataFrame:

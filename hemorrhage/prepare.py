@@ -20,7 +20,7 @@ Writes under the output folder:
     errors.csv                    path, stage, error of every file that failed
     prepare_config.yaml           the settings used (a resumed run must use the same ones)
 
-Re-running the same command resumes: outputs are written through temporary names and os.replace, so an
+Re-running the same command resumes: outputs are written through temporary names (ctcore.atomic), so an
 existing PNG is complete and skipped; an npz is skipped when it holds exactly the series' planned slices.
 `run_prepare` raises `UsageError` for bad input (exit 2 in the script) and lists failed files in the
 summary (exit 3), after writing everything else.
@@ -29,7 +29,6 @@ summary (exit 3), after writing everything else.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from collections import Counter
@@ -42,7 +41,9 @@ import cv2
 import numpy as np
 import yaml
 
+from ctcore.atomic import atomic_write
 from ctcore.cli import resolved, save_resolved
+from ctcore.errors import UsageError
 from hemorrhage.dicom import DicomReadError
 from hemorrhage.inputs import slice_image
 from hemorrhage.series import (
@@ -65,10 +66,6 @@ FORMATS = ("png", "npz")
 OUTPUTS = ("png", "npz", "manifest.csv", "errors.csv", "prepare_config.yaml")
 RESUME_KEYS = ("format", "window", "fix_bits_stored_12", "original_int")  # settings that change the outputs
 SLICES_PER_TASK = 16  # PNG mode: slices per pool task (fewer round trips than one per slice)
-
-
-class UsageError(ValueError):
-    """Bad input or settings: nothing useful can be written (exit status 2)."""
 
 
 @dataclass
@@ -125,10 +122,7 @@ def png_name(sop_uid: str) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 @dataclass(frozen=True)
@@ -193,17 +187,18 @@ def save_series_npz(task: Task, kept: list[int], images: list[np.ndarray], fixed
     if not images:
         out.unlink(missing_ok=True)  # an older stack of other slices must not pass for this series
         return
-    tmp = out.with_name(f".{out.name}.tmp")
     save = np.savez_compressed if task.compress else np.savez  # plain: loading is a copy, not an inflate
-    with open(tmp, "wb") as f:
-        stack = np.stack(images)
-        if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.inference_data.load_images reads
-            stack = np.ascontiguousarray(np.moveaxis(stack, -1, 1))
-        save(f, images=stack, sop_uids=np.array([task.sop_uids[k] for k in kept]),
-             positions=np.array([task.positions[k] for k in kept], np.float64), quirk_fixed=np.array(fixed),
-             study_uid=np.array(task.study_uid), series_uid=np.array(task.series_uid),
-             window=np.array(spec.describe()))
-    os.replace(tmp, out)
+    stack = np.stack(images)
+    if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.inference_data.load_images reads
+        stack = np.ascontiguousarray(np.moveaxis(stack, -1, 1))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            save(f, images=stack, sop_uids=np.array([task.sop_uids[k] for k in kept]),
+                 positions=np.array([task.positions[k] for k in kept], np.float64), quirk_fixed=np.array(fixed),
+                 study_uid=np.array(task.study_uid), series_uid=np.array(task.series_uid),
+                 window=np.array(spec.describe()))
+    atomic_write(out, write)
 
 
 # ----------------------------------------------------------------------------------------- the run
@@ -229,7 +224,7 @@ def prepare_output(cfg: PrepareConfig) -> None:
             raise UsageError(f"{out} was prepared with other settings ({was}); use the same settings to "
                              "resume, --overwrite to start again, or another --output_dir")
     (out / cfg.format).mkdir(parents=True, exist_ok=True)
-    for tmp in (out / cfg.format).glob(".*.tmp"):  # left by a killed run
+    for tmp in [*(out / cfg.format).glob(".*.tmp"), *(out / cfg.format).glob(".*.partial-*")]:  # a killed run's
         tmp.unlink()
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctcore.atomic import atomic_write_text
 from hemorrhage.dicom import DicomHeader, DicomReadError, read_header
 
 log = logging.getLogger(__name__)
@@ -336,17 +337,12 @@ def manifest_rows(d: Discovery, extra: dict[str, dict[str, object]] | None = Non
 
 
 def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[dict[str, object]]) -> Path:
-    """Write a CSV through a temporary name and os.replace, so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a CSV through a temporary name (ctcore.atomic), so a reader never sees half a file."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, buf.getvalue())
 
 
 def write_manifest(d: Discovery, path: Path, extra: dict[str, dict[str, object]] | None = None,

@@ -12,7 +12,6 @@ copy. With Kaggle labels the true positive slices of each subtype are drawn as b
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,11 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ctcore.atomic import atomic_write
+from ctcore.errors import UsageError
 from hemorrhage.classes import CLASSES
 from hemorrhage.dicom import DicomReadError
-from hemorrhage.evaluate import UsageError, read_kaggle_csv
+from hemorrhage.evaluate import read_kaggle_csv
 from hemorrhage.inputs import slice_image
 from hemorrhage.windows import parse_window_spec
 
@@ -144,10 +145,7 @@ def plot_series(cfg: StudyFigureConfig) -> dict:
     study, series = rows.loc[0, "StudyInstanceUID"], rows.loc[0, "SeriesInstanceUID"]
     fig.suptitle(f"study {study[-12:]}, series {series[-12:]}: {len(rows)} slices; {spec.describe()}; {note}",
                  fontsize=10)
-    cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.output.with_name(f".{cfg.output.name}.tmp")
-    fig.savefig(tmp, dpi=90, format="png")
-    os.replace(tmp, cfg.output)
+    atomic_write(cfg.output, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     return {"series": series, "study": study, "n_slices": len(rows), "shown": shown, "output": str(cfg.output),
             "max_probability": dict(zip(CLASSES, probs.max(axis=0).round(4).tolist())),
             "labelled": truth is not None}

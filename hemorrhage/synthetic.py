@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctcore.atomic import atomic_write
 from hemorrhage.classes import CLASSES, KAGGLE_ROW_ORDER, SUBTYPES
 from hemorrhage.synthetic_anatomy import load_head_anatomy
 from hemorrhage.synthetic_config import HeadSynthConfig, validate_config
@@ -103,14 +104,14 @@ def _csv_bytes(header: list[str], rows: list[list[object]]) -> bytes:
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez_compressed with fixed zip timestamps, so equal arrays give equal bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, arr in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, arr in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with zf.open(info, "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(arr), allow_pickle=False)
+    atomic_write(path, write)
 
 
 def truth_arrays(study: SyntheticStudy, s: SyntheticSeries, records: list[FileRecord]) -> dict[str, np.ndarray]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from ctcore.atomic import atomic_write
 from hemorrhage.synthetic_header import StudyHeader
 from hemorrhage.synthetic_series import SeriesMeta, SyntheticStudy
 from hemorrhage.synthetic_style import HU_MAX, HU_MIN, PIXEL_FORMATS, PixelFormat, encode_pixels
@@ -181,11 +181,7 @@ def dataset_bytes(ds: Dataset, broken: str = "", rng: np.random.Generator | None
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a hidden temporary name in the same folder, then rename: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def assign_paths(rng: np.random.Generator, layout: str, header: StudyHeader,

@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ctcore.atomic import atomic_write
 from hemorrhage.augment import AugmentConfig, augment_train, rng_for
 from hemorrhage.classes import CLASSES, split_label_id
 from hemorrhage.inference_data import SeriesJob
@@ -109,10 +110,8 @@ def load_or_make_folds(path: Path, studies: list[str], n_folds: int, seed: int) 
             raise ValueError(f"{path} holds {max(folds.values()) + 1} folds, not --n_folds {n_folds}")
         return folds
     folds = make_folds(studies, n_folds, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pd.DataFrame(sorted(folds.items()), columns=["StudyInstanceUID", "fold"]).to_csv(tmp, index=False)
-    tmp.replace(path)
+    table = pd.DataFrame(sorted(folds.items()), columns=["StudyInstanceUID", "fold"])
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False))
     return folds
 
 

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ctcore.cli import save_resolved
+from ctcore.errors import UsageError
 from hemorrhage.augment import rng_for
 from hemorrhage.ensemble import resolve_device
 from hemorrhage.features import FeaturesError, SeriesFeatures, load_features_dir, read_series_features
@@ -48,7 +49,6 @@ from hemorrhage.models.sequence import (
     slice_gaps,
 )
 from hemorrhage.models.sequence_checkpoint import Member, member_label, save_sequence_checkpoint
-from hemorrhage.prepare import UsageError
 from hemorrhage.train_data import LabelError, read_labels
 
 log = logging.getLogger(__name__)

@@ -68,10 +68,11 @@ from torch.utils.data import DataLoader
 
 import hemorrhage.train_cnn as train_cnn
 from ctcore.cli import parse_args
+from ctcore.errors import UsageError
 from hemorrhage.ensemble import resolve_device
 from hemorrhage.inference_data import find_series, is_prepared_folder
 from hemorrhage.models.cnn import list_cnns
-from hemorrhage.prepare import PrepareConfig, UsageError, run_prepare
+from hemorrhage.prepare import PrepareConfig, run_prepare
 from hemorrhage.series import resolve_workers
 from hemorrhage.train_cnn import TrainConfig, run_training
 from hemorrhage.train_data import TrainSlices

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.evaluate import EvalConfig, UsageError, run_eval
+from ctcore.errors import UsageError
+from hemorrhage.evaluate import EvalConfig, run_eval
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.errors import UsageError
 from hemorrhage.features import ExtractConfig, run_extraction
 from hemorrhage.inference import add_cnn_run_arguments
-from hemorrhage.prepare import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

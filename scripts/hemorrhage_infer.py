@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore.errors import UsageError
 from hemorrhage.inference import InferConfig, add_cnn_run_arguments, run_inference
-from hemorrhage.prepare import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

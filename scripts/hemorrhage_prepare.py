@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.prepare import FORMATS, PrepareConfig, UsageError, run_prepare
+from ctcore.errors import UsageError
+from hemorrhage.prepare import FORMATS, PrepareConfig, run_prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.prepare import UsageError
+from ctcore.errors import UsageError
 from hemorrhage.train_sequence import SequenceTrainConfig, run_sequence_training
 
 

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ctcore.errors import UsageError
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference import parse_input_sizes
 from hemorrhage.inputs import parse_tta
@@ -27,7 +28,7 @@ from hemorrhage.models import SEED_ENSEMBLE, build_cnn, load_original_checkpoint
 from hemorrhage.models.checkpoint import save_original_checkpoint, save_random_weights, sha256_file
 from hemorrhage.models.sequence import SequenceConfig, SequenceModel
 from hemorrhage.models.sequence_checkpoint import load_sequence_checkpoint, save_sequence_checkpoint
-from hemorrhage.prepare import UsageError, png_name
+from hemorrhage.prepare import png_name
 from scripts.hemorrhage_infer import main
 from scripts.hemorrhage_prepare import main as prepare
 

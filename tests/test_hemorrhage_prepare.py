@@ -89,10 +89,11 @@ def test_errors_manifest_and_quirk_count(synthetic_head, synthetic_head_truths, 
     victim = sorted(before)[0]
     (out / "png" / victim).unlink()
     (out / "png" / f".{victim}.tmp").write_bytes(b"half a png")  # what a killed run leaves behind
+    (out / "png" / f".{victim}.partial-999").write_bytes(b"half a png")  # ... with ctcore.atomic's names
     assert main(["-i", str(synthetic_head / "dicom"), "-o", str(out), "-j", "0"]) == 3
     line = capsys.readouterr().out.splitlines()[0]
     assert f"1 written, {len(before) - 1} already done, 2 failed" in line
-    assert not list((out / "png").glob(".*.tmp"))
+    assert not list((out / "png").glob(".*.tmp")) and not list((out / "png").glob(".*.partial-*"))
     assert {p.name: p.stat().st_mtime_ns for p in (out / "png").iterdir() if p.name != victim} == \
         {k: v for k, v in before.items() if k != victim}
     other_settings = ["-i", str(synthetic_head / "dicom"), "-o", str(out), "-j", "0", "--window", "three"]

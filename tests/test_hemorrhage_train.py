@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
+from ctcore.errors import UsageError
 from hemorrhage.augment import AUGMENT_PRESETS, AugmentConfig
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference_data import SeriesInputs, find_series
 from hemorrhage.inputs import InputSettings, parse_tta
 from hemorrhage.metrics import baseline_log_loss, prior_baseline, weighted_log_loss
 from hemorrhage.models.checkpoint import read_original_checkpoint
-from hemorrhage.prepare import UsageError
 from hemorrhage.synthetic import read_truth
 from hemorrhage.train_cnn import TrainConfig, lr_at, resolve_augment, run_training
 from hemorrhage.train_data import (

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ctcore.atomic import atomic_write
 from hemorrhage.models.cnn import build_cnn, cnn_spec, list_cnns
 
 log = logging.getLogger(__name__)
@@ -210,16 +211,10 @@ def save_original_checkpoint(model: nn.Module, path: str | os.PathLike, epoch: i
         out._metadata = OrderedDict(  # type: ignore[attr-defined]
             [("", {"version": nn.DataParallel._version})]
             + [(DP_PREFIX + k if k else "module", v) for k, v in metadata.items()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        obj = {"epoch": int(epoch), "state_dict": out, "valLoss": float(val_loss)}
-        if note:
-            obj["note"] = str(note)
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    obj = {"epoch": int(epoch), "state_dict": out, "valLoss": float(val_loss)}
+    if note:
+        obj["note"] = str(note)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 

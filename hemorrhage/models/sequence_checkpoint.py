@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ctcore.atomic import atomic_write
 from hemorrhage.models.checkpoint import CheckpointError, state_dict_problems
 from hemorrhage.models.sequence import SequenceConfig, SequenceModel
 
@@ -57,17 +58,11 @@ def save_sequence_checkpoint(model: SequenceModel, path: str | os.PathLike, memb
     if len(members) != model.cfg.num_models:
         raise ValueError(f"the head takes {model.cfg.num_models} models but {len(members)} members were given")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"format": SEQUENCE_FORMAT, "config": asdict(model.cfg),
            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
            "members": [list(m) for m in members], "epoch": int(epoch), "valLoss": float(val_loss),
            "fold": None if fold is None else int(fold), "inputs": dict(inputs or {})}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 
