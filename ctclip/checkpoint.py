@@ -60,7 +60,7 @@ def _to_tuples(x: Any) -> Any:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """torch.save to a temporary name in the same folder, then os.replace: never a half file."""
+    """torch.save through ctcore.atomic: never a half file."""
     return atomic_write(path, lambda tmp: torch.save({"checkpoint_version": CHECKPOINT_VERSION, **state}, tmp))
 
 
