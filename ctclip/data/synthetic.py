@@ -54,7 +54,7 @@ from ctclip.data.synthetic_reports import REPORT_COLUMNS, compose_report
 from ctclip.data.synthetic_volume import ScanSpec, draw_recon, keyed_rng, reconstruct, synthesize_scan
 from ctclip.findings import FINDINGS, LABEL_COLUMNS
 
-# load_finding_masks is re-exported: the README points users at ctclip.data.synthetic.load_finding_masks
+# load_finding_masks is re-exported: docs/ctclip.md points users at ctclip.data.synthetic.load_finding_masks
 __all__ = [
     "ChestSynthConfig",
     "ScanPlan",
