@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ctclip.data.nifti import NiftiVolume, VolumeError, read_nifti, to_ras
-from ctclip.data.preprocess import VolumeParams, display_view, hu_of_uint8, preprocess_volume
+from ctclip.data.preprocess import VolumeParams, hu_of_uint8, preprocess_volume, stored_view
 from ctclip.data.rescale import CsvRescale, RescaleError, decide_hu_mapping
 from ctclip.data.store import VolumeStore
 from scripts.ctclip_preprocess import main as preprocess_main
@@ -104,6 +104,16 @@ def test_store_equals_the_seeds_at_a_small_target(chest_copies):
         assert out.tobytes() == seed.tobytes(), codes
 
 
+def test_fractional_header_scaling_takes_the_float64_path_and_stays_the_seeds(chest, tmp_path):
+    """slope 0.37 / intercept -1024.3: slope * raw + intercept is not exact in float32, so the slabs are
+    scaled in float64 (as nibabel's get_fdata) before the cast, and the bytes still equal the seed's."""
+    hu, affine = chest
+    raw = np.round((hu.astype(np.float64) + 1024.3) / 0.37).astype(np.int16)
+    path = write(tmp_path / "scaled.nii", raw, affine, 0.37, -1024.3)
+    out = preprocess_volume(read_nifti(path), None, SMALL)[0]
+    assert out.tobytes() == _seed_recipe(path, SMALL.target_shape).tobytes()
+
+
 def test_rounding_is_the_seeds_levels_or_one_above(chest):
     hu, affine = chest
     vol = NiftiVolume(None, hu, affine, (5.625, 5.625, 10.0), 1.0, 0.0)  # type: ignore[arg-type]
@@ -117,7 +127,7 @@ def test_full_pipeline_matches_reference_within_one_step(samples):
     params = VolumeParams()  # real default target 160x224x224
     out, attrs = preprocess_volume(read_nifti(samples.chest_ct), None, params)
     canon = nib.as_closest_canonical(nib.load(samples.chest_ct))  # float64 reference in the seed's layout
-    ref = np.ascontiguousarray(display_view(np.clip(canon.get_fdata(), *params.hu_range), True, "seed"))
+    ref = np.ascontiguousarray(stored_view(np.clip(canon.get_fdata(), *params.hu_range).transpose(2, 1, 0), "seed", True))
     s, n = attrs["content_start"], attrs["content_shape"]
     ref = F.interpolate(torch.from_numpy(ref)[None, None], size=tuple(n), mode="trilinear",
                         align_corners=False)[0, 0].numpy()

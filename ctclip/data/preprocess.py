@@ -117,11 +117,6 @@ def stored_view(zyx: np.ndarray, layout: str, slide_b2u: bool) -> np.ndarray:
     return zyx[d, ::-1, w]
 
 
-def display_view(ras: np.ndarray, slide_b2u: bool, layout: str = "radiological") -> np.ndarray:
-    """(X, Y, Z) RAS array -> (D, H, W) view in a stored layout (no copy)."""
-    return stored_view(ras.transpose(2, 1, 0), layout, slide_b2u)
-
-
 def fitted_shape(shape: tuple[int, int, int], voxel_mm: tuple[float, float, float],
                  target: tuple[int, int, int], spacing_mm: tuple[float, float, float] | None) -> tuple[int, ...]:
     """Shape after an aspect-preserving fit into `target`, optionally resampled to `spacing_mm` first.

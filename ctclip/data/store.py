@@ -157,17 +157,15 @@ def _recover_link(path: Path, f: h5py.File, marker: Path) -> None:
     volume is under exactly one name (its own name only once complete), then carry on."""
     name = marker.read_text()
     try:
-        if name == PENDING:  # killed while removing the empty /_pending group: it is there or it is not
-            list(f)
-            marker.unlink()
-            return
-        listed = {n: f[n] for n in f} | {f"{PENDING}/{n}": f[PENDING][n] for n in f.get(PENDING, {})}
-        done, waiting = listed.get(name), listed.get(f"{PENDING}/{name}")
-        if done is not None and waiting is not None:
-            del f[name if int(done.attrs["complete"]) != 1 else f"{PENDING}/{name}"]
-        elif done is not None and int(done.attrs["complete"]) != 1:
-            f.move(name, f"{PENDING}/{name}")
-        f.flush()
+        list(f), list(f.get(PENDING, ()))  # both groups' link tables still read
+        if name != PENDING:  # (PENDING: killed while removing the empty group, which is there or not)
+            done, waiting = f.get(name), f.get(f"{PENDING}/{name}")
+            if done is not None and waiting is not None:
+                del f[name if int(done.attrs["complete"]) != 1 else f"{PENDING}/{name}"]
+            elif done is not None and int(done.attrs["complete"]) != 1:
+                f.require_group(PENDING)
+                f.move(name, f"{PENDING}/{name}")
+            f.flush()
     except (OSError, KeyError, ValueError, RuntimeError) as e:
         raise StoreError(f"{path}: a previous run was killed while storing {name!r} ({marker.name} exists) and "
                          f"the store no longer reads ({e}); rebuild it with --overwrite") from e
@@ -178,10 +176,10 @@ def _upgrade_v1(f: h5py.File) -> None:
     """A version 1 store kept incomplete datasets beside the complete ones: move them to /_pending."""
     if int(f.attrs["store_version"]) == STORE_VERSION:
         return
-    pending = f.require_group(PENDING)
+    f.require_group(PENDING)
     for name in [n for n, obj in f.items() if isinstance(obj, h5py.Dataset) and int(obj.attrs["complete"]) != 1]:
         f.move(name, f"{PENDING}/{name}")
-    pending.file.attrs["store_version"] = STORE_VERSION
+    f.attrs["store_version"] = STORE_VERSION
 
 
 class StoreWriter:
