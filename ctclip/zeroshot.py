@@ -4,7 +4,7 @@ For each finding, the volume embedding is compared with the embeddings of a posi
 prompt (CT-CLIP's "{} is present." / "{} is not present."); a softmax over the pair of scaled
 similarities gives P(present) = sigmoid(margin), margin = scale * (cos(v, present) - cos(v, absent)).
 Several templates per side are averaged (prompt ensembling: mean of the normalised text embeddings,
-normalised again). Used for validation during training and by `ctclip.evaluate` for the full evaluation.
+normalised again). Used for validation during training and by `ctclip.run.evaluate` for the full evaluation.
 
 Rankings (AUROC, AUPRC, thresholds) use the margin, in float64, never the probability: a softmax in
 float32 returns exactly 1.0 for every margin above ~17 (float64: ~37), so confident volumes would tie and

@@ -8,7 +8,7 @@ the three-slice input needs a slice's neighbours); the main process gathers item
 `batch_size` slices, so short series still fill batches, moves the uint8 inputs to the device once and
 runs every fold of every member on them (`run_group`, `hemorrhage.ensemble.CNNEnsemble.predict`), then
 splits the outputs back per series and yields the series in input order. Inference
-(`hemorrhage.inference`) and feature extraction (`hemorrhage.features`) both run through it.
+(`hemorrhage.run.inference`) and feature extraction (`hemorrhage.run.features`) both run through it.
 """
 
 from __future__ import annotations

@@ -205,7 +205,7 @@ def render_stored(values: np.ndarray, to_hu: Callable[[np.ndarray], np.ndarray],
     that value would, and the per-image minimum and maximum HU belong to the smallest and largest stored
     value, which are both in the image and in the table. The image itself is only read three times (min,
     max, one lookup), and 16-bit images are looked up by their bit pattern without a subtraction pass:
-    0.2 ms instead of about 1 ms for 512 x 512 (scripts/bench_hemorrhage.py, part d).
+    0.2 ms instead of about 1 ms for 512 x 512 (benchmarks/bench_hemorrhage.py, part d).
     """
     v = np.asarray(values)
     if v.ndim != 2 or v.size == 0 or v.dtype.kind not in "iu":

@@ -11,7 +11,7 @@
     python scripts/ctclip_eval.py ... --threshold file:runs/vitb/eval_valid/summary.json --output_dir runs/vitb/eval_test
 
 Outputs in --output_dir: scores.csv (P(present)), logits.csv (what the metrics rank by), metrics_per_finding.csv, summary.json, roc_curves.png and, with
---reports, retrieval.json (see ctclip/eval_outputs.py). Exit status: 0 done, 2 bad input (the message
+--reports, retrieval.json (see ctclip/run/eval_outputs.py). Exit status: 0 done, 2 bad input (the message
 names the file, column, volume or flag).
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ctclip.checkpoint import CheckpointError
 from ctclip.data.reports import TableError
-from ctclip.evaluate import EvalConfig, EvalError, evaluate
+from ctclip.run.evaluate import EvalConfig, EvalError, evaluate
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.precision import CHOICES as PRECISION_CHOICES
 

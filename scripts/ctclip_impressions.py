@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 
 from ctclip.data.reports import TableError
-from ctclip.impressions import (
+from ctclip.run.impressions import (
     PROMPT_STYLES,
     ImpressionConfig,
     ImpressionError,
     complete_impressions,
     summary_line,
 )
-from ctclip.impressions_backends import BACKENDS, BackendError
+from ctclip.run.impressions_backends import BACKENDS, BackendError
 from ctcore.cli import parse_args, setup_logging, to_config
 
 

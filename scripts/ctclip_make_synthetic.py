@@ -6,7 +6,7 @@
         --out_dir /tmp/ct_rate --overwrite --montage /tmp/ct_rate.png
 
 Writes DIR/volumes/{train,valid}/..., the six CT-RATE CSVs, DIR/masks/<VolumeName> (bit k = finding k)
-and DIR/synthetic_info.json; see ctclip/data/synthetic.py.
+and DIR/synthetic_info.json; see ctclip/synthetic/chest.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from ctclip.data.synthetic import generate_chest_dataset
-from ctclip.data.synthetic_config import ORIENTATIONS, VARIANTS, ChestSynthConfig
+from ctclip.synthetic.chest import generate_chest_dataset
+from ctclip.synthetic.config import ORIENTATIONS, VARIANTS, ChestSynthConfig
 from ctcore.cli import parse_args, setup_logging, to_config
 
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     if args.montage is not None:
-        from ctclip.data.synthetic_montage import save_chest_montage
+        from ctclip.synthetic.montage import save_chest_montage
 
         logging.getLogger("ctclip_make_synthetic").info(
             "montage: %s", save_chest_montage(cfg.out_dir, args.montage)

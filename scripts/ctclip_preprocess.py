@@ -25,7 +25,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
-from ctclip.data.preprocess_run import PreprocessConfig, run_preprocess
+from ctclip.run.preprocess import PreprocessConfig, run_preprocess
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
 

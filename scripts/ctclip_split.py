@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ctclip.data.splits import SplitConfig, SplitError, split_validation
+from ctclip.data.splits import SplitError
+from ctclip.run.split import SplitConfig, split_validation
 from ctcore.cli import parse_args, setup_logging, to_config
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from ctclip.checkpoint import CheckpointError
 from ctclip.data.reports import TableError
 from ctclip.models.registry import model_config_from_yaml
-from ctclip.train import SetupError, TrainConfig, train
+from ctclip.run.train import SetupError, TrainConfig, train
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.distributed import read_launch_env
 from ctcore.precision import CHOICES as PRECISION_CHOICES

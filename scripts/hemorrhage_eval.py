@@ -8,7 +8,7 @@
 Both files are Kaggle format ``ID,Label`` with ``ID = <SOPInstanceUID>_<class>`` (IDs matched exactly).
 With ``--per_slice`` (written by scripts/hemorrhage_infer.py) whole studies are resampled (``--group_column
 SeriesInstanceUID`` for series); without it slices are resampled, which understates the uncertainty.
-Writes OUT/metrics.json, OUT/metrics.csv and OUT/roc_curves.png (see hemorrhage/evaluate.py) and prints
+Writes OUT/metrics.json, OUT/metrics.csv and OUT/roc_curves.png (see hemorrhage/run/evaluate.py) and prints
 one summary line. Exit status: 0 done, 2 bad input (the message names the file and line).
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
-from hemorrhage.evaluate import EvalConfig, run_eval
+from hemorrhage.run.evaluate import EvalConfig, run_eval
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@
 Studies listed in the folds file (default: <weights_dir>/folds.csv, written by hemorrhage_train.py) get
 out-of-fold features (the one fold that did not train on them); other studies get every fold's. The
 penultimate features are averaged over the TTA passes and stored as float16, one file per series and
-fold, with the per-slice probabilities; re-running resumes. See hemorrhage/features.py for the layout.
+fold, with the per-slice probabilities; re-running resumes. See hemorrhage/run/features.py for the layout.
 
 Exit status: 0 every file used, 2 unusable weights, input or settings (nothing written), 3 some files
 could not be read (listed in errors.csv; everything else was written).
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
-from hemorrhage.features import ExtractConfig, run_extraction
-from hemorrhage.inference import add_cnn_run_arguments
+from hemorrhage.run.features import ExtractConfig, run_extraction
+from hemorrhage.run.inference import add_cnn_run_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:

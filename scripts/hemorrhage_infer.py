@@ -12,7 +12,7 @@ per ensemble member, <architecture>_<training size>/model_epoch_best_{fold}.pth 
 se_resnext101_32x4d_256/, DenseNet169_change_avg_256/, DenseNet121_change_avg_512/); absent members
 are left out with a message. Writes predictions.csv (Kaggle ID,Label) and, beside it,
 predictions_per_slice.csv, predictions_per_study.csv, predictions_run.json, predictions_errors.csv
-and (DICOM input) predictions_manifest.csv; see hemorrhage/inference.py.
+and (DICOM input) predictions_manifest.csv; see hemorrhage/run/inference.py.
 
 Exit status: 0 every file used, 2 unusable weights or input (nothing written), 3 some files could not
 be read (listed in predictions_errors.csv; everything else was predicted and written).
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
-from hemorrhage.inference import InferConfig, add_cnn_run_arguments, run_inference
+from hemorrhage.run.inference import InferConfig, add_cnn_run_arguments, run_inference
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,9 +16,9 @@ import logging
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.synthetic import generate_head_dataset
-from hemorrhage.synthetic_config import HeadSynthConfig
-from hemorrhage.synthetic_montage import save_head_montage
+from hemorrhage.synthetic.config import HeadSynthConfig
+from hemorrhage.synthetic.head import generate_head_dataset
+from hemorrhage.synthetic.montage import save_head_montage
 
 HELP = {
     "out_dir": "output folder (must be empty or absent unless --overwrite)",

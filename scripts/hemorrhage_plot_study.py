@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
-from hemorrhage.study_figure import FigureError, StudyFigureConfig, plot_series
+from hemorrhage.run.study_figure import FigureError, StudyFigureConfig, plot_series
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
     python scripts/hemorrhage_prepare.py --config configs/hemorrhage/prepare.yaml -i DICOMS -o OUT
 
 Writes OUT/png/ID_<SOPInstanceUID>.png (or OUT/npz/<SeriesInstanceUID>.npz with --format npz),
-OUT/manifest.csv, OUT/errors.csv and OUT/prepare_config.yaml (see hemorrhage/prepare.py). Re-running
+OUT/manifest.csv, OUT/errors.csv and OUT/prepare_config.yaml (see hemorrhage/run/prepare.py). Re-running
 the same command resumes. Exit status: 0 all slices written, 2 bad input or settings (no such folder,
 no DICOM found), 3 some files failed (listed in errors.csv; everything else was written).
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
-from hemorrhage.prepare import FORMATS, PrepareConfig, run_prepare
+from hemorrhage.run.prepare import FORMATS, PrepareConfig, run_prepare
 
 
 def build_parser() -> argparse.ArgumentParser:

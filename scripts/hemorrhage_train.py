@@ -8,7 +8,7 @@
 --labels is an RSNA-format CSV (ID,Label with ID = <SOPInstanceUID>_<class>); --data_dir a DICOM tree
 (prepared once into OUTPUT_DIR/prepared) or a folder made by hemorrhage_prepare.py. The best checkpoint
 is OUTPUT_DIR/<model>_<input size>/model_epoch_best_<fold>.pth in the original format, so
-`hemorrhage_infer.py --weights_dir OUTPUT_DIR` uses it unchanged. See hemorrhage/train_cnn.py.
+`hemorrhage_infer.py --weights_dir OUTPUT_DIR` uses it unchanged. See hemorrhage/run/train_cnn.py.
 Exit status: 0 done, 2 bad input or settings.
 """
 
@@ -24,7 +24,7 @@ from ctcore.errors import UsageError
 from ctcore.precision import CHOICES as PRECISION_CHOICES
 from hemorrhage.augment import AUGMENT_PRESETS
 from hemorrhage.models.cnn import list_cnns
-from hemorrhage.train_cnn import TrainConfig, run_training
+from hemorrhage.run.train_cnn import TrainConfig, run_training
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@
 --features_dir is the --output_dir of hemorrhage_extract_features.py run on the training studies (its
 out-of-fold files); --labels the RSNA-format ID,Label CSV. Writes O/sequence_fold{k}.pth (the best
 validation epoch, loadable by hemorrhage_infer.py --sequence_weights), O/train_log_{k}.jsonl and
-O/sequence_config_{k}.yaml. See hemorrhage/train_sequence.py for the recipe.
+O/sequence_config_{k}.yaml. See hemorrhage/run/train_sequence.py for the recipe.
 
 Exit status: 0 trained, 2 unusable features, labels or settings.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ctcore.cli import parse_args, setup_logging, to_config
 from ctcore.errors import UsageError
-from hemorrhage.train_sequence import SequenceTrainConfig, run_sequence_training
+from hemorrhage.run.train_sequence import SequenceTrainConfig, run_sequence_training
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,6 @@ def synthetic_head(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_head_truths(synthetic_head) -> list[dict]:
-    from hemorrhage.synthetic import read_truth
+    from hemorrhage.synthetic.head import read_truth
 
     return [read_truth(p) for p in sorted((synthetic_head / "truth").glob("*.npz"))]

@@ -43,19 +43,19 @@ def _tokens(line: str) -> list[str]:
         return line.split()
 
 
-_SCRIPT = re.compile(r"(?:^|/)scripts/(\w+)\.py$")
+_SCRIPT = re.compile(r"(?:^|/)(scripts|benchmarks)/(\w+)\.py$")
 _JOB = re.compile(r"(?:^|/)scripts/slurm/(\w+\.(?:sbatch|sh))$")
 _STOP = {"|", "||", "&&", ";", "&"}
 
 
 def invocations(line: str) -> list[tuple[str, str, list[str], bool]]:
-    """(kind, target, flags, passes "$@") for every `scripts/X.py`, `-m torch.distributed.run` and
+    """(kind, target, flags, passes "$@") for every `scripts/X.py`, `benchmarks/X.py`, `-m torch.distributed.run` and
     `scripts/slurm/X.sbatch` on a logical line; flags are the option tokens that follow it."""
     toks = [t if t in _STOP else t.rstrip(");") for t in _tokens(line)]
     found = []
     for i, tok in enumerate(toks):
-        if m := _SCRIPT.search(tok):
-            kind, target = "script", m.group(1)
+        if m := _SCRIPT.search(tok):  # target: X for scripts/X.py, benchmarks/X for benchmarks/X.py
+            kind, target = "script", m.group(2) if m.group(1) == "scripts" else f"benchmarks/{m.group(2)}"
         elif m := _JOB.search(tok):
             kind, target = "job", m.group(1)
         elif tok == "torch.distributed.run" and i > 0 and toks[i - 1] == "-m":
@@ -78,8 +78,9 @@ def _options(target: str) -> set[str]:
         from torch.distributed.run import get_args_parser
 
         return set(get_args_parser()._option_string_actions)
-    assert (ROOT / "scripts" / f"{target}.py").is_file(), f"scripts/{target}.py does not exist"
-    parser = importlib.import_module(f"scripts.{target}").build_parser()
+    folder, name = target.split("/") if "/" in target else ("scripts", target)
+    assert (ROOT / folder / f"{name}.py").is_file(), f"{folder}/{name}.py does not exist"
+    parser = importlib.import_module(f"{folder}.{name}").build_parser()
     if "--config" not in parser._option_string_actions:
         add_config_flag(parser)  # ctcore.cli.parse_args adds it to every script
     return set(parser._option_string_actions)

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from scripts.bench_hemorrhage import PngSlices, parse_member
+from benchmarks.bench_hemorrhage import PngSlices, parse_member
 
 
 def test_parse_member():

@@ -1,4 +1,4 @@
-"""scripts/bench_hemorrhage_train.py: the rate arithmetic, and main() end to end on tiny settings (no speed
+"""benchmarks/bench_hemorrhage_train.py: the rate arithmetic, and main() end to end on tiny settings (no speed
 target is asserted: timings on a shared CI machine are noise)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch.utils.data
 
-import hemorrhage.train_cnn as train_cnn
-from scripts.bench_hemorrhage_train import EpochClock, main, measured_window
+import hemorrhage.run.train_cnn as train_cnn
+from benchmarks.bench_hemorrhage_train import EpochClock, main, measured_window
 
 RATES = ("loader_images_per_s", "step_images_per_s", "end_to_end_images_per_s")
 

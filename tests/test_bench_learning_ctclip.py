@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ctclip.train_utils import BudgetClock, cosine_with_warmup
-from scripts import bench_learning_ctclip as bench
+from benchmarks import bench_learning_ctclip as bench
+from ctclip.run.train_utils import BudgetClock, cosine_with_warmup
 from scripts.ctclip_train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_settings_that_leave_no_test_side_are_refused_before_any_work(tmp_path, 
     assert bench.main(["--ctclip_n_patients", "60", "--work_dir", str(tmp_path / "w")]) == 2
     assert "15 valid patients" in caplog.text and "--ctclip_val_volumes" in caplog.text
     assert not (tmp_path / "w").exists()
-    from scripts.bench_learning import main as all_main
+    from benchmarks.bench_learning import main as all_main
 
     assert all_main(["--part", "ctclip", "--ctclip_n_patients", "60", "--work_dir", str(tmp_path / "a")]) == 2
     assert "15 valid patients" in capsys.readouterr().err and not (tmp_path / "a" / "ctclip").exists()

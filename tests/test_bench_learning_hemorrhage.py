@@ -1,4 +1,4 @@
-"""scripts/bench_learning_hemorrhage.py end to end at a tiny size (CNN on 2 folds, features, sequence head,
+"""benchmarks/bench_learning_hemorrhage.py end to end at a tiny size (CNN on 2 folds, features, sequence head,
 inference, evaluation, figure): the result's structure, its arithmetic and the report. No learning goal is
 asserted here (one epoch on a handful of studies); tests/test_hemorrhage_train.py guards learning."""
 
@@ -10,8 +10,8 @@ import math
 
 import pytest
 
+from benchmarks.bench_learning_hemorrhage import add_arguments, main, report, run
 from hemorrhage.classes import CLASSES
-from scripts.bench_learning_hemorrhage import add_arguments, main, report, run
 
 TINY = ["--hem_n_train", "6", "--hem_n_test", "3", "--hem_size", "64", "--hem_slices", "8", "--hem_n_folds", "2",
         "--hem_epochs", "1", "--hem_head_epochs", "2", "--hem_n_bootstrap", "20"]
@@ -53,7 +53,7 @@ def test_main_writes_result_report_and_figure(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| weighted log loss [95% CI] |" in text and "| subdural |" in text
     assert ("**met**" in text) == r["goal_met"] and ("**NOT met**" in text) != r["goal_met"]
-    assert "command: `python scripts/bench_learning_hemorrhage.py --hem_n_train 6" in text
+    assert "command: `python benchmarks/bench_learning_hemorrhage.py --hem_n_train 6" in text
     assert report(r) in text
 
 
@@ -75,17 +75,17 @@ def test_flags_live_in_a_shared_parser_and_a_head_needs_every_fold(tmp_path):
 
 
 def test_combined_script_runs_a_part_and_keeps_its_figure(tmp_path, capsys):
-    """scripts/bench_learning.py: the parts' flags share one parser; without --work_dir the figure is
+    """benchmarks/bench_learning.py: the parts' flags share one parser; without --work_dir the figure is
     copied next to the JSON before the temporary folder goes away."""
-    from scripts.bench_learning import build_parser
-    from scripts.bench_learning import main as combined
+    from benchmarks.bench_learning import build_parser
+    from benchmarks.bench_learning import main as combined
 
     flags = {a for action in build_parser()._actions for a in action.option_strings}
     assert {"--part", "--hem_n_train", "--ctclip_budget_minutes"} <= flags
     out = tmp_path / "out" / "learning.json"
     assert combined(["--part", "hemorrhage", *TINY, "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert list(r["parts"]) == ["hemorrhage"] and r["command"].startswith("python scripts/bench_learning.py --part")
+    assert list(r["parts"]) == ["hemorrhage"] and r["command"].startswith("python benchmarks/bench_learning.py --part")
     figure = r["parts"]["hemorrhage"]["figure"]
     assert figure.startswith(str(out.parent)) and (out.parent / "bench_learning_figures").is_dir()
     assert json.loads(out.read_text())["parts"]["hemorrhage"]["ratio_to_prior"] > 0

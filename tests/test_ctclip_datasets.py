@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset
 from ctclip.data.reports import TableError, clean_section, load_labels, report_text, text_columns
-from ctclip.data.splits import FILES, closest_subset, patient_of
+from ctclip.data.splits import closest_subset, patient_of
 from ctclip.data.store import StoreSpec, StoreWriter
 from ctclip.findings import FINDINGS
+from ctclip.run.split import FILES
 from scripts.ctclip_split import main as split_main
 
 SHAPE = (4, 16, 16)

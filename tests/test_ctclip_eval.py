@@ -16,10 +16,10 @@ from sklearn.metrics import roc_auc_score
 
 from ctclip.checkpoint import load_trained_model
 from ctclip.data.store import VolumeStore
-from ctclip.eval_outputs import file_sha256
 from ctclip.findings import FINDINGS
 from ctclip.metrics import evaluate_findings
 from ctclip.retrieval import recall_at_k, text_gallery
+from ctclip.run.eval_outputs import file_sha256
 from ctclip.zeroshot import (
     TEMPLATE_PRESETS,
     aggregate_by_scan,

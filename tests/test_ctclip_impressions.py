@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ctclip.data.reports import load_reports
-from ctclip.impressions import (
+from ctclip.run.impressions import (
     INSTRUCTION,
     ExamplePool,
     Report,
@@ -30,7 +30,7 @@ from ctclip.impressions import (
     read_records,
     scan_key,
 )
-from ctclip.impressions_backends import STOP_MARKERS, TransformersBackend
+from ctclip.run.impressions_backends import STOP_MARKERS, TransformersBackend
 from scripts.ctclip_impressions import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -479,7 +479,7 @@ def test_no_module_imports_vllm_or_crosses_packages():
             for name in names:
                 root = name.split(".")[0]
                 rel = path.relative_to(REPO).as_posix()
-                if root == "vllm" and rel != "ctclip/impressions_backends.py":
+                if root == "vllm" and rel != "ctclip/run/impressions_backends.py":
                     offenders.append((rel, name))
                 if root == "hemorrhage" and rel.startswith("ctclip/"):
                     offenders.append((rel, name))

@@ -3,7 +3,7 @@
 a contrastive loss of ln(batch)) fails here and not only in the 15-minute benchmark.
 
 One small synthetic set (300 patients, 32 x 32 x 16, one scan each), then
-- the image side (tiny_cnn + fusion + a linear head, BCE on the labels: scripts/bench_probe_ctclip.py)
+- the image side (tiny_cnn + fusion + a linear head, BCE on the labels: benchmarks/bench_probe_ctclip.py)
   finds the easiest findings on held-out patients, and beats chance over all of them;
 - the full 3D CLIP (configs/ctclip/train_learning.yaml's recipe at this size) brings its contrastive loss
   well below ln(batch), where the old set-up stayed for 400 steps.
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import bench_learning_ctclip as bench
-from scripts import bench_probe_ctclip as probe
+from benchmarks import bench_learning_ctclip as bench
+from benchmarks import bench_probe_ctclip as probe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, SLICES = 32, 16
@@ -59,7 +59,7 @@ def test_image_side_learns_the_easy_findings_on_held_out_patients(small_set, tmp
 
 
 def test_the_3d_clip_leaves_the_uniform_loss(small_set, tmp_path):
-    from ctclip.train import TrainConfig, train
+    from ctclip.run.train import TrainConfig, train
     from ctcore.cli import parse_args, to_config
     from scripts.ctclip_train import build_parser, model_config
 

@@ -12,17 +12,17 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from ctclip.data.synthetic import generate_chest_dataset
-from ctclip.data.synthetic_anatomy import load_chest_base
-from ctclip.data.synthetic_canvas import depth_in_plane
-from ctclip.data.synthetic_config import ChestSynthConfig
-from ctclip.data.synthetic_findings import PLANTABLE
-from ctclip.data.synthetic_io import load_finding_masks, volume_path
-from ctclip.data.synthetic_lung_planters import LOBE_WORDS
-from ctclip.data.synthetic_montage import canonical_masks, load_hu, read_tables
-from ctclip.data.synthetic_reports import NEGATIVE, compose_report
-from ctclip.data.synthetic_volume import ScanSpec, draw_volume_spec, reconstruct, synthesize_scan
 from ctclip.findings import FINDINGS
+from ctclip.synthetic.anatomy import load_chest_base
+from ctclip.synthetic.canvas import depth_in_plane
+from ctclip.synthetic.chest import generate_chest_dataset
+from ctclip.synthetic.config import ChestSynthConfig
+from ctclip.synthetic.files import load_finding_masks, volume_path
+from ctclip.synthetic.lung_planters import LOBE_WORDS
+from ctclip.synthetic.montage import canonical_masks, load_hu, read_tables
+from ctclip.synthetic.planters import PLANTABLE
+from ctclip.synthetic.reports import NEGATIVE, compose_report
+from ctclip.synthetic.volume import ScanSpec, draw_volume_spec, reconstruct, synthesize_scan
 
 # the documented CT-RATE label order (DESIGN.md 4.1), written out here as the test's own oracle
 CT_RATE_FINDINGS = [

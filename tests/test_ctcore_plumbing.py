@@ -61,13 +61,13 @@ def test_one_precision_vocabulary_with_the_old_spellings():
 
 
 def test_job_errors_share_one_usage_error_base():
-    from ctclip.data.preprocess_run import UsageError as PreprocessUsageError
     from ctclip.data.reports import TableError
     from ctclip.data.shards import MergeError
     from ctclip.data.splits import SplitError
-    from ctclip.evaluate import EvalError
-    from ctclip.impressions import ImpressionError
-    from ctclip.train import SetupError
+    from ctclip.run.evaluate import EvalError
+    from ctclip.run.impressions import ImpressionError
+    from ctclip.run.preprocess import UsageError as PreprocessUsageError
+    from ctclip.run.train import SetupError
     from ctcore.errors import UsageError
 
     assert PreprocessUsageError is UsageError and issubclass(UsageError, ValueError)

@@ -13,7 +13,7 @@ from tests.script_calls import ROOT, bad_flags, invocations, logical_lines
 # the pages that hold the commands the README leaves out (tests/test_cluster.py checks docs/cluster.md too)
 DOC_SCRIPTS = {
     "docs/ctclip.md": {"ctclip_make_synthetic", "ctclip_preprocess", "ctclip_split", "ctclip_train",
-                       "ctclip_eval", "ctclip_impressions", "bench_probe_ctclip", "ctclip_train.sbatch"},
+                       "ctclip_eval", "ctclip_impressions", "benchmarks/bench_probe_ctclip", "ctclip_train.sbatch"},
     "docs/hemorrhage.md": {"hemorrhage_make_synthetic", "hemorrhage_prepare", "hemorrhage_train",
                            "hemorrhage_extract_features", "hemorrhage_train_sequence", "hemorrhage_infer",
                            "hemorrhage_eval", "hemorrhage_plot_study"},

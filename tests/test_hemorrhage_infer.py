@@ -22,13 +22,13 @@ import torch
 
 from ctcore.errors import UsageError
 from hemorrhage.classes import CLASSES
-from hemorrhage.inference import parse_input_sizes
 from hemorrhage.inputs import parse_tta
 from hemorrhage.models import SEED_ENSEMBLE, build_cnn, load_original_checkpoint, normalize_uint8
 from hemorrhage.models.checkpoint import save_original_checkpoint, save_random_weights, sha256_file
 from hemorrhage.models.sequence import SequenceConfig, SequenceModel
 from hemorrhage.models.sequence_checkpoint import load_sequence_checkpoint, save_sequence_checkpoint
-from hemorrhage.prepare import png_name
+from hemorrhage.run.inference import parse_input_sizes
+from hemorrhage.run.prepare import png_name
 from scripts.hemorrhage_infer import main
 from scripts.hemorrhage_prepare import main as prepare
 
@@ -277,7 +277,7 @@ def test_sequence_head_that_reads_other_models_is_refused_before_reading_images(
 
 
 def test_bad_weights_are_reported_before_any_image_is_read(synthetic_head, tmp_path, caplog, monkeypatch):
-    import hemorrhage.inference as inference
+    import hemorrhage.run.inference as inference
 
     def no_reading(*a, **k):
         raise AssertionError("images were read despite unusable weights")
@@ -369,7 +369,7 @@ def test_study_figure_of_the_most_suspicious_series(tiny_run, synthetic_head, tm
     and names the file when an input is missing or the series is unknown."""
     import matplotlib.image
 
-    from hemorrhage.study_figure import shown_slices
+    from hemorrhage.run.study_figure import shown_slices
     from scripts.hemorrhage_plot_study import main as plot_study
 
     _, pred = tiny_run
@@ -380,7 +380,7 @@ def test_study_figure_of_the_most_suspicious_series(tiny_run, synthetic_head, tm
                        "-o", str(out), "--n_images", "4"]) == 0
     image = matplotlib.image.imread(out)
     assert image.shape[0] > 300 and image.shape[1] > 600
-    from hemorrhage.study_figure import StudyFigureConfig, plot_series
+    from hemorrhage.run.study_figure import StudyFigureConfig, plot_series
 
     drawn = plot_series(StudyFigureConfig(pred, tmp_path / "again.png", labels=synthetic_head / "labels.csv",
                                           n_images=4))

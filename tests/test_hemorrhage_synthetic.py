@@ -1,4 +1,4 @@
-"""Synthetic head CT DICOM studies (hemorrhage.synthetic*): labels, DICOM correctness, variety, determinism.
+"""Synthetic head CT DICOM studies (hemorrhage.synthetic.head*): labels, DICOM correctness, variety, determinism.
 
 One small dataset (128 x 128, 6 studies) is generated per module; seed 14 of this config happens to
 contain every kind of variety the tests look for (asserted in `test_dataset_has_the_variety`).
@@ -18,11 +18,11 @@ from pydicom.multival import MultiValue
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from hemorrhage.classes import CLASSES, KAGGLE_ROW_ORDER, SUBTYPES
-from hemorrhage.synthetic import generate_head_dataset, read_truth
-from hemorrhage.synthetic_config import HeadSynthConfig, validate_config
-from hemorrhage.synthetic_montage import read_slice_hu, save_head_montage
-from hemorrhage.synthetic_study import synthesize_study
-from hemorrhage.synthetic_style import expected_hu
+from hemorrhage.synthetic.config import HeadSynthConfig, validate_config
+from hemorrhage.synthetic.head import generate_head_dataset, read_truth
+from hemorrhage.synthetic.montage import read_slice_hu, save_head_montage
+from hemorrhage.synthetic.study import synthesize_study
+from hemorrhage.synthetic.style import expected_hu
 
 
 def small_config(out_dir: Path, **kw) -> HeadSynthConfig:
@@ -370,7 +370,7 @@ def test_montage_of_the_dataset(dataset, tmp_path):
 
 def test_dicom_style_uids_never_collide():
     """pydicom joins entropy sources without a separator: (1, 1, 11) and (11, 1, 1) once shared a SOP UID."""
-    from hemorrhage.synthetic_header import make_uid
+    from hemorrhage.synthetic.header import make_uid
 
     keys = [(st, se, k) for st in range(30) for se in range(3) for k in range(30)]
     assert len({make_uid("dicom", 4, "sop", *key) for key in keys}) == len(keys)

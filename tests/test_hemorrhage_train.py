@@ -22,8 +22,8 @@ from hemorrhage.inference_data import SeriesInputs, find_series
 from hemorrhage.inputs import InputSettings, parse_tta
 from hemorrhage.metrics import baseline_log_loss, prior_baseline, weighted_log_loss
 from hemorrhage.models.checkpoint import read_original_checkpoint
-from hemorrhage.synthetic import read_truth
-from hemorrhage.train_cnn import TrainConfig, lr_at, resolve_augment, run_training
+from hemorrhage.run.train_cnn import TrainConfig, lr_at, resolve_augment, run_training
+from hemorrhage.synthetic.head import read_truth
 from hemorrhage.train_data import (
     EpochDraws,
     LabelError,

@@ -1,0 +1,1 @@
+"""Benchmarks: ours vs a reference measured in the same run (results in docs/benchmarks.md)."""

@@ -1,0 +1,264 @@
+"""Supervised probe of the 3D CLIP's image side on the learning benchmark's synthetic set: can the slice
+encoder + fusion learn the 18 findings at all, from scratch, within a CPU budget? And a linear model on
+pooled voxels beside it, the floor any image model should beat.
+
+    python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate        # a set bench_learning_ctclip built
+    python benchmarks/bench_probe_ctclip.py --work_dir DIR                # builds the set first (~4 min)
+    python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate --arms pooled tiny_vit:minmax:cls \\
+        tiny_cnn:minmax:cls tiny_cnn:window:cls tiny_cnn:window:mean --minutes 3
+
+Arms:
+- `pooled`: the volumes average-pooled 4x4x4 (uint8 / 255, the stored HU window), one logistic
+  regression per finding (sklearn, L2, C=0.1). No learning of features: what density and place alone give.
+- `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
+  `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
+  POOL `cls` is the fusion as the CLIP uses it (its CLS token), `mean` averages the fusion's output
+  tokens instead. Trained with BCE on the finding labels for --minutes of process CPU time (one torch
+  thread by default), AdamW, batch --batch_size; scored on the held-out test side.
+
+Each probe arm also reports the embedding collapse at initialisation: the mean cosine similarity between
+the (untrained) volume embeddings of different test volumes. Near 1 means every volume starts as nearly
+the same vector, and the contrastive loss must first pull them apart.
+
+Prints a markdown table (macro and per-finding AUROC on the test side, steps, CPU minutes); --json writes
+everything. Targets recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ctclip.data.store import VolumeStore  # noqa: E402
+from ctclip.findings import FINDINGS  # noqa: E402
+from ctclip.models.fusion import SliceFusion  # noqa: E402
+from ctclip.models.slice_encoder import build_slice_encoder  # noqa: E402
+
+DEFAULT_ARMS = ("pooled", "tiny_vit:minmax:cls", "tiny_cnn:minmax:cls", "tiny_cnn:window:cls", "tiny_cnn:window:mean")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--data_dir", type=Path, default=None, help="a set built by bench_learning_ctclip.py (its ct_rate/ folder)")
+    a("--work_dir", type=Path, default=None, help="build the learning benchmark's set here when --data_dir is not given")
+    a("--arms", nargs="+", default=list(DEFAULT_ARMS))
+    a("--minutes", type=float, default=3.0, help="CPU minutes of training per probe arm")
+    a("--max_steps", type=int, default=None, help="stop each probe arm after this many steps (or the minutes)")
+    a("--batch_size", type=int, default=32)
+    a("--lr", type=float, default=1e-3)
+    a("--weight_decay", type=float, default=0.05)
+    a("--image_size", type=int, default=64)
+    a("--threads", type=int, default=1)
+    a("--slice_chunk", type=int, default=64, help="slices per encoder forward (BatchNorm statistics are per chunk)")
+    a("--seed", type=int, default=0)
+    a("--eval_every", type=int, default=100, help="steps between test evaluations (the curve)")
+    a("--json", type=Path, default=None)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def load_side(store: Path, labels: Path) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """(N, 1, D, H, W) uint8 volumes, (N, 18) labels, names: the labelled volumes of the store."""
+    for path in (store, labels):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+    table = pd.read_csv(labels)
+    if "VolumeName" not in table.columns:
+        raise ValueError(f"{labels}: no column VolumeName")
+    table = table.set_index("VolumeName")
+    missing = [c for c in FINDINGS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{labels}: no column(s) {missing}")
+    with VolumeStore(store) as s:
+        have = set(s.names())
+        names = [n for n in table.index if n in have]
+        if not names:
+            raise ValueError(f"no volume of {labels} is in {store}")
+        x = np.stack([s.read(n) for n in names])
+    return torch.from_numpy(x).unsqueeze(1), table.loc[names, list(FINDINGS)].to_numpy(np.float32), names
+
+
+def aurocs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Per-finding AUROC for the findings with both classes (the others are left out)."""
+    from sklearn.metrics import roc_auc_score
+
+    return {f: float(roc_auc_score(y[:, j], scores[:, j])) for j, f in enumerate(FINDINGS)
+            if 0 < y[:, j].sum() < len(y)}
+
+
+# ---------------------------------------------------------------------------------------------- arms
+
+
+def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+
+    t0 = time.process_time()
+    feats = lambda x: F.avg_pool3d(x.float(), 4).flatten(1).numpy() / 255.0  # noqa: E731
+    ftr, fte = feats(xtr), feats(xte)
+    scores = np.zeros((len(xte), len(FINDINGS)))
+    for j in range(len(FINDINGS)):
+        if 0 < ytr[:, j].sum() < len(ytr):
+            scores[:, j] = LogisticRegression(C=0.1, max_iter=3000).fit(ftr, ytr[:, j]).decision_function(fte)
+    return {"per_finding": aurocs(yte, scores), "cpu_minutes": (time.process_time() - t0) / 60,
+            "features": int(ftr.shape[1])}
+
+
+class Probe(nn.Module):
+    """Slice encoder -> fusion -> (CLS or mean of the fused tokens) -> 18 logits."""
+
+    def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64):
+        super().__init__()
+        self.encoder = build_slice_encoder(encoder, image_size=image_size, slice_norm=slice_norm, chunk=chunk)
+        self.fusion = SliceFusion(self.encoder.width, 64, 1, 2, 64)
+        self.pool = pool
+        self.head = nn.Linear(64, len(FINDINGS))
+
+    def embed(self, volumes: torch.Tensor) -> torch.Tensor:
+        tokens = self.fusion.tokens(self.encoder(volumes))
+        return self.fusion.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1))
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(volumes))
+
+
+def _batched(fn, x: torch.Tensor, size: int = 32) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
+
+
+def init_collapse(model: Probe, x: torch.Tensor) -> float:
+    """Mean cosine similarity of the volume embeddings of different volumes (off-diagonal)."""
+    z = F.normalize(_batched(model.embed, x).float(), dim=-1)
+    sim = z @ z.T
+    n = len(z)
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict[str, Any]:
+    encoder, slice_norm, pool = spec.split(":")
+    if pool not in ("cls", "mean"):
+        raise ValueError(f"arm {spec!r}: pool must be cls or mean")
+    torch.manual_seed(args.seed)
+    model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk)
+    model.eval()
+    collapse = init_collapse(model, xte[:64])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    known = torch.from_numpy((0 < ytr.sum(0)) & (ytr.sum(0) < len(ytr))).float()
+    rng = np.random.default_rng(args.seed)
+    curve: list[dict[str, float]] = []
+    step, t0 = 0, time.process_time()
+
+    def score() -> dict[str, float]:
+        model.eval()
+        out = aurocs(yte, _batched(model, xte).numpy())
+        model.train()
+        return out
+
+    spent = 0.0  # training CPU seconds (evaluations not counted)
+    while spent < args.minutes * 60 and (args.max_steps is None or step < args.max_steps):
+        t_step = time.process_time()
+        idx = rng.choice(len(xtr), args.batch_size, replace=False)
+        logits = model(xtr[idx])
+        loss = (F.binary_cross_entropy_with_logits(logits, torch.from_numpy(ytr[idx]), reduction="none")
+                * known).sum(1).mean() / known.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        spent += time.process_time() - t_step
+        if step % args.eval_every == 0:
+            per = score()
+            curve.append({"step": step, "cpu_minutes": spent / 60, "loss": float(loss.detach()),
+                          "macro": float(np.mean(list(per.values())))})
+            print(f"  {spec} step {step} cpu {spent / 60:.2f} min loss {curve[-1]['loss']:.3f} "
+                  f"test macro {curve[-1]['macro']:.3f}", flush=True)
+    per = score()
+    return {"per_finding": per, "steps": step, "cpu_minutes": spent / 60, "init_collapse": collapse, "curve": curve,
+            "total_cpu_minutes": (time.process_time() - t0) / 60}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(result: dict[str, Any]) -> str:
+    arms = result["arms"]
+    lines = ["### Supervised probe of the image side (synthetic chest CT, held-out test patients)", "",
+             f"- date {result['date']}; {result['n_train']} training volumes, {result['n_test']} test volumes; "
+             f"{result['minutes']:g} CPU-minutes per probe arm, torch threads {result['threads']}", "",
+             "| arm | macro AUROC | min finding | steps | CPU min | init cosine |", "|---|---|---|---|---|---|"]
+    for name, r in arms.items():
+        per = r["per_finding"]
+        worst = min(per, key=per.get)
+        lines.append(f"| `{name}` | {np.mean(list(per.values())):.3f} ({len(per)} findings) | {worst} {per[worst]:.2f} | "
+                     f"{r.get('steps', '-')} | {r['cpu_minutes']:.2f} | "
+                     f"{r['init_collapse']:.3f} |" if "init_collapse" in r else
+                     f"| `{name}` | {np.mean(list(per.values())):.3f} ({len(per)} findings) | {worst} {per[worst]:.2f} | "
+                     f"- | {r['cpu_minutes']:.2f} | - |")
+    lines += ["", "Per finding (test AUROC):", "", "| finding | " + " | ".join(f"`{a}`" for a in arms) + " |",
+              "|---|" + "---|" * len(arms)]
+    for f in FINDINGS:
+        cells = [f"{arms[a]['per_finding'][f]:.2f}" if f in arms[a]["per_finding"] else "-" for a in arms]
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bad = [a for a in args.arms if a != "pooled" and (len(a.split(":")) != 3 or a.split(":")[2] not in ("cls", "mean"))]
+    if bad:  # refused before any work
+        print(f"error: arm(s) {bad}: expected 'pooled' or ENCODER:NORM:POOL with POOL cls or mean", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    data = args.data_dir
+    if data is None:
+        if args.work_dir is None:
+            print("give --data_dir (a built set) or --work_dir (to build one)", file=sys.stderr)
+            return 2
+        from benchmarks.bench_learning_ctclip import add_arguments, build_data
+
+        bp = argparse.ArgumentParser()
+        add_arguments(bp)
+        data = args.work_dir / "ct_rate"
+        build_data(bp.parse_args([]), data, {})
+    try:
+        xtr, ytr, _ = load_side(data / "train_volumes.h5", data / "train_predicted_labels.csv")
+        xte, yte, _ = load_side(data / "valid_volumes.h5", data / "test_predicted_labels.csv")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}", flush=True)
+    arms: dict[str, Any] = {}
+    for arm in args.arms:
+        arms[arm] = pooled_baseline(xtr, ytr, xte, yte) if arm == "pooled" else train_probe(arm, xtr, ytr, xte, yte, args)
+        print(f"{arm}: macro {np.mean(list(arms[arm]['per_finding'].values())):.3f}", flush=True)
+    result = {"benchmark": "ctclip_probe", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "data_dir": str(data), "n_train": len(xtr), "n_test": len(xte), "minutes": args.minutes,
+              "threads": args.threads, "arms": arms}
+    print(report(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The jobs the ctclip scripts run: one module per script (plus its helpers)."""

@@ -1,0 +1,1 @@
+"""Synthetic CT-RATE sets built on the real chest CT (scripts/ctclip_make_synthetic.py)."""

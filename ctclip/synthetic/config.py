@@ -1,0 +1,117 @@
+"""Settings of a synthetic CT-RATE set: `ChestSynthConfig`, its checks, and per-finding prevalence.
+
+The storage variants (`VARIANTS`) and on-disk orientations (`ORIENTATIONS`) a set may use are here too;
+`ctclip.synthetic.chest` documents what each setting produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctclip.findings import FINDINGS
+
+VARIANTS = ("raw", "hu")
+ORIENTATIONS = ("LPS", "RAS", "LAS", "LAI")
+
+
+@dataclass
+class ChestSynthConfig:
+    out_dir: Path = Path("synthetic_ct_rate")
+    n_patients: int = 8
+    size: tuple[int, int] = (64, 64)  # (H, W) = (Rows, Columns)
+    slices: int = 24
+    seed: int = 0
+    variant: str = "raw"
+    valid_fraction: float = 0.3
+    scans_per_patient: tuple[int, int] = (1, 2)
+    recons_per_scan: tuple[int, int] = (1, 3)
+    prevalence: dict[str, float] = field(default_factory=dict)  # per finding; others: default_prevalence
+    default_prevalence: float = 0.3
+    empty_impression_rate: float = 0.2  # half NaN, half "Not given."
+    intercept_8192_rate: float = 0.28  # share of scans listed with RescaleIntercept -8192
+    noise_hu: tuple[float, float] = (8.0, 20.0)  # Gaussian noise sigma range, before the kernel
+    rotation_deg: float = 4.0
+    scale_jitter: float = 0.06
+    shift_mm: float = 10.0
+    intensity_jitter_hu: float = 8.0
+    scan_keep_rate: float = 0.85  # share of a patient's findings still present in a later scan
+    orientations: tuple[str, ...] = ORIENTATIONS
+    overwrite: bool = False
+    samples_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.size = tuple(self.size)  # type: ignore[assignment]
+        self.scans_per_patient = tuple(self.scans_per_patient)  # type: ignore[assignment]
+        self.recons_per_scan = tuple(self.recons_per_scan)  # type: ignore[assignment]
+        self.noise_hu = tuple(self.noise_hu)  # type: ignore[assignment]
+        self.orientations = tuple(self.orientations)
+        self.prevalence = parse_prevalence(self.prevalence)
+
+    def validate(self) -> None:
+        if len(self.size) != 2 or any(int(s) != s or not 16 <= s <= 2048 for s in self.size):
+            raise ValueError(f"size must be two integers H W in 16..2048, got {self.size}")
+        if int(self.slices) != self.slices or not 8 <= self.slices <= 1024:
+            raise ValueError(f"slices must be an integer in 8..1024, got {self.slices}")
+        if self.n_patients < 1:
+            raise ValueError(f"n_patients must be at least 1, got {self.n_patients}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name, (lo, hi), top in (
+            ("scans_per_patient", self.scans_per_patient, 26),
+            ("recons_per_scan", self.recons_per_scan, 9),
+        ):
+            if not 1 <= lo <= hi <= top:
+                raise ValueError(f"{name} must be MIN MAX with 1 <= MIN <= MAX <= {top}, got {lo} {hi}")
+        for name in (
+            "valid_fraction",
+            "default_prevalence",
+            "empty_impression_rate",
+            "intercept_8192_rate",
+            "scan_keep_rate",
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0 <= self.noise_hu[0] <= self.noise_hu[1]:
+            raise ValueError(f"noise_hu must be MIN MAX with 0 <= MIN <= MAX, got {self.noise_hu}")
+        bad = [o for o in self.orientations if o not in ORIENTATIONS]
+        if bad or not self.orientations:
+            raise ValueError(
+                f"orientations must be a non-empty subset of {ORIENTATIONS}, got {self.orientations}"
+            )
+
+    def prevalence_of(self, name: str) -> float:
+        return self.prevalence.get(name, self.default_prevalence)
+
+
+def parse_prevalence(value: dict | list | tuple | str | None) -> dict[str, float]:
+    """`{"Lung nodule": 0.5}` or `["Lung nodule=0.5", ...]` -> checked dict (errors name the problem).
+    Every CT-RATE finding has a planter, so any of the 18 names may be given."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, (list, tuple)):
+        pairs = {}
+        for item in value:
+            name, sep, p = str(item).rpartition("=")
+            if not sep:
+                raise ValueError(f"prevalence {item!r}: expected NAME=P, e.g. 'Lung nodule=0.4'")
+            try:
+                pairs[name.strip()] = float(p)
+            except ValueError:
+                raise ValueError(f"prevalence {item!r}: {p!r} is not a number") from None
+        value = pairs
+    unknown = [n for n in value if n not in FINDINGS]
+    if unknown:
+        raise ValueError(
+            f"prevalence: unknown finding(s) {unknown}; the CT-RATE findings are: {', '.join(FINDINGS)}"
+        )
+    out = {}
+    for name, p in value.items():
+        p = float(p)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"prevalence of {name!r} must be in [0, 1], got {p}")
+        out[name] = p
+    return out

@@ -1,0 +1,257 @@
+"""Planters of the pleura and lungs: pleural effusion, atelectasis, consolidation, nodules, ground-glass
+opacity and emphysema.
+
+They run after the mediastinal planters (the order is in `ctclip.synthetic.planters`, with the
+draw/plant contract): pleural fluid first, so the lung lesions avoid it, diffuse changes after focal ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ctclip.synthetic.canvas import (
+    LOBES,
+    Canvas,
+    bbox,
+    box_around,
+    dependent_band,
+    ellipsoid_distance,
+    lobe_at,
+    pick_voxel,
+    seeded_specks,
+    smooth_field,
+)
+
+LOBE_WORDS = {
+    "lung_upper_lobe_left": "left upper lobe",
+    "lung_lower_lobe_left": "left lower lobe",
+    "lung_upper_lobe_right": "right upper lobe",
+    "lung_middle_lobe_right": "right middle lobe",
+    "lung_lower_lobe_right": "right lower lobe",
+}
+SIDE_LOBES = {"left": LOBES[:2], "right": LOBES[2:]}
+
+
+def lobes_hit(cv: Canvas, mask: np.ndarray) -> list[str]:
+    """Lobes holding at least a tenth of `mask`, in `LOBES` order, as report words."""
+    lab = cv.labels[mask]
+    counts = {lobe: int((lab == cv.ids[lobe]).sum()) for lobe in LOBES}
+    total = max(sum(counts.values()), 1)
+    return [LOBE_WORDS[lobe] for lobe in LOBES if counts[lobe] >= max(0.1 * total, 1)]
+
+
+def side_of(lobe_words: list[str]) -> str:
+    """The side ("bilateral", "right" or "left") that a list of lobe words covers."""
+    right = any(w.startswith("right") for w in lobe_words)
+    left = any(w.startswith("left") for w in lobe_words)
+    return "bilateral" if right and left else "right" if right else "left"
+
+
+def draw_pleural(rng, sites):
+    side = str(rng.choice(["right", "left", "both"], p=[0.4, 0.3, 0.3]))
+    return {
+        "side": side,
+        "depth_mm": {s: rng.uniform(12.0, 45.0) for s in ("left", "right")},
+        "height_mm": rng.uniform(45.0, 110.0),
+        "hu": rng.uniform(4.0, 18.0),
+    }
+
+
+def plant_pleural(cv: Canvas, p: dict, rng):
+    sides = ("left", "right") if p["side"] == "both" else (p["side"],)
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    for s in sides:
+        lung = cv.organ(*SIDE_LOBES[s]) & ~cv.claimed
+        mask |= dependent_band(cv, lung, max(p["depth_mm"][s], cv.spacing[1]), p["height_mm"])
+    if not mask.any():
+        return None
+    cv.commit(mask, p["hu"])
+    depth = max(p["depth_mm"][s] for s in sides)
+    amount = "small" if depth < 20 else "moderate" if depth < 35 else "large"
+    side = "bilateral" if p["side"] == "both" else p["side"]
+    return mask, {"side": side, "amount": amount, "depth_mm": round(float(depth))}
+
+
+def draw_atelectasis(rng, sites):
+    # atelectatic lung enhances after contrast: denser than pleural fluid
+    return {
+        "side": str(rng.choice(["right", "left"])),
+        "depth_mm": rng.uniform(7.0, 14.0),
+        "height_mm": rng.uniform(25.0, 60.0),
+        "hu": rng.uniform(45.0, 80.0),
+    }
+
+
+def plant_atelectasis(cv: Canvas, p: dict, rng):
+    lobe = SIDE_LOBES[p["side"]][-1 if p["side"] == "right" else 1]  # the lower lobe
+    region = cv.organ(lobe) & ~cv.claimed  # above an effusion this is the compressed lung
+    band = dependent_band(cv, region, max(p["depth_mm"], cv.spacing[1]), p["height_mm"])
+    if not band.any():
+        return None
+    cv.commit(band, p["hu"])
+    return band, {"lobe": LOBE_WORDS[lobe], "kind": "subsegmental"}
+
+
+def draw_consolidation(rng, sites):
+    lobe = str(rng.choice(LOBES, p=[0.15, 0.3, 0.12, 0.13, 0.3]))
+    return {"lobe": lobe, "radius_mm": rng.uniform(25.0, 45.0), "hu": rng.uniform(25.0, 45.0)}
+
+
+def _patch(
+    cv: Canvas, region: np.ndarray, seed: np.ndarray, radius_mm: float, edge_mm: float, rng
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """An irregular blob around `seed` (radius about `radius_mm`) as (box, weight in [0, 1] on the box):
+    the weight falls off over about `edge_mm` at the border and is 0 outside `region`."""
+    r = max(radius_mm, 1.5 * cv.spacing.max())
+    box = box_around(seed, 1.5 * r / cv.spacing, region.shape)
+    shape = tuple(s.stop - s.start for s in box)
+    wobble = 1.0 + 0.3 * np.clip(smooth_field(shape, cv.spacing, r / 2.5, rng), -1.5, 1.5)
+    blob = (ellipsoid_distance(box, cv.spacing, seed, np.full(3, r)) <= wobble).astype(np.float32)
+    weight = ndi.gaussian_filter(blob, edge_mm / cv.spacing) * region[box]
+    weight[tuple((seed - [s.start for s in box]).astype(int))] = 1.0
+    return box, weight
+
+
+def plant_consolidation(cv: Canvas, p: dict, rng):
+    lobe = cv.organ(p["lobe"]) & ~cv.claimed
+    lb = bbox(lobe)
+    if lb is None:
+        return None
+    back = lobe.copy()  # seed in the dependent half of the lobe, where pneumonia and aspiration sit
+    back[:, (lb[1].start + lb[1].stop) // 2 :, :] = False
+    seed = pick_voxel(back if back.any() else lobe, rng)
+    box, weight = _patch(cv, lobe, seed, p["radius_mm"], 2.0, rng)
+    region = weight >= 0.5
+    # air bronchograms: airway lumens (tubes of at least 3x3 voxels, not single dark voxels) stay air
+    # and are not part of the mask
+    bronchi = region & ndi.binary_opening(cv.hu[box] < -920, structure=np.ones((3, 3, 1), dtype=bool))
+    region &= ~bronchi
+    if not region.any():
+        return None
+    texture = p["hu"] + 6.0 * smooth_field(region.shape, cv.spacing, 8.0, rng)
+    cv.commit(region, texture, box)
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    mask[box] = region
+    return mask, {"lobe": LOBE_WORDS[p["lobe"]], "air_bronchogram": bool(bronchi.sum() > 3)}
+
+
+def draw_nodule(rng, sites):
+    # solid nodules of 10-30 mm (log-uniform), usually several: at 5.6 x 5.6 x 9.4 mm voxels a nodule must
+    # span a few voxels to be seen (radiology calls the largest ones masses; the report keeps "nodule")
+    n = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
+    nodules = []
+    for _ in range(n):
+        diameter = float(np.exp(rng.uniform(np.log(10.0), np.log(30.0))))
+        lobe = str(rng.choice(LOBES, p=[0.25, 0.17, 0.28, 0.1, 0.2]))
+        cand = sites[lobe]  # (N, 4): base voxel x, y, z and depth inside the lung in mm
+        deep = cand[cand[:, 3] >= diameter / 2 + 3.0]
+        if len(deep) == 0:
+            deep = cand[np.argsort(cand[:, 3])[-20:]]
+        site = deep[rng.integers(len(deep))]
+        nodules.append(
+            {
+                "diameter_mm": diameter,
+                "site": site[:3].tolist(),
+                "aspect": rng.uniform(0.8, 1.0, 2).tolist(),
+                "angle": rng.uniform(0, np.pi),
+                "hu": rng.uniform(30.0, 60.0),
+            }
+        )
+    return {"nodules": nodules}
+
+
+def plant_nodule(cv: Canvas, p: dict, rng):
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    found = []
+    lung = None
+    for nod in p["nodules"]:
+        centre = np.round((cv.base_to_out @ np.append(nod["site"], 1.0))[:3])
+        if np.any(centre < 0) or np.any(centre >= cv.hu.shape):
+            continue
+        r = nod["diameter_mm"] / 2
+        radii = np.array([r, r * nod["aspect"][0], r * nod["aspect"][1]])
+        # a gently lobulated outline: the ellipsoid's radius wobbles by about +-10 %
+        box = box_around(centre, 1.15 * radii.max() / cv.spacing, cv.hu.shape)
+        shape = tuple(s.stop - s.start for s in box)
+        wobble = 0.1 * np.clip(smooth_field(shape, cv.spacing, max(r / 1.5, 1.0), rng), -1.5, 1.5)
+        ell = ellipsoid_distance(box, cv.spacing, centre, radii, nod["angle"]) <= 1.0 + wobble
+        ell[tuple((centre - [s.start for s in box]).astype(int))] = True
+        lung = cv.lung() if lung is None else lung
+        region = ell & lung[box] & ~cv.claimed[box]
+        lobe = lobe_at(cv, centre)
+        if lobe is None or region.sum() < 0.5 * ell.sum():  # mostly swallowed by fluid or consolidation
+            continue
+        cv.commit(region, nod["hu"], box)
+        mask[box] |= region
+        found.append({"lobe": LOBE_WORDS[lobe], "diameter_mm": round(nod["diameter_mm"])})
+    if not found:
+        return None
+    found.sort(key=lambda n: -n["diameter_mm"])
+    return mask, {"count": len(found), "largest": found[0], "nodules": found}
+
+
+def draw_opacity(rng, sites):
+    lobes = rng.choice(LOBES, size=int(rng.integers(1, 3)), replace=False).tolist()
+    return {"lobes": lobes, "radius_mm": rng.uniform(15.0, 35.0), "hu": rng.uniform(-620.0, -450.0)}
+
+
+def plant_opacity(cv: Canvas, p: dict, rng):
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    hit = []
+    for lobe in p["lobes"]:
+        # parenchyma only: the vessels stay visible through ground glass
+        region = cv.organ(lobe) & ~cv.claimed & (cv.hu < -650)
+        seed = pick_voxel(region, rng)
+        if seed is None:
+            continue
+        box, weight = _patch(cv, region, seed, p["radius_mm"], 4.0, rng)
+        patch = weight >= 0.5
+        # ill-defined border: the density rises gradually over a few mm into the patch
+        target = p["hu"] + 35.0 * np.clip(smooth_field(patch.shape, cv.spacing, 6.0, rng), -2, 2)
+        alpha = np.clip(2.0 * weight - 0.5, 0.0, 1.0)
+        cv.commit(patch, cv.hu[box] + alpha * (target - cv.hu[box]), box)
+        mask[box] |= patch
+        hit.append(LOBE_WORDS[lobe])
+    if not hit:
+        return None
+    return mask, {"lobes": hit, "pattern": "ground-glass"}
+
+
+def draw_emphysema(rng, sites):
+    return {"fraction": rng.uniform(0.04, 0.14), "radius_mm": (1.5, 5.0), "hu": rng.uniform(-990.0, -965.0)}
+
+
+def plant_emphysema(cv: Canvas, p: dict, rng):
+    lung = cv.lung() & ~cv.claimed
+    box = bbox(lung)
+    if box is None:
+        return None
+    paren = lung[box] & (cv.hu[box] < -700)  # vessels and lesions are spared
+    pool = np.flatnonzero(paren)
+    if pool.size == 0:
+        return None
+    # centrilobular emphysema: many small round lucencies, most of them in the upper zones
+    z = np.unravel_index(pool, paren.shape)[2]
+    upper = (z - z.min()) / max(z.max() - z.min(), 1)
+    keep = 0.15 + 0.85 * upper**1.5
+    ball = max(4 / 3 * np.pi * np.mean(np.array(p["radius_mm"]) ** 3), np.prod(cv.spacing))
+    n = int(np.clip(p["fraction"] * (keep.sum() * np.prod(cv.spacing)) / ball, 1, 6000))
+    cand = rng.integers(0, pool.size, size=4 * n)
+    cand = cand[rng.random(cand.size) < keep[cand]][:n]
+    holes = seeded_specks(
+        paren, cv.spacing, n, p["radius_mm"], rng, candidates=_flat_mask(cand, pool, paren.shape)
+    )
+    if not holes.any():
+        return None
+    cv.commit(holes, p["hu"], box)
+    mask = np.zeros(cv.hu.shape, dtype=bool)
+    mask[box] = holes
+    severity = "mild" if p["fraction"] < 0.08 else "moderate"
+    return mask, {"kind": "centrilobular", "zone": "upper lobe predominant", "severity": severity}
+
+
+def _flat_mask(chosen: np.ndarray, pool: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    m = np.zeros(int(np.prod(shape)), dtype=bool)
+    m[pool[chosen]] = True
+    return m.reshape(shape)

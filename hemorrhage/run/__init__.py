@@ -1,0 +1,1 @@
+"""The jobs the hemorrhage scripts run: one module per script (plus its helpers)."""

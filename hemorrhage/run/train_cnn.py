@@ -1,0 +1,319 @@
+"""Train one 2D CNN of the ensemble on one fold (scripts/hemorrhage_train.py), as the original did.
+
+    python scripts/hemorrhage_train.py --labels stage_2_train.csv --data_dir /data/dicoms \\
+        --model se_resnext101_32x4d --fold 0 --output_dir runs/2DNet
+    torchrun --nproc_per_node=4 scripts/hemorrhage_train.py --use_ddp --labels L --data_dir D --fold 1 ...
+
+Layout of --output_dir (it doubles as the inference script's --weights_dir):
+
+    folds.csv                               study -> fold, made once (seeded) and reused by every fold
+    prepared/                               a DICOM --data_dir is prepared here once (npz stacks, resumable)
+    <model>_<size>/model_epoch_best_{fold}.pth   best validation weighted log loss, ORIGINAL format
+    <model>_<size>/model_epoch_{epoch}_{fold}.pth   every --save_every epochs, original format
+    <model>_<size>/train_state_{fold}.pt    model + optimizer + scaler + epoch + best: what --resume reads
+    <model>_<size>/train_log_{fold}.jsonl   one line per epoch; train_config_{fold}.yaml: the settings
+
+Recipe (DESIGN 5): 4 x n_studies draws per epoch (`hemorrhage.train_data`), the original's augmentations
+on uint8 in the workers, BCEWithLogits, Adam (5e-4, weight decay 2e-5), the learning rate constant for
+10 epochs then cosine warm restarts (period 5 epochs, down to 1e-5), 80 epochs. Validation predicts every
+slice of the held-out fold's series exactly as inference does (centre crop 0.8) and scores the
+competition's weighted log loss. bf16 autocast on CUDA by default, fp16 with a GradScaler on request.
+The augmentation is a preset of `hemorrhage.augment` (`augment`); unset, the model's own: the original's
+for every published architecture, "light" for the test-only tiny_densenet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ctcore.atomic import atomic_write
+from ctcore.cli import save_resolved
+from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
+from ctcore.errors import UsageError
+from ctcore.precision import autocast_factory
+from hemorrhage.augment import augment_preset
+from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
+from hemorrhage.inputs import InputSettings, parse_tta
+from hemorrhage.metrics import weighted_log_loss
+from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
+from hemorrhage.models.cnn import build_cnn, cnn_spec, normalize_uint8
+from hemorrhage.run.prepare import PrepareConfig, run_prepare
+from hemorrhage.series import resolve_workers
+from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds, read_labels
+from hemorrhage.windows import parse_window_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    labels: Path
+    data_dir: Path
+    output_dir: Path
+    model: str = "DenseNet121_change_avg"
+    fold: int = 0
+    n_folds: int = 5
+    fold_seed: int = 0
+    epochs: int = 80
+    batch_size: int = 32
+    lr: float = 5e-4
+    weight_decay: float = 2e-5
+    constant_epochs: int = 10  # then cosine warm restarts
+    restart_period: int = 5
+    min_lr: float = 1e-5
+    input_size: int = 256
+    samples_per_study: int = 4
+    max_draws: int | None = None  # cap on draws per epoch (quick runs)
+    window: str = "header"  # for a DICOM --data_dir
+    augment: str | None = None  # hemorrhage.augment.AUGMENT_PRESETS name; None = the model's (CNNSpec.train_augment)
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str | None = None
+    num_workers: int = -1
+    save_every: int = 5
+    val_every: int = 1
+    resume: bool = False
+    use_ddp: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+def lr_at(epoch: int, cfg: TrainConfig) -> float:
+    """The original's schedule as a function of the epoch (stateless, so resuming needs nothing else)."""
+    if epoch < cfg.constant_epochs:
+        return cfg.lr
+    t = (epoch - cfg.constant_epochs) % cfg.restart_period
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t / cfg.restart_period)) / 2
+
+
+def resolve_augment(cfg: TrainConfig) -> str:
+    """The augmentation preset of the run: `cfg.augment`, else the model's default; ValueError if unknown."""
+    name = cfg.augment or cnn_spec(cfg.model).train_augment
+    augment_preset(name)
+    return name
+
+
+def autocast_for(precision: str, device: torch.device):
+    """(autocast context factory, GradScaler or None): ctcore.precision's, bad values as UsageError."""
+    try:
+        return autocast_factory(precision, device)
+    except ValueError as e:
+        raise UsageError(f"--precision: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def training_series(cfg: TrainConfig, dist_info: DistInfo) -> tuple[list[TrainSeries], dict]:
+    """The labelled series of the data folder (a DICOM tree is prepared into output_dir/prepared first)."""
+    try:
+        labels = read_labels(cfg.labels)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
+    source = Path(cfg.data_dir)
+    if not source.is_dir():
+        raise UsageError(f"--data_dir {source}: no such folder")
+    if not is_prepared_folder(source):
+        prepared = Path(cfg.output_dir) / "prepared"
+        if dist_info.rank == 0:
+            summary = run_prepare(PrepareConfig(source, prepared, format="npz", window=cfg.window,
+                                                num_workers=cfg.num_workers, progress=cfg.progress))
+            log.info("%s", summary.line())
+        barrier()
+        source = prepared
+    jobs, _ = find_series(source, progress=False)
+    series, found = [], set()
+    for job in jobs:
+        y = labels.reindex(job.sop_uids).to_numpy(np.float32)  # NaN rows where the SOP has no label
+        found.update(s for s in job.sop_uids if s in labels.index)
+        series.append(TrainSeries(job, y))
+    n_slices = sum(j.n_slices for j in jobs)
+    report = {"source": str(source), "series": len(series), "slices": n_slices, "labelled_slices": len(found),
+              "labels_without_image": int(len(labels) - len(found)),
+              "labels_without_image_examples": sorted(set(labels.index) - found)[:10]}
+    if report["labels_without_image"]:
+        log.warning("%d labelled SOPs have no image in %s (e.g. %s)", report["labels_without_image"], source,
+                    report["labels_without_image_examples"][:3])
+    if not found:
+        raise UsageError(f"no slice of {source} has a label in {cfg.labels}: do the SOPInstanceUIDs match?")
+    return series, report
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+@torch.inference_mode()
+def predict_series_probs(model: torch.nn.Module, series: list[TrainSeries], size: int, device: torch.device,
+                         autocast, batch_size: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled slices of `series` through the inference preprocessing -> (labels (N, 6), probs (N, 6))."""
+    settings = InputSettings(parse_window_spec("header"), (size,), parse_tta("0"))
+    loader = DataLoader(SeriesInputs([s.job for s in series], settings), batch_size=None, num_workers=num_workers,
+                        collate_fn=identity_collate)
+    ys, ps = [], []
+    model.eval()
+    for item in loader:
+        s = series[item["index"]]
+        if not item["inputs"]:
+            continue
+        x = item["inputs"][size][0]
+        kept = item["kept"].numpy()
+        probs = []
+        for i in range(0, len(x), batch_size):
+            xb = normalize_uint8(x[i:i + batch_size].to(device))
+            if device.type == "cuda":
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                probs.append(torch.sigmoid(model(xb).float()).cpu())
+        p = torch.cat(probs).numpy()
+        y = s.labels[kept]
+        ok = ~np.isnan(y[:, 0])
+        ys.append(y[ok])
+        ps.append(p[ok])
+    if not ys:
+        return np.zeros((0, 6), np.float32), np.zeros((0, 6), np.float32)
+    return np.concatenate(ys), np.concatenate(ps)
+
+
+def gather_arrays(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not is_initialized():
+        return y, p
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, (y, p))
+    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, epoch: int,
+                best: float, best_epoch: int) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "best": best,
+             "best_epoch": best_epoch}
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def run_training(cfg: TrainConfig) -> dict:
+    """Train `cfg.model` on every fold but `cfg.fold`; returns the final record (also in the log)."""
+    if not 0 <= cfg.fold < cfg.n_folds:
+        raise UsageError(f"--fold {cfg.fold}: expected 0..{cfg.n_folds - 1}")
+    try:
+        build_cnn(cfg.model)
+        cfg = replace(cfg, augment=resolve_augment(cfg))  # so train_config_<fold>.yaml names the preset used
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    info = init_distributed(cfg.use_ddp, cfg.device)
+    try:
+        return _train(cfg, info)
+    finally:
+        if cfg.use_ddp and is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    out = Path(cfg.output_dir)
+    member_dir = out / weights_folder_name(cfg.model, cfg.input_size)
+    series, data_report = training_series(cfg, info)
+    folds = None
+    if info.rank == 0:
+        folds = load_or_make_folds(out / "folds.csv", [s.job.study_uid for s in series], cfg.n_folds, cfg.fold_seed)
+    folds = broadcast_object(folds)
+    train = [s for s in series if folds[s.job.study_uid] != cfg.fold]
+    val = [s for s in series if folds[s.job.study_uid] == cfg.fold]
+    log.info("fold %d: %d train series (%d studies), %d validation series; augmentation %s", cfg.fold, len(train),
+             len({s.job.study_uid for s in train}), len(val), cfg.augment)
+    if info.rank == 0:
+        member_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved(cfg, member_dir / f"train_config_{cfg.fold}.yaml")
+
+    torch.manual_seed(cfg.seed)
+    device = info.device
+    model = build_cnn(cfg.model).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    autocast, scaler = autocast_for(cfg.precision, device)
+    state_path = member_dir / f"train_state_{cfg.fold}.pt"
+    start, best, best_epoch = 0, math.inf, -1
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        if scaler is not None and st["scaler"]:
+            scaler.load_state_dict(st["scaler"])
+        start, best, best_epoch = st["epoch"] + 1, st["best"], st["best_epoch"]
+        log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], best, best_epoch)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
+
+    workers = resolve_workers(cfg.num_workers)
+    sampler = EpochDraws(train, cfg.samples_per_study, cfg.seed, info.rank, info.world_size, cfg.max_draws)
+    dataset = TrainSlices(train, cfg.input_size, cfg.seed, augment_preset(resolve_augment(cfg)))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    log_path = member_dir / f"train_log_{cfg.fold}.jsonl"
+    record: dict = {"data": data_report}
+    for epoch in range(start, cfg.epochs):
+        sampler.set_epoch(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(epoch, cfg)
+        ddp.train()
+        t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), 0.0, 0, 0.0, 0
+        t = time.perf_counter()
+        for x, y in loader:
+            wait += time.perf_counter() - t
+            x = normalize_uint8(x.to(device, non_blocking=True))
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with autocast():
+                loss = F.binary_cross_entropy_with_logits(ddp(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            n_img += len(x)
+            t = time.perf_counter()
+        seconds = time.perf_counter() - t0
+        record = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": loss_sum / max(n_batches, 1),
+                  "images": n_img * info.world_size, "seconds": round(seconds, 3),
+                  "images_per_s": round(n_img * info.world_size / max(seconds, 1e-9), 2),
+                  "data_wait_share": round(wait / max(seconds, 1e-9), 3)}
+        last = epoch == cfg.epochs - 1
+        if val and ((epoch + 1) % cfg.val_every == 0 or last):
+            y, p = predict_series_probs(model, val[info.rank::info.world_size], cfg.input_size, device, autocast,
+                                        cfg.batch_size, workers)
+            y, p = gather_arrays(y, p)
+            record["val_weighted_log_loss"] = float(weighted_log_loss(y, p))
+            record["val_slices"] = len(y)
+        if info.rank == 0:
+            score = record.get("val_weighted_log_loss", math.inf if val else record["train_loss"])
+            if score < best:
+                best, best_epoch = score, epoch
+                save_original_checkpoint(model, member_dir / CHECKPOINT_NAME.format(fold=cfg.fold), epoch, best)
+            if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or last):
+                save_original_checkpoint(model, member_dir / f"model_epoch_{epoch}_{cfg.fold}.pth", epoch,
+                                         record.get("val_weighted_log_loss", math.nan))
+            _save_state(state_path, model, opt, scaler, epoch, best, best_epoch)
+            record.update(best_val_weighted_log_loss=best, best_epoch=best_epoch)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
+        barrier()
+    record["data"] = data_report
+    record["checkpoint"] = str(member_dir / CHECKPOINT_NAME.format(fold=cfg.fold))
+    return record
