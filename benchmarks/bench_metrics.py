@@ -35,7 +35,8 @@ from sklearn.metrics import (
 )
 
 from ctclip.findings import FINDINGS
-from ctclip.metrics import METRICS, bootstrap_counts, counts_to_indices, evaluate_findings
+from ctclip.metrics import METRICS, evaluate_findings
+from ctcore.bootstrap import bootstrap_counts, counts_to_indices
 from ctcore.cli import parse_args
 
 # rough CT-RATE prevalences of the 18 findings (order of FINDINGS)

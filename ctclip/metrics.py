@@ -5,9 +5,10 @@
     result.macro["auroc"]  # {"value": ..., "lower": ..., "upper": ...}
 
 How it is vectorised: a bootstrap resample is a row of counts (how often each sample was drawn), so
-B resamples are a (B, N) count matrix. With the samples sorted by score once, cumulative sums of the
-positive and negative counts along that order give, for every resample at once, the true and false
-positives at every distinct score: the whole ROC and precision-recall curve of each resample. AUROC
+B resamples are a (B, N) count matrix (drawn by `ctcore.bootstrap.bootstrap_counts`: one generator
+for all resamples, optionally by cluster or stratum). With the samples sorted by score once,
+cumulative sums of the positive and negative counts along that order give, for every resample at
+once, the true and false positives at every distinct score: the whole ROC and precision-recall curve of each resample. AUROC
 (trapezoid, exactly sklearn's roc_auc_score), average precision (sklearn's average_precision_score),
 the operating point and the confusion counts at it follow with array operations. The test oracle is
 a plain loop of sklearn calls on the same resamples (tests/test_ctclip_metrics.py).
@@ -31,6 +32,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.special import expit, logit
+
+from ctcore.bootstrap import bootstrap_counts, percentile_ci
 
 METRICS: tuple[str, ...] = ("auroc", "auprc", "f1", "accuracy", "precision", "recall", "specificity")
 CTCLIP_GRID = np.linspace(0.0, 1.0, 100)  # the reference's candidate thresholds
@@ -64,53 +67,6 @@ class Protocol:
 STANDARD = Protocol("standard", f1_average="binary", zero_division=float("nan"), resample=True)
 CTCLIP = Protocol("ctclip", f1_average="weighted", zero_division=0.0, resample=False)
 PROTOCOLS = {p.name: p for p in (STANDARD, CTCLIP)}
-
-
-# ---- resampling ----------------------------------------------------------------------------------
-
-def bootstrap_counts(n: int, n_bootstrap: int, seed: int, clusters: np.ndarray | None = None,
-                     strata: np.ndarray | None = None) -> np.ndarray:
-    """(B, n) float64: how often each of n samples is drawn in each of B resamples.
-
-    `clusters` (n,) ints: whole clusters are drawn (e.g. every volume of a patient together), as many
-    draws as there are clusters. `strata` (n,) labels: each stratum is resampled to its own size (a
-    finding's positives and negatives, so every resample has both classes). Not both at once."""
-    if n == 0:
-        return np.zeros((n_bootstrap, 0))
-    rng = np.random.default_rng(seed)
-    if clusters is not None and strata is not None:
-        raise ValueError("bootstrap: clustered and stratified resampling cannot be combined")
-    if strata is not None:
-        counts = np.zeros((n_bootstrap, n))
-        for value in np.unique(strata):  # two strata: a loop over classes, not samples
-            members = np.flatnonzero(strata == value)
-            counts[:, members] = _draw(rng, len(members), n_bootstrap)
-        return counts
-    if clusters is not None:
-        codes, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-        return _draw(rng, len(codes), n_bootstrap)[:, inverse.ravel()]
-    return _draw(rng, n, n_bootstrap)
-
-
-def _draw(rng: np.random.Generator, n: int, n_bootstrap: int) -> np.ndarray:
-    idx = rng.integers(0, n, size=(n_bootstrap, n))
-    flat = (idx + np.arange(n_bootstrap)[:, None] * n).ravel()
-    return np.bincount(flat, minlength=n_bootstrap * n).reshape(n_bootstrap, n).astype(np.float64)
-
-
-def counts_to_indices(counts: np.ndarray) -> np.ndarray:
-    """One resample's sample indices from its count row (for plain-loop references)."""
-    return np.repeat(np.arange(len(counts)), counts.astype(np.int64))
-
-
-def percentile_ci(values: np.ndarray, ci: float = 0.95) -> tuple[float, float]:
-    """Percentile interval over resamples, ignoring undefined (NaN) ones; NaN when none is defined."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0 or np.isnan(values).all():
-        return float("nan"), float("nan")
-    alpha = 1.0 - ci
-    lo, hi = np.nanpercentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(lo), float(hi)
 
 
 # ---- curves and metrics for many resamples at once ------------------------------------------------

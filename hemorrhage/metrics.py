@@ -10,8 +10,9 @@ AUROC, and percentile bootstrap intervals for all of them from one set of resamp
 Resampling unit: with `groups` (e.g. the StudyInstanceUID of every slice) whole groups are drawn with
 replacement and all their slices come along (a cluster bootstrap: slices of one study are strongly
 correlated, so resampling slices gives intervals that are too narrow); without, slices are drawn.
-Resample r draws from its own generator ``default_rng((seed, r))``, so it is the same whatever
-n_bootstrap and however the work is split into blocks.
+Resample r draws from its own generator ``default_rng((seed, r))``
+(`ctcore.bootstrap.bootstrap_counts_per_resample`), so it is the same whatever n_bootstrap and
+however the work is split into blocks.
 
 Vectorisation: a block of b resamples is a (b, n_groups) count matrix (b ~ 32k / N, so the arrays stay
 in cache); indexing it with each slice's group gives per-slice weights (N, b). Per class the slices are
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ctcore.bootstrap import bootstrap_counts_per_resample, group_codes, percentile_ci
 from hemorrhage.classes import CLASS_WEIGHTS, CLASSES
 
 EPS = 1e-7
@@ -87,25 +89,7 @@ def baseline_log_loss(prior, y_true, weights: Sequence[float] = CLASS_WEIGHTS, e
     return weighted_log_loss(y, np.broadcast_to(np.asarray(prior, dtype=np.float64), y.shape), weights, eps)
 
 
-# ---- resampling ----------------------------------------------------------------------------------
-
-def group_codes(groups, n: int) -> np.ndarray:
-    """(n,) group index 0..G-1 of every slice (sorted group order); each slice its own group if None."""
-    if groups is None:
-        return np.arange(n)
-    groups = np.asarray(groups)
-    if groups.shape != (n,):
-        raise ValueError(f"groups must have one entry per slice ({n}), got shape {groups.shape}")
-    return np.unique(groups, return_inverse=True)[1].ravel()
-
-
-def bootstrap_counts(n_groups: int, start: int, stop: int, seed: int) -> np.ndarray:
-    """(stop - start, n_groups) int64: how often each group is drawn in resamples start..stop-1."""
-    out = np.empty((stop - start, n_groups), dtype=np.int64)
-    for i, r in enumerate(range(start, stop)):  # one cheap draw per resample: its own reproducible stream
-        out[i] = np.bincount(np.random.default_rng((seed, r)).integers(0, n_groups, n_groups), minlength=n_groups)
-    return out
-
+# ---- resampling (the draws come from ctcore.bootstrap) --------------------------------------------
 
 def _sort_class(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     order = np.argsort(-p, kind="stable")
@@ -135,15 +119,6 @@ def resample_auroc(y, p, weights) -> np.ndarray:
         w = w.astype(np.float64)
     order, pos, last = _sort_class(y, p)
     return _auroc_sorted(pos, last, w.T[order])
-
-
-def percentile_ci(values: np.ndarray, ci: float) -> tuple[float, float]:
-    """Percentile interval over the defined (non-NaN) resamples; NaN when none is."""
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return float("nan"), float("nan")
-    lo, hi = np.percentile(values, [50 * (1 - ci), 50 * (1 + ci)])
-    return float(lo), float(hi)
 
 
 def _undefined_reason(y: np.ndarray) -> str | None:
@@ -176,7 +151,7 @@ def bootstrap_metrics(y_true, y_prob, groups=None, n_bootstrap: int = 1000, ci: 
     block = max(1, BLOCK_ELEMENTS // n)
     for start in range(0, n_bootstrap, block):
         stop = min(start + block, n_bootstrap)
-        counts = bootstrap_counts(n_groups, start, stop, seed)
+        counts = bootstrap_counts_per_resample(n_groups, start, stop, seed)
         class_ll[start:stop] = (counts @ group_ll) / (counts @ group_size)[:, None]
         counts_t = np.ascontiguousarray(counts.T)  # (G, b): gathering slices copies whole rows
         for c, (_, pos, last) in enumerate(sorted_cls):

@@ -28,11 +28,9 @@ from ctclip.metrics import (
     STANDARD,
     ThresholdRule,
     binary_metrics,
-    bootstrap_counts,
-    counts_to_indices,
     evaluate_findings,
-    percentile_ci,
 )
+from ctcore.bootstrap import bootstrap_counts, counts_to_indices, percentile_ci
 
 TOL = 1e-12
 

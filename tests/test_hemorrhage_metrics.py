@@ -84,7 +84,7 @@ def test_every_resample_auroc_equals_sklearn(decimals):
     rng = np.random.default_rng(3)
     y, p, groups = clustered(rng, n_groups=12, per_group=6, decimals=decimals)
     codes = hm.group_codes(groups, len(y))
-    weights = hm.bootstrap_counts(codes.max() + 1, 0, 100, seed=5)[:, codes]
+    weights = hm.bootstrap_counts_per_resample(codes.max() + 1, 0, 100, seed=5)[:, codes]
     n_undefined = 0
     for c in range(6):
         ours = hm.resample_auroc(y[:, c], p[:, c], weights)
@@ -109,7 +109,7 @@ def test_bootstrap_intervals_equal_percentiles_of_the_sklearn_oracle(monkeypatch
     y[3, 1] = 1  # epidural: one positive slice, many resamples without it
     res = hm.bootstrap_metrics(y, p, groups=groups, n_bootstrap=100, ci=0.9, seed=7)
     codes = hm.group_codes(groups, len(y))
-    weights = hm.bootstrap_counts(codes.max() + 1, 0, 100, seed=7)[:, codes]
+    weights = hm.bootstrap_counts_per_resample(codes.max() + 1, 0, 100, seed=7)[:, codes]
     clipped = np.clip(p, hm.EPS, 1 - hm.EPS)
     aurocs = np.full((100, 6), np.nan)
     wll = np.empty(100)
@@ -149,9 +149,9 @@ def test_seed_reproducible_and_independent_of_block_size(monkeypatch):
     assert hm.bootstrap_metrics(y, p, groups=groups, n_bootstrap=100, seed=3) == a
     assert hm.bootstrap_metrics(y, p, groups=groups, n_bootstrap=100, seed=4) != a
     assert 0.6 < a["mean_auroc"]["value"] < 0.99
-    counts = hm.bootstrap_counts(10, 0, 100, seed=3)  # each resample draws 10 groups, resamples differ
+    counts = hm.bootstrap_counts_per_resample(10, 0, 100, seed=3)  # each resample draws 10 groups, resamples differ
     assert (counts.sum(axis=1) == 10).all() and len(np.unique(counts, axis=0)) > 95
-    assert (hm.bootstrap_counts(10, 40, 60, seed=3) == counts[40:60]).all()
+    assert (hm.bootstrap_counts_per_resample(10, 40, 60, seed=3) == counts[40:60]).all()
     monkeypatch.setattr(hm, "BLOCK_ELEMENTS", 60)  # 1 resample per block instead of 100
     b = hm.bootstrap_metrics(y, p, groups=groups, n_bootstrap=100, seed=3)
     for name in CLASSES:  # AUROCs are exact; log loss matrix products may differ in the last bit
