@@ -96,19 +96,17 @@ def make_data(tmp: Path, n_patients: int) -> tuple[Path, Path]:
 
 def _train_config(spec: dict):
     """TrainConfig from configs/ctclip/train_tiny.yaml + the variant's model settings."""
-    import dataclasses
-
     import yaml
 
-    from ctclip.models.registry import model_config_from_yaml
+    from ctclip.models.factory import get_model_config
     from ctclip.run.train import TrainConfig
 
     settings = yaml.safe_load(TRAIN_TINY.read_text())
-    model = model_config_from_yaml(ROOT / "configs" / "ctclip" / f"model_{settings.pop('model_config')}.yaml")
     batch = settings["batch_size"]
     chunk = spec["chunk"] or batch * VOLUME_SHAPE[0]  # None: every slice of the batch in one chunk
-    model = dataclasses.replace(model, freeze_dinov2=spec["freeze"], slice_chunk=chunk,
-                                grad_checkpointing=spec["ckpt"], image_size=spec["image_size"] or model.image_size)
+    # image_size None: the architecture's own
+    model = get_model_config(settings.pop("model_config"), freeze_dinov2=spec["freeze"], slice_chunk=chunk,
+                             grad_checkpointing=spec["ckpt"], image_size=spec["image_size"])
     settings.update(log_interval=1, save_interval=10**9, num_workers=0, max_steps=spec["steps"])
     return TrainConfig(ct_filepath=Path(spec["store"]), txt_filepath=Path(spec["reports"]),
                        output_dir=Path(spec["out"]), model=model, cache_features=spec["cache"], **settings)
@@ -123,7 +121,7 @@ def run_cpu_variant(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     from ctclip.data.dataset import CTReportDataset
     from ctclip.feature_cache import build_feature_cache, cache_dir, cache_key
-    from ctclip.models.registry import build_model
+    from ctclip.models.factory import create_model
     from ctclip.run.train import train
     from ctcore.precision import autocast_factory
 
@@ -137,7 +135,7 @@ def run_cpu_variant(spec: dict) -> dict:
         # what train() does first, timed on its own: same seed -> same weights -> same cache key,
         # so train() finds the cache complete and only reads it (checked below)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
+        model = create_model(cfg.model)
         data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column)
         folder = cache_dir(cfg.ct_filepath, cache_key(model, cfg.ct_filepath))
         autocast, _ = autocast_factory(cfg.precision, torch.device("cpu"))
@@ -226,18 +224,15 @@ def peak_tflops(flag: float | None) -> tuple[float, str]:
 
 
 def _gpu_setup(encoder: str, freeze: bool, batch: int):
-    import dataclasses
     import warnings
 
     from ctclip.losses import ClipLoss
     from ctclip.models.clip3d import param_groups
-    from ctclip.models.registry import build_model, model_config_from_yaml
+    from ctclip.models.factory import create_model
     from ctclip.run.train import TrainingStep
 
     warnings.filterwarnings("ignore", message=".*RANDOMLY initialised.*")
-    cfg = dataclasses.replace(model_config_from_yaml(ROOT / "configs" / "ctclip" / f"model_{encoder}.yaml"),
-                              freeze_dinov2=freeze, image_size=GPU_SHAPE[1])
-    model = build_model(cfg).cuda()
+    model = create_model(encoder, freeze_dinov2=freeze, image_size=GPU_SHAPE[1]).cuda()
     step_module = TrainingStep(model, from_slices=False)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
     volumes = torch.randint(0, 256, (batch, 1, *GPU_SHAPE), dtype=torch.uint8, device="cuda")

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctclip.models.registry import ModelConfig, build_model
+from ctclip.models.config import ModelConfig
+from ctclip.models.factory import create_model as build_model
 from ctcore.atomic import atomic_write
 
 CHECKPOINT_VERSION = 1

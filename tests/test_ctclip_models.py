@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -13,11 +12,18 @@ import timm
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-from ctclip.models import CTCLIP, ModelConfig, build_model, list_models, model_config_from_yaml, param_groups
+from ctclip.models import (
+    CTCLIP,
+    ModelConfig,
+    create_model,
+    get_model_config,
+    list_slice_encoders,
+    model_config_from_yaml,
+    param_groups,
+)
 from ctclip.models.slice_encoder import DINOV2_ARCHS, build_slice_encoder
 from ctclip.models.text import build_text_tower, load_openai_text_weights, tokenize
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "ctclip"
 EOT = 49407
 
 
@@ -31,12 +37,12 @@ def one_thread():
 
 
 def tiny_cfg(**changes) -> ModelConfig:
-    return dataclasses.replace(model_config_from_yaml(CONFIGS / "model_tiny.yaml"), **changes)
+    return dataclasses.replace(get_model_config("tiny"), **changes)
 
 
 def tiny_model(seed: int = 0, **changes) -> CTCLIP:
     torch.manual_seed(seed)
-    return build_model(tiny_cfg(**changes))
+    return create_model(tiny_cfg(**changes))
 
 
 def volumes(b: int = 2, d: int = 9, hw: int = 40, seed: int = 0) -> torch.Tensor:
@@ -256,7 +262,7 @@ def test_wrong_size_dinov2_file_fails_before_building(official_dinov2, monkeypat
 
     monkeypatch.setattr(timm, "create_model", no_build)
     with pytest.raises(ValueError, match=r"expected embed dim 768.*found embed dim 384") as err:
-        build_model(tiny_cfg(slice_encoder="dinov2_vitb14" + name.removeprefix("dinov2_vits14"),
+        create_model(tiny_cfg(slice_encoder="dinov2_vitb14" + name.removeprefix("dinov2_vits14"),
                              dinov2_weights=str(path)))
     assert f"looks like {name}" in str(err.value)
     other = "dinov2_vits14" if name.endswith("_reg") else "dinov2_vits14_reg"
@@ -351,23 +357,20 @@ def test_openai_text_weights_mismatch_errors(openai_clip):
         load_openai_text_weights(deeper, folder / "clip_state.pt")
 
 
-# ---------------------------------------------------------------- registry and other backbones
+# ---------------------------------------------------------------- slice encoders and other backbones
 
 
-def test_registry_names_and_configs():
-    names = list_models()
-    assert "tiny_vit" in names
+def test_slice_encoder_names():
+    names = list_slice_encoders()
+    assert "tiny_vit" in names and "tiny_cnn" in names
     assert {f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")} <= set(names)
-    for path in sorted(CONFIGS.glob("model_*.yaml")):
-        cfg = model_config_from_yaml(path)
-        assert cfg.slice_encoder in names, path
     widths = {n: DINOV2_ARCHS[n][1] for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")}
     assert widths == {"dinov2_vits14": 384, "dinov2_vitb14": 768, "dinov2_vitl14": 1024, "dinov2_vitg14": 1536}
 
 
 def test_unknown_names_and_settings_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown slice encoder 'dinov3_vitb16'.*tiny_vit"):
-        build_model(tiny_cfg(slice_encoder="dinov3_vitb16"))
+        create_model(tiny_cfg(slice_encoder="dinov3_vitb16"))
     with pytest.raises(ValueError, match="unknown timm model 'no_such_net'"):
         build_slice_encoder("timm:no_such_net")
     with pytest.raises(ValueError, match="unknown open_clip model 'RN51'"):
@@ -464,7 +467,7 @@ def test_window_slice_norm_keeps_absolute_density():
 
 def test_tiny_cnn_model_keeps_position_and_trains():
     model = tiny_model(slice_encoder="tiny_cnn", image_size=32, slice_norm="window")
-    assert "tiny_cnn" in list_models() and model.slice_encoder.mean.numel() == 1  # one grey channel
+    assert model.slice_encoder.mean.numel() == 1  # one grey channel
     feats = model.encode_slices(volumes(b=2, d=3, hw=32))
     assert feats.shape == (2, 3, model.slice_encoder.width)
     # the same blob left or right of the slice gives different features (no global pooling)

@@ -1,6 +1,6 @@
 """CT-CLIP: slice encoder -> slice fusion -> volume embedding, contrasted with a CLIP text tower.
 
-    model = build_model(cfg)                      # ctclip.models.registry
+    model = create_model("dinov2_vitb14")        # ctclip.models.factory
     tokens = model.tokenize(["No acute findings.", "Bilateral pleural effusion."])
     vol, txt, scale = model(volumes_uint8, tokens.to(device))   # logits = scale * vol @ txt.T
 
@@ -11,18 +11,15 @@ slice features (keyed by `slice_encoder_id()`) and train only the fusion and tex
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ctclip.models.config import ModelConfig
 from ctclip.models.fusion import SliceFusion
 from ctclip.models.slice_encoder import build_slice_encoder
 from ctclip.models.text import build_text_tower, encode_tokens, load_openai_text_weights, tokenize
-
-if TYPE_CHECKING:
-    from ctclip.models.registry import ModelConfig
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned inverse temperature
 # parameters that are positions/tokens rather than weights: no weight decay

@@ -140,7 +140,7 @@ class SliceEncoder(nn.Module):
 def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path | None = None,
                         source: str = "file", freeze: bool = False, chunk: int = 64,
                         grad_checkpointing: bool = False, slice_norm: str = "minmax") -> SliceEncoder:
-    """Build a registered (`list_models()`), `timm:<name>` or `openclip:<name>` slice encoder."""
+    """Build a registered (`list_slice_encoders()`), `timm:<name>` or `openclip:<name>` slice encoder."""
     if name in DINOV2_ARCHS:
         backbone, width, mean, std = _build_dinov2(name, image_size, weights, source)
     elif name == TINY_VIT:

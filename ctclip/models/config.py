@@ -1,10 +1,7 @@
-"""Model settings (`ModelConfig`), the YAML loader for `configs/ctclip/model_*.yaml`, and `build_model`.
+"""Model settings (`ModelConfig`, validated on construction) and `model_config_from_yaml`, the YAML file loader.
 
-    from ctclip.models import build_model, model_config_from_yaml
-    model = build_model(model_config_from_yaml("configs/ctclip/model_dinov2_vitb14.yaml"))
-
-`list_models()` names the slice encoders this registry knows; any timm model is reachable as
-`timm:<name>` and any open_clip visual tower as `openclip:<name>`.
+Architectures by name (`ctclip/models/configs/<name>.yaml`) are `ctclip.models.factory`'s: `get_model_config`,
+`create_model`.
 """
 
 from __future__ import annotations
@@ -15,8 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from ctclip.models.clip3d import CTCLIP
-from ctclip.models.slice_encoder import REGISTERED_ENCODERS, SLICE_NORMS
+from ctclip.models.slice_encoder import SLICE_NORMS
 from ctclip.models.text import TEXT_POOLS
 
 DINOV2_SOURCES = ("file", "hub")
@@ -88,13 +84,8 @@ class ModelConfig:
                 setattr(self, name, str(value))
 
 
-def list_models() -> list[str]:
-    """Slice encoder names of the registry (plus any `timm:<name>` / `openclip:<name>`)."""
-    return sorted(REGISTERED_ENCODERS)
-
-
 def model_config_from_yaml(path: str | Path) -> ModelConfig:
-    """Read a `configs/ctclip/model_*.yaml` file; keys not in `ModelConfig` raise ValueError."""
+    """Read a model YAML file (e.g. `ctclip/models/configs/<name>.yaml`); keys not in `ModelConfig` raise ValueError."""
     path = Path(path)
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
@@ -104,8 +95,3 @@ def model_config_from_yaml(path: str | Path) -> ModelConfig:
     if unknown:
         raise ValueError(f"{path}: unknown model setting(s) {unknown}; known: {', '.join(sorted(known))}")
     return ModelConfig(**data)
-
-
-def build_model(cfg: ModelConfig) -> CTCLIP:
-    """The 3D CLIP model for `cfg`: slice encoder (weights loaded and checked) + fusion + text tower."""
-    return CTCLIP(cfg)
