@@ -109,6 +109,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def steps_per_epoch(self) -> int:
         return self.n // self.batch
 
+    @property
+    def rank_batch(self) -> int:
+        """Samples per micro-batch on one rank (at least 1): also the batch for encoding outside training."""
+        return max(1, self.batch // (self.k * self.world))
+
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 

@@ -1,0 +1,135 @@
+"""One optimizer step of the contrastive training: `train_step(learner, micro)`.
+
+The micro-batches of a step are this rank's share of the global batch (`GlobalBatchSampler`). With
+one micro-batch the step is a plain forward/backward; with several, the features of all of them are
+cached first so that every micro-batch's loss sees the negatives of the whole global batch (open_clip
+style accumulation). Then clipping, the optimizer (through the GradScaler for fp16) and the schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ctclip.losses import ClipLoss, contrastive_loss_with_cached
+from ctcore.distributed import all_reduce_mean
+
+MicroBatch = tuple[torch.Tensor, Sequence[str]]  # (volumes or cached slice embeddings, report texts)
+
+
+class TrainingStep(nn.Module):
+    """What DDP wraps: one forward for volumes (or cached slice embeddings) and report tokens, so
+    gradient synchronisation sees every parameter use through DDP's own forward."""
+
+    def __init__(self, model: nn.Module, from_slices: bool):
+        super().__init__()
+        self.model, self.from_slices = model, from_slices
+
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        v = m.encode_volume_from_slices(inputs) if self.from_slices else m.encode_volume(inputs)
+        return v, m.encode_text(tokens), m.temperature_scale()
+
+
+@dataclass
+class Learner:
+    """The model and everything that updates it; a checkpoint holds their state (`state_dicts`)."""
+
+    model: nn.Module  # the CTCLIP: tokenizer, temperature, weights
+    step_module: nn.Module  # TrainingStep over `model`, wrapped in DDP in a distributed run
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: Any  # torch.amp.GradScaler for fp16, else None
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    device: torch.device
+    grad_clip: float
+    distributed: bool
+    loss_fn: nn.Module = field(default_factory=ClipLoss)
+
+    def state_dicts(self) -> dict[str, Any]:
+        """The checkpoint entries model, optimizer, scheduler and scaler ({} without a scaler)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {}}
+
+    def load_state_dicts(self, ckpt: dict[str, Any]) -> None:
+        """Optimizer, scheduler and scaler of a checkpoint (the weights are loaded before DDP wraps the model)."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
+    """One optimizer step over this rank's micro-batches. Returns the loss of the global batch."""
+    tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
+    optimizer, scaler = learner.optimizer, learner.scaler
+    optimizer.zero_grad(set_to_none=True)
+    if len(tokenized) == 1:
+        value = _plain_backward(learner, *tokenized[0])
+    else:
+        value = _accumulated_backward(learner, tokenized)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, learner.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    learner.scheduler.step()
+    return value if not learner.distributed else _mean_over_ranks(value, learner.device)
+
+
+def _forward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(volume embeddings, text embeddings, logit scale) of one micro-batch; called inside autocast."""
+    return learner.step_module(inputs.to(learner.device, non_blocking=True), tokens.to(learner.device))
+
+
+def _backward(loss: torch.Tensor, scaler) -> None:
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+def _plain_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> float:
+    with learner.autocast():
+        v, t, scale = _forward(learner, inputs, tokens)
+        loss = learner.loss_fn(v.float(), t.float(), scale.float())
+    _backward(loss, learner.scaler)
+    return float(loss.detach())
+
+
+def _accumulated_backward(learner: Learner, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Gradient accumulation that keeps the global negatives: embed every micro-batch without
+    gradient, then recompute each with gradient; `contrastive_loss_with_cached` puts it in its slot
+    among the cached embeddings of all micro-batches of all ranks. Every call's value is the loss of
+    the whole global batch (reported once); the gradients add up to the full-batch gradient."""
+    cached_v, cached_t = [], []
+    with torch.no_grad():
+        for inputs, tokens in micro:
+            with learner.autocast():
+                v, t, _ = _forward(learner, inputs, tokens)
+            cached_v.append(v.float())
+            cached_t.append(t.float())
+    ddp = isinstance(learner.step_module, DistributedDataParallel)
+    value = float("nan")
+    for i, (inputs, tokens) in enumerate(micro):
+        last = i == len(micro) - 1
+        with (learner.step_module.no_sync() if ddp and not last else contextlib.nullcontext()):
+            with learner.autocast():
+                v, t, scale = _forward(learner, inputs, tokens)
+            loss = contrastive_loss_with_cached(v.float(), t.float(), cached_v, cached_t, i, scale.float())
+            _backward(loss, learner.scaler)
+        if i == 0:
+            value = float(loss.detach())
+    return value
+
+
+def _mean_over_ranks(value: float, device: torch.device) -> float:
+    return float(all_reduce_mean(torch.tensor([value], device=device, dtype=torch.float64)))
