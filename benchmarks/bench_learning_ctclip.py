@@ -33,23 +33,32 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import platform
-import resource
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a file: make `benchmarks` and `scripts` importable like the tests do
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# building the data set, and the report with its figure, live beside this module
+from benchmarks.bench_learning_ctclip_data import (  # noqa: E402
+    ROOT,
+    SetupError,
+    Timer,
+    build_data,
+    check_sides,
+    check_split,
+    import_scripts,
+)
+from benchmarks.bench_learning_ctclip_report import VARIANT_NAMES, machine, plot_curves, read_log, report  # noqa: E402
+
 CONFIGS = ROOT / "configs" / "ctclip"
 VARIANTS = ("e2e", "cached")
 VARIANT_FLAGS = {"e2e": [], "cached": ["--freeze_dinov2", "--cache_features"]}
-VARIANT_NAMES = {"e2e": "end-to-end", "cached": "frozen backbone + feature cache"}
 
 log = logging.getLogger("bench_learning_ctclip")
 
@@ -83,70 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def _import_scripts() -> None:
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
-
-class Timer:
-    """Wall and CPU seconds of a block, this process and its finished children (preprocess workers)."""
-
-    def __enter__(self) -> Timer:
-        self.wall0, self.cpu0 = time.perf_counter(), self._cpu()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall_s = time.perf_counter() - self.wall0
-        self.cpu_s = self._cpu() - self.cpu0
-
-    @staticmethod
-    def _cpu() -> float:
-        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-    def as_dict(self) -> dict[str, float]:
-        return {"wall_s": round(self.wall_s, 2), "cpu_s": round(self.cpu_s, 2)}
-
-
-def _check(rc: int, what: str) -> None:
-    if rc:
-        raise RuntimeError(f"{what} failed (exit {rc})")
-
-
-def build_data(args: argparse.Namespace, data: Path, timings: dict) -> dict[str, Any]:
-    """Synthetic set -> preprocessed train/valid stores -> validation/test split by patient."""
-    _import_scripts()
-    from scripts.ctclip_make_synthetic import main as make
-    from scripts.ctclip_preprocess import main as preprocess
-    from scripts.ctclip_split import main as split
-
-    argv = ["--config", str(args.ctclip_synth_config), "--out_dir", str(data), "--overwrite",
-            "--seed", str(args.ctclip_seed)]
-    if args.ctclip_n_patients is not None:
-        argv += ["--n_patients", str(args.ctclip_n_patients)]
-    with Timer() as t:
-        _check(make(argv), "ctclip_make_synthetic")
-    timings["synthesize"] = t.as_dict()
-    with Timer() as t:
-        for side, meta in (("train", "train_metadata.csv"), ("valid", "validation_metadata.csv")):
-            _check(preprocess(["--config", str(args.ctclip_preprocess_config), "--overwrite",
-                               "--ct_data_path", str(data / "volumes" / side),
-                               "--ct_out_path", str(data / f"{side}_volumes.h5"),
-                               "--metadata_path", str(data / meta)]), f"ctclip_preprocess ({side})")
-    timings["preprocess"] = t.as_dict()
-    with Timer() as t:
-        _check(split(["--data_dir", str(data), "--target_val_size", str(args.ctclip_val_volumes), "--seed", "42"]),
-               "ctclip_split")
-    timings["split"] = t.as_dict()
-    return json.loads((data / "split_summary.json").read_text())
-
-
 def train_variant(args: argparse.Namespace, variant: str, data: Path, out: Path, templates: str) -> tuple[list[str], dict]:
     """ctclip_train.py in this process; returns (argv, the summary line's dict)."""
-    _import_scripts()
+    import_scripts()
+    from ctclip.models.factory import ModelChoice
     from ctclip.run.train import TrainConfig, train
     from ctcore.cli import parse_args, to_config
-    from scripts.ctclip_train import build_parser, model_config
+    from scripts.ctclip_train import build_parser
 
     argv = ["--config", str(args.ctclip_train_config), "--ct_filepath", str(data / "train_volumes.h5"),
             "--txt_filepath", str(data / "train_reports.csv"), "--output_dir", str(out),
@@ -160,7 +112,7 @@ def train_variant(args: argparse.Namespace, variant: str, data: Path, out: Path,
         argv += ["--batch_size", str(args.ctclip_batch_size)]
     argv += ["--val_templates", templates]
     targs = parse_args(build_parser(), argv)
-    cfg = to_config(TrainConfig, targs, model=model_config(targs))
+    cfg = to_config(TrainConfig, targs, model=to_config(ModelChoice, targs).resolve())
     return argv, train(cfg)
 
 
@@ -171,50 +123,6 @@ def evaluate_variant(args: argparse.Namespace, data: Path, run_dir: Path, out: P
                                test_labels=data / "test_predicted_labels.csv", output_dir=out,
                                templates=templates, n_bootstrap=args.ctclip_n_bootstrap, num_workers=0,
                                device="cpu"))
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(logs: dict[str, list[dict]], path: Path, budget_minutes: float) -> Path:
-    """Loss and validation mean AUROC against budget minutes (top) and step (bottom), one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for variant, records in logs.items():
-        train = [r for r in records if r["kind"] == "train"]
-        valid = [r for r in records if r["kind"] == "valid"]
-        label = VARIANT_NAMES[variant]
-        for row, x in enumerate(("budget_minutes", "step")):
-            axes[row, 0].plot([r[x] for r in train], [r["loss"] for r in train], label=label)
-            axes[row, 1].plot([r[x] for r in valid], [r["mean_auroc"] for r in valid], marker="o", ms=3, label=label)
-    for row, xlabel in enumerate(("training budget used (CPU minutes, validation excluded)", "optimizer step")):
-        axes[row, 0].set(xlabel=xlabel, ylabel="contrastive loss (train batch)")
-        axes[row, 1].set(xlabel=xlabel, ylabel="zero-shot mean AUROC (validation patients)")
-        axes[row, 1].axhline(0.5, color="grey", lw=0.7, ls=":")
-        for ax in axes[row]:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle(f"3D CLIP on synthetic chest CT: training curves, budget {budget_minutes:g} min per variant")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name")), cpu)
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg_1min": round(os.getloadavg()[0], 2)}
 
 
 def resolve_templates(spec: str) -> str:
@@ -240,37 +148,6 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         return _run(args, Path(work_dir))
     finally:
         torch.set_num_threads(threads)  # the caller's setting back (bench_learning.py runs other halves after)
-
-
-class SetupError(ValueError):
-    """Settings that cannot give a result; raised before any work."""
-
-
-def check_sides(args: argparse.Namespace) -> None:
-    """Refuse a set whose valid patients cannot fill the validation side and still leave a test side: the
-    validation side takes whole patients until it holds --ctclip_val_volumes volumes, so in the worst case
-    (one volume per patient) that many patients."""
-    import yaml
-
-    synth = yaml.safe_load(Path(args.ctclip_synth_config).read_text()) or {}
-    n = args.ctclip_n_patients if args.ctclip_n_patients is not None else int(synth.get("n_patients", 0))
-    fraction = float(synth.get("valid_fraction", 0.25))
-    valid = round(n * fraction)
-    if valid - args.ctclip_val_volumes < 1:
-        need = int((args.ctclip_val_volumes + 1) / fraction) + 1 if fraction > 0 else None
-        raise SetupError(
-            f"{n} patients x valid_fraction {fraction:g} = {valid} valid patients, and the validation side takes up "
-            f"to {args.ctclip_val_volumes} of them (--ctclip_val_volumes): no test side would be left. Give at least "
-            f"{need} patients (--ctclip_n_patients) or a smaller --ctclip_val_volumes.")
-
-
-def check_split(split: dict, data: Path) -> None:
-    sizes = {side: int((split.get(side) or {}).get("volumes", 0)) for side in ("validation", "test")}
-    empty = [side for side, n in sizes.items() if n == 0]
-    if empty:
-        raise SetupError(f"{data / 'split_summary.json'}: the {' and '.join(empty)} side has no volume "
-                         f"(validation {sizes['validation']}, test {sizes['test']} volumes); more patients or a "
-                         "smaller --ctclip_val_volumes")
 
 
 def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
@@ -354,47 +231,6 @@ def _count_rows(path: Path) -> int:
     import pandas as pd
 
     return int(len(pd.read_csv(path, usecols=["VolumeName"])))
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-def report(result: dict) -> str:
-    """Markdown: machine, a table per variant, the goal verdict, the command."""
-    m, b = result["machine"], result["budget"]
-    lines = [
-        "### 3D CLIP learning benchmark (synthetic chest CT, zero-shot on held-out patients)",
-        "",
-        f"- date {result['date']}; machine: {m['cpu']}, {m['cpus_usable']} usable CPUs, torch threads "
-        f"{m['torch_threads']}, torch {m['torch']}, load average {m['load_avg_1min']} at the end",
-        f"- budget: {b['minutes']:g} min per variant, {b['counts']}",
-        f"- data: {result['data']['train_volumes']} training volumes; test side {result['data']['split'].get('test')}; "
-        f"prompts `{result['templates']}`",
-        "",
-        "| variant | steps | stopped by | budget min | CPU min | wall min | best valid AUROC | test mean AUROC [95% CI] "
-        "| findings |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for v in result["variants"].values():
-        a = v["test"]["mean_auroc"]
-        lines.append(f"| {v['name']} | {v['steps']} | {v['stopped_by']} | {v['budget_minutes_used']:.2f} | "
-                     f"{v['train_cpu_minutes']:.2f} | {v['train_wall_minutes']:.2f} | {v['best_valid_mean_auroc']:.3f} | "
-                     f"{a['value']:.3f} [{a['lower']:.3f}, {a['upper']:.3f}] | {a['n_findings']} |")
-    lines.append("")
-    for v in result["variants"].values():
-        per = ", ".join(f"{k} {x:.2f}" for k, x in v["test"]["per_finding_auroc"].items())
-        lines.append(f"- {v['name']} per finding: {per}")
-    g = result["goal"]
-    worst = "; ".join(f"{v['name']} {v['test']['min_finding']} {v['test']['per_finding_auroc'][v['test']['min_finding']]:.2f}"
-                      for v in result["variants"].values() if v["test"].get("min_finding"))
-    lines += ["", f"Goal: mean AUROC >= {g['mean_auroc']} and every finding >= {g.get('min_finding_auroc', 0):.2f} "
-              f"within {b['minutes']:g} CPU-minutes: **{'met' if g['met'] else 'NOT met'}** (best mean "
-              f"{g['best']:.3f}; weakest finding: {worst}).",
-              "", f"Training curves: `{result['figure']}`", "", f"Command: `{result['command']}`"]
-    t = result["timings"]
-    lines.append("Step timings (wall s / CPU s): " + ", ".join(f"{k} {x['wall_s']:.0f}/{x['cpu_s']:.0f}"
-                                                                for k, x in t.items()))
-    return "\n".join(lines) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from ctclip.data.dataset import CTLabelDataset, CTReportDataset
 from ctclip.data.reports import TableError, clean_section, load_labels, report_text, text_columns
 from ctclip.data.splits import closest_subset, patient_of
-from ctclip.data.store import StoreSpec, StoreWriter
+from ctclip.data.store_writer import StoreSpec, StoreWriter
 from ctclip.findings import FINDINGS
 from ctclip.run.split import FILES
 from scripts.ctclip_split import main as split_main

@@ -19,8 +19,7 @@ import pandas as pd
 import pytest
 import torch
 
-from ctclip.data.reports import load_reports
-from ctclip.run.impressions import (
+from ctclip.data.impressions import (
     INSTRUCTION,
     ExamplePool,
     Report,
@@ -30,6 +29,7 @@ from ctclip.run.impressions import (
     read_records,
     scan_key,
 )
+from ctclip.data.reports import load_reports
 from ctclip.run.impressions_backends import STOP_MARKERS, TransformersBackend
 from scripts.ctclip_impressions import main
 

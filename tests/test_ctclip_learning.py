@@ -59,19 +59,20 @@ def test_image_side_learns_the_easy_findings_on_held_out_patients(small_set, tmp
 
 
 def test_the_3d_clip_leaves_the_uniform_loss(small_set, tmp_path):
+    from ctclip.models.factory import ModelChoice, configs_dir
     from ctclip.run.train import TrainConfig, train
     from ctcore.cli import parse_args, to_config
-    from scripts.ctclip_train import build_parser, model_config
+    from scripts.ctclip_train import build_parser
 
     model_yaml = tmp_path / "model.yaml"
-    model_yaml.write_text((ROOT / "configs" / "ctclip" / "model_tiny_cnn.yaml").read_text()
+    model_yaml.write_text(configs_dir().joinpath("tiny_cnn.yaml").read_text()
                           .replace("image_size: 64", f"image_size: {SIZE}"))
     argv = ["--config", str(ROOT / "configs" / "ctclip" / "train_learning.yaml"), "--model_config", str(model_yaml),
             "--ct_filepath", str(small_set / "train_volumes.h5"), "--txt_filepath", str(small_set / "train_reports.csv"),
             "--output_dir", str(tmp_path / "run"), "--device", "cpu", "--max_steps", "60", "--max_minutes", "60",
             "--log_interval", "1"]
     targs = parse_args(build_parser(), argv)
-    summary = train(to_config(TrainConfig, targs, model=model_config(targs)))
+    summary = train(to_config(TrainConfig, targs, model=to_config(ModelChoice, targs).resolve()))
     assert summary["steps"] == 60
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
               if json.loads(line)["kind"] == "train"]

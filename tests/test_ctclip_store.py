@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from ctclip.data.store import StoreError, StoreSpec, StoreWriter, VolumeStore
+from ctclip.data.store import StoreError, VolumeStore
+from ctclip.data.store_writer import StoreSpec, StoreWriter
 from tests.nifti_cases import write
 
 SPEC = StoreSpec((4, 8, 8), {"a": 1}, "test")

@@ -6,10 +6,11 @@ The storage variants (`VARIANTS`) and on-disk orientations (`ORIENTATIONS`) a se
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ctclip.findings import FINDINGS
+from ctcore.schema import arg
 
 VARIANTS = ("raw", "hu")
 ORIENTATIONS = ("LPS", "RAS", "LAS", "LAI")
@@ -17,28 +18,38 @@ ORIENTATIONS = ("LPS", "RAS", "LAS", "LAI")
 
 @dataclass
 class ChestSynthConfig:
-    out_dir: Path = Path("synthetic_ct_rate")
+    # the flag must be given (command line or --config); calls from code may leave the default
+    out_dir: Path = arg(Path("synthetic_ct_rate"), needed=True, help="output folder (CT-RATE layout)")
     n_patients: int = 8
-    size: tuple[int, int] = (64, 64)  # (H, W) = (Rows, Columns)
-    slices: int = 24
+    size: tuple[int, int] = arg((64, 64), metavar=("H", "W"), help="rows and columns")  # (H, W) = (Rows, Columns)
+    slices: int = arg(24, help="slices per volume (D)")
     seed: int = 0
-    variant: str = "raw"
-    valid_fraction: float = 0.3
-    scans_per_patient: tuple[int, int] = (1, 2)
-    recons_per_scan: tuple[int, int] = (1, 3)
-    prevalence: dict[str, float] = field(default_factory=dict)  # per finding; others: default_prevalence
-    default_prevalence: float = 0.3
-    empty_impression_rate: float = 0.2  # half NaN, half "Not given."
-    intercept_8192_rate: float = 0.28  # share of scans listed with RescaleIntercept -8192
-    noise_hu: tuple[float, float] = (8.0, 20.0)  # Gaussian noise sigma range, before the kernel
-    rotation_deg: float = 4.0
-    scale_jitter: float = 0.06
-    shift_mm: float = 10.0
-    intensity_jitter_hu: float = 8.0
-    scan_keep_rate: float = 0.85  # share of a patient's findings still present in a later scan
-    orientations: tuple[str, ...] = ORIENTATIONS
-    overwrite: bool = False
-    samples_dir: Path | None = None
+    variant: str = arg("raw", choices=VARIANTS,
+                       help="raw: stored = HU - RescaleIntercept (apply the CSV); hu: stored values are HU already")
+    valid_fraction: float = arg(0.3, help="share of patients in valid")
+    scans_per_patient: tuple[int, int] = arg((1, 2), metavar=("MIN", "MAX"))
+    recons_per_scan: tuple[int, int] = arg((1, 3), metavar=("MIN", "MAX"))
+    # per finding; others: default_prevalence. The flag takes NAME=P words (parse_prevalence)
+    prevalence: dict[str, float] = arg(default_factory=dict, cli_default=None, metavar="NAME=P",
+                                       help="per-finding prevalence, e.g. 'Lung nodule=0.5' 'Emphysema=0.2' "
+                                            "(YAML: a mapping)")
+    default_prevalence: float = arg(0.3, help="prevalence of every plantable finding not named in --prevalence")
+    empty_impression_rate: float = arg(0.2, help="share of reports without impression (half NaN, half 'Not "
+                                                 "given.')")
+    intercept_8192_rate: float = arg(0.28, help="share of scans whose metadata lists RescaleIntercept -8192 "
+                                                "(else -1024)")
+    # Gaussian noise sigma range, before the kernel
+    noise_hu: tuple[float, float] = arg((8.0, 20.0), metavar=("MIN", "MAX"))
+    rotation_deg: float = arg(4.0, cli=False)
+    scale_jitter: float = arg(0.06, cli=False)
+    shift_mm: float = arg(10.0, cli=False)
+    intensity_jitter_hu: float = arg(8.0, cli=False)
+    # share of a patient's findings still present in a later scan
+    scan_keep_rate: float = arg(0.85, cli=False)
+    orientations: tuple[str, ...] = arg(ORIENTATIONS, choices=ORIENTATIONS,
+                                        help="on-disk axis orientations to draw from (the affine is always correct)")
+    overwrite: bool = arg(False, help="replace the synthetic data in a non-empty out_dir")
+    samples_dir: Path | None = arg(None, help="sample data cache (default: ctcore's)")
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)

@@ -9,6 +9,8 @@ the left of the image, anterior at the top), cropped around the finding, with ev
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +18,10 @@ import numpy as np
 import pandas as pd
 
 from ctclip.findings import FINDINGS
+from ctclip.synthetic.chest import SynthSummary, generate_chest_dataset
+from ctclip.synthetic.config import ChestSynthConfig
 from ctclip.synthetic.files import INFO_FILE, SPLITS, load_finding_masks, volume_path
+from ctcore.schema import arg
 
 # display windows as (centre, width) in HU: the lung window for what changes the lung, a narrow lung window
 # for the subtle density differences of emphysema and mosaic attenuation, the soft-tissue window for
@@ -140,3 +145,18 @@ def save_chest_montage(
     return save_montage(
         panels, png_path, ncols=4, suptitle=f"synthetic CT-RATE ({variant} variant): planted findings"
     )
+
+
+@dataclass
+class ChestMontageConfig:
+    """scripts/ctclip_make_synthetic.py's setting beside ChestSynthConfig."""
+
+    montage: Path | None = arg(None, help="also save a PNG of planted findings here")
+
+
+def make_chest_dataset(cfg: ChestSynthConfig, extra: ChestMontageConfig) -> SynthSummary:
+    """generate_chest_dataset, then the montage PNG when asked for (the script's job)."""
+    summary = generate_chest_dataset(cfg)
+    if extra.montage is not None:
+        logging.getLogger(__name__).info("montage: %s", save_chest_montage(cfg.out_dir, extra.montage))
+    return summary

@@ -6,9 +6,9 @@ finding; `plant(canvas, params, rng)` runs once per scan on the output grid, wri
 into `canvas.hu`, and returns the lesion mask and the facts the report needs (lobe, size, side), or
 None when the finding cannot be placed in this scan (then its label is 0: labels stay honest).
 
-All 18 CT-RATE findings have a planter. They are in `synthetic_mediastinal_planters`,
-`synthetic_lung_planters`, `synthetic_airway_planters` and `synthetic_interstitial_planters`; the
-`Canvas` and geometry they share are in `synthetic_canvas`. Every finding is sized to change a
+All 18 CT-RATE findings have a planter. They are in `cardiovascular_planters`, `device_planters`,
+`mediastinal_planters`, `lung_planters`, `airway_planters` and `interstitial_planters`; the
+`Canvas` and geometry they share are in `canvas`. Every finding is sized to change a
 64 x 64 x 32 volume (voxels of about 5.6 x 5.6 x 9.4 mm) visibly, with radiological sizes in mm on
 fine grids.
 """
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctclip.synthetic import airway_planters as airway
+from ctclip.synthetic import cardiovascular_planters as cardio
+from ctclip.synthetic import device_planters as device
 from ctclip.synthetic import interstitial_planters as interstitial
 from ctclip.synthetic import lung_planters as lung
 from ctclip.synthetic import mediastinal_planters as mediastinum
@@ -42,11 +44,11 @@ class Planter:
 PLANTERS: dict[str, Planter] = {
     p.name: p
     for p in (
-        Planter("Cardiomegaly", mediastinum.draw_cardiomegaly, mediastinum.plant_cardiomegaly),
-        Planter("Coronary artery wall calcification", mediastinum.draw_coronary, mediastinum.plant_coronary),
-        Planter("Pericardial effusion", mediastinum.draw_pericardial, mediastinum.plant_pericardial),
-        Planter("Arterial wall calcification", mediastinum.draw_aortic_calc, mediastinum.plant_aortic_calc),
-        Planter("Medical material", mediastinum.draw_material, mediastinum.plant_material),
+        Planter("Cardiomegaly", cardio.draw_cardiomegaly, cardio.plant_cardiomegaly),
+        Planter("Coronary artery wall calcification", cardio.draw_coronary, cardio.plant_coronary),
+        Planter("Pericardial effusion", cardio.draw_pericardial, cardio.plant_pericardial),
+        Planter("Arterial wall calcification", cardio.draw_aortic_calc, cardio.plant_aortic_calc),
+        Planter("Medical material", device.draw_material, device.plant_material),
         Planter("Lymphadenopathy", mediastinum.draw_lymph, mediastinum.plant_lymph),
         Planter("Hiatal hernia", mediastinum.draw_hernia, mediastinum.plant_hernia),
         Planter("Pleural effusion", lung.draw_pleural, lung.plant_pleural),
