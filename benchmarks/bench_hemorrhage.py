@@ -51,12 +51,13 @@ from torch.utils.data import DataLoader, Dataset
 from ctcore.cli import parse_args
 from hemorrhage.augment import center_crop_resize
 from hemorrhage.classes import CLASSES
+from hemorrhage.cnn_run import parse_input_sizes
 from hemorrhage.ensemble import CNNEnsemble, resolve_amp, resolve_device
 from hemorrhage.inference_data import SeriesInputs, find_series
 from hemorrhage.inputs import InputSettings, parse_tta, slice_image
 from hemorrhage.models.checkpoint import SEED_ENSEMBLE, check_weights, save_random_weights
 from hemorrhage.models.sequence_checkpoint import member_label
-from hemorrhage.run.inference import InferConfig, parse_input_sizes, run_inference
+from hemorrhage.run.inference import InferConfig, run_inference
 from hemorrhage.run.prepare import PrepareConfig, run_prepare
 from hemorrhage.series import resolve_workers
 from hemorrhage.windows import parse_window_spec

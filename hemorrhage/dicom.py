@@ -6,7 +6,8 @@
 
 pydicom 3 reads the files (`dcmread`; `read_file` is gone); compressed transfer syntaxes (JPEG
 baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE) decode through the pylibjpeg plugins.
-Every failure is a `DicomReadError` whose message starts with the file's path.
+Every failure is a `DicomReadError` whose message starts with the file's path. The header's elements
+and the pixel element's extent are read from the raw bytes (`hemorrhage.dicom_raw`).
 
 HU = stored * RescaleSlope + RescaleIntercept, computed in float32 after converting the stored values
 (NumPy 2 keeps uint16 + negative intercept in uint16 and wraps: the original's NumPy 2 breakage). The
@@ -18,7 +19,6 @@ by `to_hu` when `needs_quirk_fix` says so (switchable, and reported per slice so
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -27,22 +27,19 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    UID,
-    AllTransferSyntaxes,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from hemorrhage.dicom_raw import (
+    NATIVE_SYNTAXES,
+    element_floats,
+    element_int,
+    element_text,
+    element_value,
+    pixel_element_problem,
+    split_values,
 )
 
-PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}  # Pixel Data, Float / Double Float
-EXPLICIT_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"}
 QUIRK_SHIFT, QUIRK_MODULUS, QUIRK_INTERCEPT = 1000, 4096, -1000.0
-# Where the file position after a stop_before_pixels read is a byte offset into the file and element
-# lengths are little endian: native little-endian and encapsulated (compressed) syntaxes; not deflated
-# or big-endian files ("" = no file meta, read as implicit little endian).
-_NATIVE_SYNTAXES = frozenset({"", str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)})
-_CHECKABLE_SYNTAXES = _NATIVE_SYNTAXES | {str(u) for u in AllTransferSyntaxes if UID(u).is_encapsulated}
 
 
 class DicomReadError(ValueError):
@@ -113,78 +110,12 @@ class HUSlice:
     quirk_fixed: bool  # the BitsStored-12 fix was applied to this slice
 
 
-# ----------------------------------------------------------------------------------------- header values
-
-
-_BINARY_INTS = {"US": "H", "SS": "h", "UL": "I", "SL": "i"}
-
-
-def _element_value(ds: Dataset, keyword: str):
-    """The value of an element, read straight from the bytes while pydicom has not converted it yet.
-
-    pydicom converts an element on first access (value validation, DS/IS objects, hooks): about 10 us
-    each, so the ~20 elements of a header cost more than decoding a native slice. The header only needs
-    numbers and ASCII text (UI, CS, DS, IS and binary integers), which are parsed here directly; an
-    element that is already converted, a sequence, or of another VR takes pydicom's value. Returns
-    str (backslash-separated for several values), int, a pydicom value, or None when absent or empty.
-    The parity test compares every header field with pydicom's conversion on real and synthetic files.
-    """
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    elem = ds.get_item(tag) if tag is not None else None
-    if elem is None:
-        return None
-    if isinstance(elem, pydicom.DataElement):
-        return elem.value
-    raw = elem.value
-    if not isinstance(raw, bytes):
-        return ds[tag].value
-    vr = elem.VR or pydicom.datadict.dictionary_VR(tag)
-    if vr in _BINARY_INTS:
-        size = struct.calcsize(_BINARY_INTS[vr])
-        if len(raw) < size:
-            return None
-        little = ds.original_encoding[1] is not False
-        return struct.unpack(("<" if little else ">") + _BINARY_INTS[vr], raw[:size])[0]
-    if vr in ("UI", "CS", "DS", "IS", "LO", "SH"):
-        return raw.decode("latin-1").strip(" \x00")
-    return ds[tag].value
-
-
-def _text(ds: Dataset, keyword: str, default: str = "") -> str:
-    value = _element_value(ds, keyword)
-    return default if value is None else str(value).strip()
-
-
-def _split(value) -> list:
-    if isinstance(value, str):
-        return value.split("\\") if value else []
-    return list(value) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value]
-
-
-def _floats(ds: Dataset, keyword: str) -> tuple[float, ...]:
-    """All values of a numeric (possibly multi-valued) element; () when absent, empty or malformed."""
-    value = _element_value(ds, keyword)
-    if value is None or value == "":
-        return ()
-    try:
-        return tuple(float(v) for v in _split(value))
-    except (TypeError, ValueError):  # e.g. a DS holding text: treated as absent, never guessed
-        return ()
-
-
-def _int(ds: Dataset, keyword: str, default: int | None) -> int | None:
-    value = _element_value(ds, keyword)
-    if value is None or value == "":
-        return default
-    try:
-        return int(float(_split(value)[0]))
-    except (TypeError, ValueError, IndexError):
-        return default
+# ----------------------------------------------------------------------------------------- header
 
 
 def _rescale(ds: Dataset, keyword: str, default: float, path: str) -> float:
-    values = _floats(ds, keyword)
-    if not values and (value := _element_value(ds, keyword)) not in (None, ""):
+    values = element_floats(ds, keyword)
+    if not values and (value := element_value(ds, keyword)) not in (None, ""):
         raise DicomReadError(path, f"{keyword} {value!r} is not a number")
     return values[0] if values else default
 
@@ -193,32 +124,32 @@ def header_from_dataset(ds: Dataset, path: str | Path) -> DicomHeader:
     """The typed header of a dataset read by pydicom (with or without its pixel data)."""
     path = str(path)
     meta = getattr(ds, "file_meta", None)
-    sop = _text(ds, "SOPInstanceUID")
+    sop = element_text(ds, "SOPInstanceUID")
     if not sop and meta is not None:
-        sop = _text(meta, "MediaStorageSOPInstanceUID")
-    study, series = _text(ds, "StudyInstanceUID"), _text(ds, "SeriesInstanceUID")
+        sop = element_text(meta, "MediaStorageSOPInstanceUID")
+    study, series = element_text(ds, "StudyInstanceUID"), element_text(ds, "SeriesInstanceUID")
     uids = (("SOPInstanceUID", sop), ("StudyInstanceUID", study), ("SeriesInstanceUID", series))
     missing = [k for k, v in uids if not v]
     if missing:
         raise DicomReadError(path, f"not a usable DICOM instance: no {', '.join(missing)}")
-    orientation = _floats(ds, "ImageOrientationPatient")
-    position = _floats(ds, "ImagePositionPatient")
-    image_type = _split(_element_value(ds, "ImageType") or "")
+    orientation = element_floats(ds, "ImageOrientationPatient")
+    position = element_floats(ds, "ImagePositionPatient")
+    image_type = split_values(element_value(ds, "ImageType") or "")
     return DicomHeader(
         path=path, study_uid=study, series_uid=series, sop_uid=sop,
-        modality=_text(ds, "Modality").upper(),
+        modality=element_text(ds, "Modality").upper(),
         image_type=tuple(str(v).strip().upper() for v in image_type),
         orientation=orientation if len(orientation) == 6 else None,
         position=position if len(position) == 3 else None,
-        instance_number=_int(ds, "InstanceNumber", None),
-        rows=_int(ds, "Rows", 0) or 0, columns=_int(ds, "Columns", 0) or 0,
-        n_frames=max(1, _int(ds, "NumberOfFrames", 1) or 1),
-        bits_allocated=_int(ds, "BitsAllocated", 16) or 16,
-        bits_stored=_int(ds, "BitsStored", 16) or 16,
-        pixel_representation=_int(ds, "PixelRepresentation", 0) or 0,
-        photometric=_text(ds, "PhotometricInterpretation", "MONOCHROME2").upper(),
+        instance_number=element_int(ds, "InstanceNumber", None),
+        rows=element_int(ds, "Rows", 0) or 0, columns=element_int(ds, "Columns", 0) or 0,
+        n_frames=max(1, element_int(ds, "NumberOfFrames", 1) or 1),
+        bits_allocated=element_int(ds, "BitsAllocated", 16) or 16,
+        bits_stored=element_int(ds, "BitsStored", 16) or 16,
+        pixel_representation=element_int(ds, "PixelRepresentation", 0) or 0,
+        photometric=element_text(ds, "PhotometricInterpretation", "MONOCHROME2").upper(),
         slope=_rescale(ds, "RescaleSlope", 1.0, path), intercept=_rescale(ds, "RescaleIntercept", 0.0, path),
-        window_center=_floats(ds, "WindowCenter"), window_width=_floats(ds, "WindowWidth"),
+        window_center=element_floats(ds, "WindowCenter"), window_width=element_floats(ds, "WindowWidth"),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
     )
 
@@ -250,45 +181,6 @@ def _dcmread(fp: BinaryIO, path: str, stop_before_pixels: bool) -> Dataset:
         ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
                                           ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
     return ds
-
-
-def native_pixel_bytes(h: DicomHeader) -> int:
-    """Bytes an uncompressed Pixel Data element of this header must hold."""
-    bits = h.rows * h.columns * h.n_frames * h.bits_allocated
-    samples = 3 if h.photometric.startswith(("RGB", "YBR")) else 1
-    return samples * ((bits + 7) // 8)
-
-
-def pixel_element_problem(fp: BinaryIO, h: DicomHeader) -> str:
-    """Check the pixel element at fp's position (where stop_before_pixels left it) without reading it.
-
-    Returns "" when it looks complete or cannot be judged cheaply (encapsulated data, deflated or big
-    endian syntaxes), else what is wrong: no pixel data, or a file that ends inside the pixel data.
-    """
-    if not h.is_image or h.transfer_syntax not in _CHECKABLE_SYNTAXES:
-        return ""
-    start = fp.tell()
-    fp.seek(0, os.SEEK_END)
-    size = fp.tell()
-    fp.seek(start)
-    head = fp.read(12)
-    if len(head) < 8:
-        return "no pixel data"
-    group, element = struct.unpack("<HH", head[:4])
-    if (group, element) not in PIXEL_TAGS:
-        return ""  # stopped somewhere unexpected: no judgement
-    if head[4:6] in EXPLICIT_LONG_VRS and len(head) == 12:
-        length, offset = struct.unpack("<I", head[8:12])[0], 12
-    else:
-        length, offset = struct.unpack("<I", head[4:8])[0], 8
-    if length == 0xFFFFFFFF:  # encapsulated: the end is only found by reading all fragments
-        return ""
-    have = size - start - offset
-    if have < length:
-        return f"truncated: file ends inside the pixel data ({have} of {length} bytes)"
-    if h.transfer_syntax in _NATIVE_SYNTAXES and length < native_pixel_bytes(h):
-        return f"pixel data holds {length} bytes, Rows x Columns x frames need {native_pixel_bytes(h)}"
-    return ""
 
 
 def _lenient():
@@ -331,7 +223,7 @@ def native_pixels(ds: Dataset, h: DicomHeader) -> np.ndarray | None:
     frames or samples, odd bit depths, short pixel data): the caller then asks pydicom. The array is
     read-only; parity with ``pixel_array`` is tested on real and crafted files.
     """
-    if (h.transfer_syntax not in _NATIVE_SYNTAXES or h.n_frames != 1 or h.bits_allocated not in (8, 16)
+    if (h.transfer_syntax not in NATIVE_SYNTAXES or h.n_frames != 1 or h.bits_allocated not in (8, 16)
             or not h.photometric.startswith("MONOCHROME") or int(ds.get("SamplesPerPixel", 1) or 1) != 1
             or h.pixel_representation not in (0, 1) or not 0 < h.bits_stored <= h.bits_allocated):
         return None

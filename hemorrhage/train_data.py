@@ -1,6 +1,6 @@
-"""Training data of the 2D CNNs: RSNA labels, folds by study, the original's per-epoch draws, samples.
+"""Training data of the 2D CNNs: folds by study, the original's per-epoch draws, labelled samples.
 
-    labels = read_labels("stage_2_train.csv")                 # SOP -> (6,) 0/1 in CLASSES order
+    labels = read_labels("stage_2_train.csv")                 # hemorrhage.kaggle: SOP -> (6,) 0/1
     folds = load_or_make_folds(out / "folds.csv", studies, n_folds=5, seed=0)
     sampler = EpochDraws(series, folds_train, samples_per_study=4, seed=0, rank=0, world_size=1)
     ds = TrainSlices(series, size=256)     # item (series, slice, epoch, draw) -> uint8 (3, h, w), labels (6,)
@@ -34,54 +34,8 @@ from torch.utils.data import Dataset, Sampler
 
 from ctcore.atomic import atomic_write
 from hemorrhage.augment import AugmentConfig, augment_train, rng_for
-from hemorrhage.classes import CLASSES, split_label_id
 from hemorrhage.inference_data import SeriesJob
 from hemorrhage.inputs import neighbour_indices, to_input_size
-
-
-class LabelError(ValueError):
-    """A labels file that cannot be used; the message names the file and the row."""
-
-
-def read_labels(path: str | Path) -> pd.DataFrame:
-    """RSNA ``ID,Label`` rows (``<SOP>_<class>``) -> DataFrame indexed by SOP, columns CLASSES, int8."""
-    path = Path(path)
-    try:
-        df = pd.read_csv(path, dtype={"ID": str}, keep_default_na=False)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise LabelError(f"{path}: not a readable CSV ({e})") from e
-    missing = [c for c in ("ID", "Label") if c not in df.columns]
-    if missing:
-        raise LabelError(f"{path}: missing column(s) {', '.join(missing)} (expected the RSNA ID,Label format)")
-    if df.empty:
-        raise LabelError(f"{path}: no rows")
-    values = pd.to_numeric(df["Label"], errors="coerce")
-    bad = df.index[values.isna() | ~values.isin([0, 1])]
-    if len(bad):
-        i = bad[0]
-        raise LabelError(f"{path} row {i + 2}: Label {df['Label'].iloc[i]!r} for {df['ID'].iloc[i]} is not 0 or 1 "
-                         f"({len(bad)} such rows)")
-    sops, classes = [], []
-    for i, row_id in enumerate(df["ID"]):
-        try:
-            sop, cls = split_label_id(row_id)
-        except ValueError as e:
-            raise LabelError(f"{path} row {i + 2}: {e}") from None
-        sops.append(sop)
-        classes.append(cls)
-    long = pd.DataFrame({"sop": sops, "cls": classes, "y": values.astype(np.int8)})
-    dup = long.duplicated(["sop", "cls"])
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise LabelError(f"{path} row {i + 2}: {df['ID'].iloc[i]} appears more than once")
-    wide = long.pivot(index="sop", columns="cls", values="y").reindex(columns=list(CLASSES))
-    incomplete = wide.index[wide.isna().any(axis=1)]
-    if len(incomplete):
-        sop = incomplete[0]
-        lacking = [c for c in CLASSES if pd.isna(wide.loc[sop, c])]
-        raise LabelError(f"{path}: {sop} lacks rows for {', '.join(lacking)} ({len(incomplete)} incomplete slices)")
-    return wide.astype(np.int8)
-
 
 # ----------------------------------------------------------------------------------------- folds
 

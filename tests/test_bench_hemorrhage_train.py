@@ -9,7 +9,8 @@ import pytest
 import torch.utils.data
 
 import hemorrhage.run.train_cnn as train_cnn
-from benchmarks.bench_hemorrhage_train import EpochClock, main, measured_window
+from benchmarks.bench_hemorrhage_train import main
+from benchmarks.hemorrhage_train_clock import EpochClock, measured_window
 
 RATES = ("loader_images_per_s", "step_images_per_s", "end_to_end_images_per_s")
 

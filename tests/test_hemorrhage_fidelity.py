@@ -28,7 +28,7 @@ from hemorrhage.ensemble import CNNEnsemble
 from hemorrhage.inference_data import find_series
 from hemorrhage.inputs import slice_image
 from hemorrhage.models.checkpoint import save_random_weights
-from hemorrhage.run.prepare import png_name
+from hemorrhage.run.prepare_worker import png_name
 from hemorrhage.train_data import TrainSeries, TrainSlices
 from hemorrhage.windows import BRAIN, WindowSpec, has_window, header_window, parse_window_spec
 from scripts.hemorrhage_extract_features import main as extract
@@ -226,8 +226,8 @@ def test_inference_counts_the_fallback(windowless, tiny_weights, tmp_path, sourc
 def test_heads_from_before_the_two_step_resize_are_flagged():
     from types import SimpleNamespace
 
+    from hemorrhage.cnn_run import input_mismatches
     from hemorrhage.inputs import RESIZE_RECIPE
-    from hemorrhage.run.inference import input_mismatches
 
     now = {"tta": "none", "window": "header window", "center_crop": 0.8, "resize": RESIZE_RECIPE}
     old = SimpleNamespace(path=Path("sequence_fold0.pth"), inputs={"tta": "none", "window": "header window",

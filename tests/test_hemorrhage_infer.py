@@ -22,13 +22,13 @@ import torch
 
 from ctcore.errors import UsageError
 from hemorrhage.classes import CLASSES
+from hemorrhage.cnn_run import parse_input_sizes
 from hemorrhage.inputs import parse_tta
 from hemorrhage.models import SEED_ENSEMBLE, build_cnn, load_original_checkpoint, normalize_uint8
 from hemorrhage.models.checkpoint import save_original_checkpoint, save_random_weights, sha256_file
 from hemorrhage.models.sequence import SequenceConfig, SequenceModel
 from hemorrhage.models.sequence_checkpoint import load_sequence_checkpoint, save_sequence_checkpoint
-from hemorrhage.run.inference import parse_input_sizes
-from hemorrhage.run.prepare import png_name
+from hemorrhage.run.prepare_worker import png_name
 from scripts.hemorrhage_infer import main
 from scripts.hemorrhage_prepare import main as prepare
 

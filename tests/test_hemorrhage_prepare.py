@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from hemorrhage.run.prepare import png_name
+from hemorrhage.run.prepare_worker import png_name
 from hemorrhage.windows import three_window_uint8
 from scripts.hemorrhage_prepare import main
 

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from hemorrhage.classes import CLASSES
+from hemorrhage.feature_files import read_series_features
+from hemorrhage.kaggle import read_labels
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.sequence_checkpoint import load_sequence_checkpoint
-from hemorrhage.run.features import read_series_features
 from hemorrhage.run.train_sequence import augment_indices, collate
-from hemorrhage.train_data import read_labels
 from scripts.hemorrhage_extract_features import main as extract
 from scripts.hemorrhage_infer import main as infer
 from scripts.hemorrhage_make_synthetic import main as make_synthetic

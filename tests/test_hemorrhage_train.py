@@ -20,18 +20,17 @@ from hemorrhage.augment import AUGMENT_PRESETS, AugmentConfig
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference_data import SeriesInputs, find_series
 from hemorrhage.inputs import InputSettings, parse_tta
+from hemorrhage.kaggle import LabelError, read_labels
 from hemorrhage.metrics import baseline_log_loss, prior_baseline, weighted_log_loss
 from hemorrhage.models.checkpoint import read_original_checkpoint
 from hemorrhage.run.train_cnn import TrainConfig, lr_at, resolve_augment, run_training
 from hemorrhage.synthetic.head import read_truth
 from hemorrhage.train_data import (
     EpochDraws,
-    LabelError,
     TrainSeries,
     TrainSlices,
     load_or_make_folds,
     make_folds,
-    read_labels,
     triangular_weights,
 )
 from hemorrhage.windows import parse_window_spec

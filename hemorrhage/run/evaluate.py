@@ -13,7 +13,6 @@ roc_curves.png. `run_eval` raises `UsageError` (exit status 2) for bad input, na
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,9 @@ from sklearn.metrics import roc_curve
 from ctcore.atomic import atomic_write
 from ctcore.cli import resolved
 from ctcore.errors import UsageError
-from hemorrhage.classes import CLASS_WEIGHTS, CLASSES, split_label_id
+from ctcore.schema import arg
+from hemorrhage.classes import CLASS_WEIGHTS, CLASSES
+from hemorrhage.kaggle import KaggleTable, read_kaggle_csv, read_string_csv, sha256
 from hemorrhage.metrics import baseline_log_loss, bootstrap_metrics, per_class_log_loss, prior_baseline
 
 log = logging.getLogger(__name__)
@@ -40,100 +41,25 @@ SUMMARY_ROW = "weighted/macro"
 
 @dataclass
 class EvalConfig:
-    predictions: Path
-    labels: Path
-    output_dir: Path
-    per_slice: Path | None = None  # predictions_per_slice.csv: resample whole groups (studies) when given
-    group_column: str = "StudyInstanceUID"  # the per_slice column that defines a group
-    train_labels: Path | None = None  # Kaggle-format training labels: the prior baseline's prevalence
-    n_bootstrap: int = 1000
-    ci: float = 0.95
+    predictions: Path = arg(flags=("-p",), help="ID,Label CSV of probabilities (e.g. predictions.csv from "
+                                               "hemorrhage_infer.py)")
+    labels: Path = arg(flags=("-l",), help="ID,Label CSV of 0/1 truth")
+    output_dir: Path = arg(flags=("-o",), help="folder for metrics.json, metrics.csv, roc_curves.png")
+    per_slice: Path | None = arg(
+        None, help="predictions_per_slice.csv (SOPInstanceUID + group column): resample whole groups")
+    group_column: str = arg(
+        "StudyInstanceUID", help="the --per_slice column that groups slices (StudyInstanceUID or SeriesInstanceUID)")
+    train_labels: Path | None = arg(
+        None, help="ID,Label training labels: their prevalence is the prior baseline (default: the evaluated "
+                   "labels' own prevalence, labelled as such)")
+    n_bootstrap: int = arg(1000, help="bootstrap resamples (0 = no intervals)")
+    ci: float = arg(0.95, help="confidence level of the percentile intervals")
     seed: int = 0
-
-
-@dataclass
-class KaggleTable:
-    path: Path
-    table: pd.DataFrame  # index: SOP UID (str), columns: CLASSES; NaN where the file has no row
-    ids: pd.Index  # every distinct ID
-    n_rows: int
-    n_duplicate_rows: int  # identical repeats, collapsed
-    sha256: str
-
-    def complete(self) -> pd.Index:
-        return self.table.index[self.table.notna().all(axis=1)]
-
-    def incomplete(self) -> pd.Index:
-        return self.table.index[self.table.isna().any(axis=1)]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_csv(path: Path, role: str) -> pd.DataFrame:
-    if not Path(path).is_file():
-        raise UsageError(f"{role} file {path}: no such file")
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (ValueError, UnicodeDecodeError) as e:  # pandas' ParserError / EmptyDataError are ValueErrors
-        raise UsageError(f"{role} file {path}: not a readable CSV ({e})") from e
-
-
-def _first_bad(df: pd.DataFrame, bad: pd.Series, where: str, what: str) -> None:
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        more = f" ({int(bad.sum())} such rows)" if bad.sum() > 1 else ""
-        row = f"ID {df['ID'].iat[i]!r}, Label {df['Label'].iat[i]!r}"
-        raise UsageError(f"{where}, line {i + 2} ({row}): {what}{more}")
-
-
-def read_kaggle_csv(path: Path, role: str, truth: bool) -> KaggleTable:
-    """Read and check an ``ID,Label`` file; `truth` labels must be 0/1, predictions within [0, 1]."""
-    df = _read_csv(path, role)
-    where = f"{role} file {path}"
-    missing = [c for c in ("ID", "Label") if c not in df.columns]
-    if missing:
-        raise UsageError(f"{where}: no column {' or '.join(missing)} (header: {', '.join(map(str, df.columns))}); "
-                         "expected ID,Label")
-    if df.empty:
-        raise UsageError(f"{where}: no rows")
-    value = pd.to_numeric(df["Label"].str.strip(), errors="coerce")
-    _first_bad(df, value.isna(), where, "Label is not a number")
-    if truth:
-        _first_bad(df, ~value.isin((0.0, 1.0)), where, "a label must be 0 or 1")
-    else:
-        _first_bad(df, ~value.between(0.0, 1.0), where, "a probability must be within [0, 1]")
-    parts = df["ID"].str.rpartition("_")
-    bad_id = (parts[0] == "") | ~parts[2].isin(CLASSES)
-    if bad_id.any():
-        i = int(np.flatnonzero(bad_id.to_numpy())[0])
-        try:
-            split_label_id(df["ID"].iat[i])
-        except ValueError as e:
-            raise UsageError(f"{where}, line {i + 2}: {e} ({int(bad_id.sum())} such rows)") from None
-    frame = pd.DataFrame({"ID": df["ID"], "uid": parts[0], "cls": parts[2], "value": value})
-    dup = frame.duplicated("ID", keep=False)
-    if dup.any():
-        conflicting = frame[dup].groupby("ID")["value"].nunique() > 1
-        if conflicting.any():
-            rid = conflicting.index[conflicting.to_numpy()][0]
-            lines = (np.flatnonzero((frame["ID"] == rid).to_numpy()) + 2).tolist()
-            raise UsageError(f"{where}: duplicate ID {rid!r} with different Labels on lines {lines}")
-        log.warning("%s: %d identical repeated rows collapsed", where, int(frame.duplicated("ID").sum()))
-    unique = frame.drop_duplicates("ID")
-    table = unique.pivot(index="uid", columns="cls", values="value").reindex(columns=list(CLASSES))
-    table.index = table.index.astype(str)
-    return KaggleTable(Path(path), table, pd.Index(unique["ID"]), len(df), len(df) - len(unique), sha256(path))
 
 
 def read_groups(path: Path, column: str, sops: pd.Index) -> np.ndarray:
     """The `column` value (e.g. StudyInstanceUID) of every slice in `sops`, from predictions_per_slice.csv."""
-    df = _read_csv(path, "per-slice")
+    df = read_string_csv(path, "per-slice")
     where = f"per-slice file {path}"
     for col in ("SOPInstanceUID", column):
         if col not in df.columns:

@@ -15,7 +15,7 @@ different feature spaces.
 
 Layout of --output_dir:
 
-    features/fold{k}/<series>.npz   one file per (series, CNN fold); see `write_series_features`
+    features/fold{k}/<series>.npz   one file per (series, CNN fold); see `hemorrhage.feature_files`
     features_index.csv              one row per file: study, series, fold, role (oof | test), slices, path
     per_slice_probs.csv             one row per (slice, fold, member): study, series, SOP, slice_index,
                                     position, fold, role, member, the six probabilities
@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -46,26 +45,33 @@ import yaml
 from ctcore.atomic import atomic_write
 from ctcore.cli import resolved, save_resolved
 from ctcore.errors import UsageError
+from ctcore.schema import arg
 from hemorrhage.classes import CLASSES
-from hemorrhage.ensemble import CNNEnsemble
-from hemorrhage.inference_data import InputError, SeriesJob, find_series
-from hemorrhage.inputs import InputSettings
-from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory
-from hemorrhage.models.sequence import FEATURE_WIDTH, pad_features
-from hemorrhage.models.sequence_checkpoint import Member, member_label
-from hemorrhage.run.inference import (
+from hemorrhage.cnn_run import (
     CNNRunConfig,
     check_inputs,
     describe_inputs,
     library_versions,
     parse_input_sizes,
 )
+from hemorrhage.ensemble import CNNEnsemble
+from hemorrhage.feature_files import (
+    FEATURES_FORMAT,
+    FeaturesError,
+    SeriesFeatures,
+    features_files,
+    read_series_features,
+    write_series_features,
+)
+from hemorrhage.inference_data import InputError, SeriesJob, find_series
+from hemorrhage.inputs import InputSettings
+from hemorrhage.models.checkpoint import ModelWeights, WeightsInventory
+from hemorrhage.models.sequence_checkpoint import Member, member_label
 from hemorrhage.series import write_manifest
 from hemorrhage.streaming import SeriesOutput, stream_series
 
 log = logging.getLogger(__name__)
 
-FEATURES_FORMAT = "hemorrhage-features-v1"
 FOLDS_FILE = "folds.csv"
 # settings that change the features: a resumed run must match them
 SAME_ON_RESUME = ("weights_dir", "models", "tta", "window", "input_size", "center_crop", "fix_bits_stored_12",
@@ -74,8 +80,11 @@ SAME_ON_RESUME = ("weights_dir", "models", "tta", "window", "input_size", "cente
 
 @dataclass
 class ExtractConfig(CNNRunConfig):
-    output_dir: Path = Path("features")
-    folds_csv: str | None = None  # study -> fold; None = <weights_dir>/folds.csv if present; "none" = no OOF
+    output_dir: Path = arg(Path("features"), required=True, help="where features/ and the tables go")
+    # study -> fold; None = <weights_dir>/folds.csv if present; "none" = no OOF
+    folds_csv: str | None = arg(None, help="study -> fold (StudyInstanceUID,fold) for out-of-fold features; "
+                                           "default <weights_dir>/folds.csv when present; 'none': every study "
+                                           "gets every fold")
 
 
 @dataclass
@@ -97,87 +106,6 @@ class ExtractSummary:
                 f"{self.test_studies} test studies), CNN folds {self.folds}: {self.written} files written, "
                 f"{self.done_before} already done, {len(self.no_weights)} studies without weights for their fold, "
                 f"{len(self.failed)} files failed; {self.n_slices} slices in {self.seconds:.1f} s -> {self.output_dir}")
-
-
-# ----------------------------------------------------------------------------------------- one file
-
-
-@dataclass
-class SeriesFeatures:
-    """One series as seen by one CNN fold: what the sequence head reads."""
-
-    study_uid: str
-    series_uid: str
-    fold: int
-    role: str  # "oof": the fold's CNN did not train on this study; "test": not in the folds file
-    sop_uids: list[str]
-    slice_index: np.ndarray  # (S,) position of each slice in the series' full order (failed slices absent)
-    positions: np.ndarray  # (S,) mm along the normal, NaN where unknown
-    members: list[Member]
-    features: list[np.ndarray]  # per member (S, d_m) float16
-    probs: list[np.ndarray]  # per member (S, 6) float32
-    weights_sha256: list[str]
-    inputs: dict = field(default_factory=dict)  # how the CNN inputs were made (TTA, window, crop)
-    path: Path | None = None
-
-    @property
-    def n_slices(self) -> int:
-        return len(self.sop_uids)
-
-    def padded_features(self) -> torch.Tensor:
-        """(S, M, 2048) float32: every member's features zero-padded to the widest, as the head expects."""
-        return pad_features([torch.from_numpy(f.astype(np.float32)) for f in self.features], FEATURE_WIDTH)
-
-    def stacked_probs(self) -> torch.Tensor:
-        """(S, M, 6) float32."""
-        return torch.from_numpy(np.stack(self.probs, 1).astype(np.float32))
-
-
-def write_series_features(path: Path, sf: SeriesFeatures) -> Path:
-    """One npz (keys below), written atomically; features float16, probabilities float32."""
-    arrays: dict[str, np.ndarray] = {
-        "format": np.array(FEATURES_FORMAT), "study_uid": np.array(sf.study_uid),
-        "series_uid": np.array(sf.series_uid), "fold": np.array(sf.fold), "role": np.array(sf.role),
-        "sop_uids": np.array(sf.sop_uids, dtype=str), "slice_index": np.asarray(sf.slice_index, np.int32),
-        "positions": np.asarray(sf.positions, np.float64),
-        "member_names": np.array([m[0] for m in sf.members], dtype=str),
-        "member_sizes": np.array([m[1] for m in sf.members], np.int32),
-        "weights_sha256": np.array(sf.weights_sha256, dtype=str),
-        "inputs_json": np.array(json.dumps(sf.inputs, sort_keys=True)),
-    }
-    for i, (f, p) in enumerate(zip(sf.features, sf.probs)):
-        arrays[f"features_{i}"] = np.asarray(f, np.float16)
-        arrays[f"probs_{i}"] = np.asarray(p, np.float32)
-    atomic_write(path, lambda tmp: np.savez(tmp, **arrays), suffix=".npz")  # np.savez adds .npz otherwise
-    return path
-
-
-class FeaturesError(ValueError):
-    """A features file that cannot be used; the message names it."""
-
-
-def read_series_features(path: str | os.PathLike) -> SeriesFeatures:
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "format" not in z or str(z["format"]) != FEATURES_FORMAT:
-                raise FeaturesError(f"{path}: not a features file of format {FEATURES_FORMAT!r}")
-            names, sizes = z["member_names"].tolist(), z["member_sizes"].tolist()
-            sf = SeriesFeatures(
-                str(z["study_uid"]), str(z["series_uid"]), int(z["fold"]), str(z["role"]), z["sop_uids"].tolist(),
-                z["slice_index"], z["positions"], [(str(n), int(s)) for n, s in zip(names, sizes)],
-                [z[f"features_{i}"] for i in range(len(names))], [z[f"probs_{i}"] for i in range(len(names))],
-                z["weights_sha256"].tolist(), json.loads(str(z["inputs_json"])), path)
-    except FeaturesError:
-        raise
-    except Exception as e:  # noqa: BLE001 - zip, key and value errors all mean a damaged file
-        raise FeaturesError(f"{path}: unreadable features file ({type(e).__name__}: {e})") from e
-    s = sf.n_slices
-    bad = [i for i, (f, p) in enumerate(zip(sf.features, sf.probs))
-           if f.ndim != 2 or f.shape[0] != s or p.shape != (s, len(CLASSES))]
-    if bad or len(sf.slice_index) != s or len(sf.positions) != s:
-        raise FeaturesError(f"{path}: arrays disagree with its {s} slices (members {bad})")
-    return sf
 
 
 # ----------------------------------------------------------------------------------------- folds
@@ -273,18 +201,109 @@ def _series_features(out: SeriesOutput, fold: int, role: str, members: list[Memb
         [out.probs[lb][:, 0].astype(np.float32) for lb in labels], shas, inputs)
 
 
-def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
-    t_start = time.perf_counter()
-    tta, spec, device, amp, inv, _ = check_inputs(cfg)
-    out_dir = Path(cfg.output_dir)
-    _check_resume(cfg, out_dir)
+@dataclass
+class _Extraction:
+    """What every fold of one extraction run shares (settings, the output folder, the running totals)."""
+
+    cfg: ExtractConfig
+    out_dir: Path
+    study_fold: dict[str, int]  # study -> the fold that did not train on it (empty: no folds file)
+    stem: dict[tuple[str, str], str]  # (study, series) -> file stem
+    members: list[Member]
+    labels: list[str]
+    settings: InputSettings
+    inputs: dict
+    device: torch.device
+    amp: torch.dtype | None
+    sizes: dict[str, int]
+    flip_tta: bool
+    summary: ExtractSummary
+    timing: dict[str, float]
+    seen_failed: set[str]  # paths already in summary.failed: a file fails the same way in every fold
+
+    def path(self, fold: int, job: SeriesJob) -> Path:
+        return self.out_dir / "features" / f"fold{fold}" / f"{self.stem[job.study_uid, job.series_uid]}.npz"
+
+
+def _usable_folds(inv: WeightsInventory, weights_dir: Path) -> list[int]:
+    """The folds every member has (the others are named in a warning); UsageError when there is none."""
     folds = common_folds(inv)
     partial = sorted({f for m in inv.models for f in m.folds} - set(folds))
     if partial:
         log.warning("folds %s are left out: not every member has them (the head needs every member)", partial)
     if not folds:
-        raise UsageError(f"{cfg.weights_dir}: the members share no fold: "
+        raise UsageError(f"{weights_dir}: the members share no fold: "
                          f"{ {member_label((m.name, m.image_size)): m.folds for m in inv.models} }")
+    return folds
+
+
+def _count_studies(summary: ExtractSummary, jobs: list[SeriesJob], study_fold: dict[str, int]) -> None:
+    """Out-of-fold and test studies, and the studies whose fold has no weights (warned about)."""
+    studies = {j.study_uid for j in jobs}
+    summary.oof_studies = len(studies & set(study_fold))
+    summary.test_studies = len(studies - set(study_fold))
+    summary.no_weights = sorted(s for s in studies & set(study_fold) if study_fold[s] not in summary.folds)
+    if summary.no_weights:
+        log.warning("%d studies belong to folds without weights %s: no features for them (e.g. %s)",
+                    len(summary.no_weights), sorted({study_fold[s] for s in summary.no_weights}),
+                    summary.no_weights[0])
+
+
+def _extract_fold(x: _Extraction, inv: WeightsInventory, fold: int, jobs: list[SeriesJob]) -> None:
+    """One CNN fold over the series that need its features and have no complete file of them yet."""
+    inv_k = fold_inventory(inv, fold)
+    shas = [m.files[0].sha256 for m in inv_k.models]
+    todo = []
+    for j in jobs:
+        assigned = x.study_fold.get(j.study_uid)
+        if assigned is not None and assigned != fold:
+            continue
+        if _is_done(x.path(fold, j), shas):
+            x.summary.done_before += 1
+        else:
+            todo.append(j)
+    if not todo:
+        return
+    t = time.perf_counter()
+    ens = CNNEnsemble.load(inv_k, x.device, x.amp, input_sizes=x.sizes, flip_tta=x.flip_tta)
+    x.timing["load_models"] += time.perf_counter() - t
+    failed: list[tuple[str, str, str]] = []
+    for res in stream_series(todo, x.settings, ens, batch_size=x.cfg.batch_size, num_workers=x.cfg.num_workers,
+                             want_features=True, progress=x.cfg.progress, failed=failed, timing=x.timing):
+        t = time.perf_counter()
+        role = "oof" if res.job.study_uid in x.study_fold else "test"
+        sf = _series_features(res, fold, role, x.members, x.labels, shas, x.inputs)
+        write_series_features(x.path(fold, res.job), sf)
+        x.summary.written += 1
+        x.summary.n_slices += sf.n_slices
+        x.timing["write"] += time.perf_counter() - t
+    for e in failed:  # a file fails the same way in every fold: report it once
+        if e[0] not in x.seen_failed:
+            x.seen_failed.add(e[0])
+            x.summary.failed.append(e)
+
+
+def _write_run_record(x: _Extraction, inv: WeightsInventory, folds_path: Path | None, n_index: int) -> None:
+    summary = x.summary
+    record = {"config": resolved(x.cfg), "format": FEATURES_FORMAT, "folds_file": str(folds_path or ""),
+              "members": [{"member": member_label((m.name, m.image_size)),
+                           "folds": [{"fold": f.fold, "path": str(f.path), "sha256": f.sha256} for f in m.files]}
+                          for m in inv.models],
+              "cnn_folds": summary.folds, "inputs": x.inputs, "series": summary.n_series,
+              "files_written": summary.written, "files_done_before": summary.done_before, "files_in_index": n_index,
+              "oof_studies": summary.oof_studies, "test_studies": summary.test_studies,
+              "studies_without_weights": summary.no_weights, "files_failed": len(summary.failed),
+              "device": x.device.type, "amp": str(x.amp).replace("torch.", "") if x.amp else "none",
+              "versions": library_versions(), "timings_s": {k: round(v, 3) for k, v in x.timing.items()}}
+    (x.out_dir / "extract_run.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
+    t_start = time.perf_counter()
+    tta, spec, device, amp, inv, _ = check_inputs(cfg)
+    out_dir = Path(cfg.output_dir)
+    _check_resume(cfg, out_dir)
+    folds = _usable_folds(inv, cfg.weights_dir)
     folds_path = resolve_folds_file(cfg)
     study_fold = read_folds_file(folds_path) if folds_path else {}
     log.info("out-of-fold assignment: %s", folds_path or "none (every study gets every fold)")
@@ -298,75 +317,25 @@ def run_extraction(cfg: ExtractConfig) -> ExtractSummary:
         raise UsageError(str(e)) from e
     out_dir.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out_dir / "extract_config.yaml")
-    stem = dict(zip([(j.study_uid, j.series_uid) for j in jobs], series_file_names(jobs)))
     summary = ExtractSummary(out_dir, n_series=len(jobs), folds=folds, failed=list(info.errors))
-    studies = {j.study_uid for j in jobs}
-    summary.oof_studies = len(studies & set(study_fold))
-    summary.test_studies = len(studies - set(study_fold))
-    summary.no_weights = sorted(s for s in studies & set(study_fold) if study_fold[s] not in folds)
-    if summary.no_weights:
-        log.warning("%d studies belong to folds without weights %s: no features for them (e.g. %s)",
-                    len(summary.no_weights), sorted({study_fold[s] for s in summary.no_weights}),
-                    summary.no_weights[0])
+    _count_studies(summary, jobs, study_fold)
     settings = InputSettings(spec, tuple(sorted({sizes.get(lb, k[1]) for lb, k in zip(labels, members)})), tta,
                              cfg.center_crop, cfg.fix_bits_stored_12, cfg.seed)
-    inputs = describe_inputs(tta, spec, info, cfg.center_crop)
-    timing: dict[str, float] = {"wait_for_data": 0.0, "cnn": 0.0, "load_models": 0.0, "write": 0.0}
-    seen_failed: set[str] = {e[0] for e in summary.failed}
+    x = _Extraction(cfg, out_dir, study_fold, dict(zip([(j.study_uid, j.series_uid) for j in jobs],
+                                                         series_file_names(jobs))),
+                    members, labels, settings, describe_inputs(tta, spec, info, cfg.center_crop), device, amp, sizes,
+                    tta.mode == "flip", summary, {"wait_for_data": 0.0, "cnn": 0.0, "load_models": 0.0, "write": 0.0},
+                    {e[0] for e in summary.failed})
     for fold in folds:
-        inv_k = fold_inventory(inv, fold)
-        shas = [m.files[0].sha256 for m in inv_k.models]
-        todo = []
-        for j in jobs:
-            assigned = study_fold.get(j.study_uid)
-            if assigned is not None and assigned != fold:
-                continue
-            if _is_done(out_dir / "features" / f"fold{fold}" / f"{stem[j.study_uid, j.series_uid]}.npz", shas):
-                summary.done_before += 1
-            else:
-                todo.append(j)
-        if not todo:
-            continue
-        t = time.perf_counter()
-        ens = CNNEnsemble.load(inv_k, device, amp, input_sizes=sizes, flip_tta=tta.mode == "flip")
-        timing["load_models"] += time.perf_counter() - t
-        failed: list[tuple[str, str, str]] = []
-        for res in stream_series(todo, settings, ens, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                 want_features=True, progress=cfg.progress, failed=failed, timing=timing):
-            t = time.perf_counter()
-            role = "oof" if res.job.study_uid in study_fold else "test"
-            sf = _series_features(res, fold, role, members, labels, shas, inputs)
-            write_series_features(out_dir / "features" / f"fold{fold}" / f"{stem[res.job.study_uid, res.job.series_uid]}.npz", sf)
-            summary.written += 1
-            summary.n_slices += sf.n_slices
-            timing["write"] += time.perf_counter() - t
-        for e in failed:  # a file fails the same way in every fold: report it once
-            if e[0] not in seen_failed:
-                seen_failed.add(e[0])
-                summary.failed.append(e)
-        del ens
+        _extract_fold(x, inv, fold, jobs)
     index = write_index(out_dir)
     _write_csv(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), out_dir / "errors.csv")
     if info.discovery is not None:
         write_manifest(info.discovery, out_dir / "manifest.csv")
     summary.seconds = time.perf_counter() - t_start
-    timing["total"] = summary.seconds
-    record = {"config": resolved(cfg), "format": FEATURES_FORMAT, "folds_file": str(folds_path or ""),
-              "members": [{"member": member_label((m.name, m.image_size)),
-                           "folds": [{"fold": f.fold, "path": str(f.path), "sha256": f.sha256} for f in m.files]}
-                          for m in inv.models],
-              "cnn_folds": folds, "inputs": inputs, "series": summary.n_series, "files_written": summary.written,
-              "files_done_before": summary.done_before, "files_in_index": len(index),
-              "oof_studies": summary.oof_studies, "test_studies": summary.test_studies,
-              "studies_without_weights": summary.no_weights, "files_failed": len(summary.failed),
-              "device": device.type, "amp": str(amp).replace("torch.", "") if amp else "none",
-              "versions": library_versions(), "timings_s": {k: round(v, 3) for k, v in timing.items()}}
-    (out_dir / "extract_run.json").write_text(json.dumps(record, indent=2, default=str))
+    x.timing["total"] = summary.seconds
+    _write_run_record(x, inv, folds_path, len(index))
     return summary
-
-
-def features_files(out_dir: Path) -> list[Path]:
-    return sorted((Path(out_dir) / "features").glob("fold*/*.npz"))
 
 
 def write_index(out_dir: Path) -> pd.DataFrame:
@@ -403,11 +372,3 @@ def write_index(out_dir: Path) -> pd.DataFrame:
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.7g"))
-
-
-def load_features_dir(out_dir: str | os.PathLike) -> list[SeriesFeatures]:
-    """Every series file under a features folder (errors name the file)."""
-    files = features_files(Path(out_dir))
-    if not files:
-        raise UsageError(f"{out_dir}: no features/fold*/*.npz; run hemorrhage_extract_features.py first")
-    return [read_series_features(p) for p in files]

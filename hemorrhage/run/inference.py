@@ -29,7 +29,6 @@ failed files in the summary (exit 3) after writing everything else.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import platform
@@ -44,32 +43,32 @@ import torch
 from ctcore.atomic import atomic_write_text
 from ctcore.cli import resolved
 from ctcore.errors import UsageError
-from ctcore.precision import CHOICES as PRECISION_CHOICES
-from hemorrhage.ensemble import (
-    CNNEnsemble,
-    apply_sequence_heads_batch,
-    ensemble_mean,
-    resolve_amp,
-    resolve_device,
-    sequence_folds,
+from ctcore.schema import arg
+from hemorrhage.cnn_run import (
+    CNNRunConfig,
+    check_inputs,
+    describe_inputs,
+    input_mismatches,
+    library_versions,
+    parse_input_sizes,
 )
+from hemorrhage.ensemble import CNNEnsemble, apply_sequence_heads_batch, ensemble_mean, sequence_folds
 from hemorrhage.inference_data import InputError, SeriesJob, SourceInfo, find_series
-from hemorrhage.inputs import CENTER_CROP, RESIZE_RECIPE, InputSettings, TTASpec, parse_tta
-from hemorrhage.models.checkpoint import FOLDS, CheckpointError, check_weights, sha256_file
+from hemorrhage.inputs import InputSettings
+from hemorrhage.models.checkpoint import sha256_file
 from hemorrhage.models.sequence import slice_gaps
-from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, load_sequence_checkpoints, member_label
+from hemorrhage.models.sequence_checkpoint import SequenceCheckpoint, member_label
 from hemorrhage.run.inference_outputs import (
     SeriesPrediction,
     fallback_column,
-    kaggle_frame,
     output_paths,
+    predictions_frame,
     slice_frame,
     study_frame,
     write_frame,
 )
 from hemorrhage.series import write_manifest
 from hemorrhage.streaming import SeriesOutput, stream_series
-from hemorrhage.windows import WindowSpec, parse_window_spec
 
 log = logging.getLogger(__name__)
 
@@ -77,63 +76,13 @@ SEQUENCE_CHUNK = 32  # series per sequence-head batch (their features are held u
 
 
 @dataclass
-class CNNRunConfig:
-    """What every run of the CNN ensemble over a folder needs (inference, feature extraction)."""
-
-    data_dir: Path
-    weights_dir: Path = Path("models/2DNet")
-    models: list[str] | None = None  # architectures or folder names; None = every folder found
-    folds: list[int] | None = None  # None = the folds found (0-4 in the published layout)
-    tta: str = "0"  # 0 | flip | N random passes (the original: 10) | random:N
-    window: str = "header"  # header | three | fixed (brain 40/80) | brain | subdural | bone | C/W
-    batch_size: int = 32
-    num_workers: int = -1  # DataLoader workers and header readers; -1 = all CPUs, 0 = in this process
-    device: str = "auto"
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp16 | none
-    input_size: list[str] = field(default_factory=list)  # "N" for all, or "MEMBER=N"; default: folder size
-    center_crop: float = CENTER_CROP
-    fix_bits_stored_12: bool = True
-    original_int: bool = False
-    seed: int = 0  # random TTA draws
-    progress: bool = True
-
-
-def add_cnn_run_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of `CNNRunConfig` but --data_dir (hemorrhage_infer.py, hemorrhage_extract_features.py)."""
-    p.add_argument("--weights_dir", type=Path, default=Path("models/2DNet"),
-                   help="folder of <architecture>_<size>/model_epoch_best_{fold}.pth")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="members to use, by architecture or folder name (default: every folder found)")
-    p.add_argument("--folds", nargs="+", type=int, default=None,
-                   help="folds to use; each must exist (default: the folds found, 0-4 when complete)")
-    p.add_argument("--tta", default="0",
-                   help="0: none (the original's centre crop); flip: identity, flip, channel reversal, both; "
-                        "N: N random passes as the original (it used 10); random:N likewise")
-    p.add_argument("--window", default="header",
-                   help="DICOM input: header (the slice's own window, first value), fixed (brain 40/80), three "
-                        "(brain/subdural/bone as channels), brain, subdural, bone or CENTER/WIDTH")
-    p.add_argument("--batch_size", type=int, default=32, help="slices per forward pass")
-    p.add_argument("--num_workers", "-j", type=int, default=-1,
-                   help="decoding worker processes (-1 = all CPUs, 0 = in this process)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--amp", default="auto", choices=PRECISION_CHOICES,
-                   help="autocast dtype; auto = bf16 on CUDA, none (fp32) on the CPU; bf16 | fp16 | none (fp32, off)")
-    p.add_argument("--input_size", nargs="+", default=[],
-                   help="model input size: N for every member or MEMBER=N (default: the size in the folder name)")
-    p.add_argument("--center_crop", type=float, default=0.8,
-                   help="centre crop ratio resized back, as the original's inference (1 = none)")
-    p.add_argument("--fix_bits_stored_12", action=argparse.BooleanOptionalAction, default=True,
-                   help="apply the community fix to BitsStored-12 / intercept > -100 slices (counted)")
-    p.add_argument("--original_int", action="store_true",
-                   help="truncate WindowCenter/Width, RescaleSlope/Intercept with int() as the original did")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random TTA passes")
-    p.add_argument("--no_progress", dest="progress", action="store_false")
-
-
-@dataclass
 class InferConfig(CNNRunConfig):
-    output: Path = Path("predictions.csv")
-    sequence_weights: Path | None = None  # a sequence-head file, or a folder of them
+    output: Path = arg(Path("predictions.csv"), help="Kaggle-format CSV; the other outputs are written beside it "
+                                                     "with its name as prefix")
+    # a sequence-head file, or a folder of them
+    sequence_weights: Path | None = arg(None, help="sequence-head checkpoint, or a folder of them (averaged); "
+                                                   "trained with hemorrhage_train_sequence.py (no published "
+                                                   "weights exist)")
 
 
 @dataclass
@@ -160,86 +109,7 @@ class InferSummary:
                 f"({rate:.1f} slices/s) -> {self.output}")
 
 
-def parse_input_sizes(entries: list[str], labels: list[str]) -> dict[str, int]:
-    """["256"] -> every member at 256; ["DenseNet121_change_avg_512=384"] -> that member only."""
-    sizes: dict[str, int] = {}
-    for entry in entries:
-        name, sep, value = str(entry).rpartition("=")
-        if not value.isdigit() or int(value) < 32:
-            raise UsageError(f"--input_size {entry!r}: expected N or MEMBER=N with N >= 32")
-        targets = labels if not sep else [lb for lb in labels if name in (lb, lb.rpartition("_")[0])]
-        if sep and not targets:
-            raise UsageError(f"--input_size {entry!r}: no loaded member {name!r} (members: {', '.join(labels)})")
-        sizes.update(dict.fromkeys(targets, int(value)))
-    return sizes
-
-
 # ----------------------------------------------------------------------------------------- the run
-
-
-def library_versions() -> dict[str, str]:
-    import cv2
-    import pydicom
-    import timm
-    import torchvision
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "pydicom": pydicom.__version__, "numpy": np.__version__,
-            "opencv": cv2.__version__, "cuda": torch.version.cuda or ""}
-
-
-def check_inputs(cfg: CNNRunConfig):
-    """Everything that can be wrong with the settings and weights, raised together before any image is read."""
-    try:
-        tta = parse_tta(cfg.tta)
-        spec = parse_window_spec(cfg.window, cfg.original_int)
-        device = resolve_device(cfg.device)
-        amp = resolve_amp(cfg.amp, device)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
-    if not 0.0 < cfg.center_crop <= 1.0:
-        raise UsageError(f"--center_crop {cfg.center_crop}: expected 0 < ratio <= 1 (the original used 0.8)")
-    if cfg.batch_size < 1:
-        raise UsageError(f"--batch_size {cfg.batch_size}: expected >= 1")
-    bad_folds = sorted(set(cfg.folds or ()) - set(FOLDS))
-    if bad_folds:
-        raise UsageError(f"--folds {bad_folds}: the layout has folds {list(FOLDS)}")
-    inv = check_weights(cfg.weights_dir, folds=cfg.folds or FOLDS, require_all_folds=cfg.folds is not None,
-                        only=cfg.models or None)
-    problems = list(inv.problems)
-    heads: list[SequenceCheckpoint] = []
-    if getattr(cfg, "sequence_weights", None) is not None:
-        try:
-            heads = load_sequence_checkpoints(cfg.sequence_weights)
-        except (CheckpointError, FileNotFoundError) as e:
-            problems.append(str(e))
-    if problems:
-        raise UsageError("unusable weights (nothing was read from --data_dir):\n"
-                         + "\n".join(f"- {p}" for p in problems))
-    return tta, spec, device, amp, inv, heads
-
-
-# what features and heads made before the resize was recorded used (identical for 512x512 slices)
-_BEFORE_RECORDED = {"resize": "one resize to the model size"}
-
-
-def describe_inputs(tta: TTASpec, spec: WindowSpec, info: SourceInfo, center_crop: float) -> dict[str, str | float]:
-    """How the CNN inputs were made: stored with extracted features and sequence heads, compared at inference."""
-    return {"tta": tta.describe(), "window": info.window if info.kind == "prepared" else spec.describe(),
-            "center_crop": float(center_crop), "resize": RESIZE_RECIPE}
-
-
-def input_mismatches(heads: list[SequenceCheckpoint], now: dict[str, str | float]) -> list[str]:
-    """Where a head's training features were made differently from this run's inputs."""
-    out = []
-    for h in heads:
-        then = {**_BEFORE_RECORDED, **h.inputs}
-        diff = [f"{k}: {then[k]!r} in training, {now[k]!r} now" for k in now if k in then and then[k] != now[k]]
-        if diff:
-            out.append(f"sequence head {h.path.name} was trained on features made otherwise ({'; '.join(diff)}): "
-                       "its inputs shift; extract features with this run's settings or change --tta/--window/--center_crop"
-                       + (" (the resize differs only for slices that are not 512x512)" if "resize" in " ".join(diff) else ""))
-    return out
 
 
 def run_inference(cfg: InferConfig) -> InferSummary:
@@ -287,7 +157,7 @@ def run_inference(cfg: InferConfig) -> InferSummary:
                     "could not prepare them); window_fallback in %s", summary.window_fallback,
                     output_paths(cfg.output)["per_slice"])
     paths = output_paths(cfg.output)
-    write_frame(kaggle_frame(preds), paths["predictions"])
+    write_frame(predictions_frame(preds), paths["predictions"])
     write_frame(slice_frame(preds, with_cnn=bool(heads)), paths["per_slice"])
     write_frame(study_frame(preds), paths["per_study"])
     write_frame(pd.DataFrame(summary.failed, columns=["path", "stage", "error"]), paths["errors"])

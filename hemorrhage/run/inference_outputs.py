@@ -1,7 +1,7 @@
 """What hemorrhage inference writes: the prediction CSVs, built from one `SeriesPrediction` per series.
 
     paths = output_paths(Path("out/predictions.csv"))   # predictions, per_slice, per_study, run, errors, manifest
-    write_frame(kaggle_frame(preds), paths["predictions"])
+    write_frame(predictions_frame(preds), paths["predictions"])
 
 The files and their columns are listed in `hemorrhage.run.inference`; every CSV is written through a temporary
 name (ctcore.atomic), floats with 7 significant digits.
@@ -18,6 +18,7 @@ import pandas as pd
 from ctcore.atomic import atomic_write
 from hemorrhage.classes import CLASSES
 from hemorrhage.inference_data import SeriesJob
+from hemorrhage.kaggle import kaggle_frame
 from hemorrhage.series import Discovery
 
 FLOAT_FORMAT = "%.7g"
@@ -83,11 +84,6 @@ def fallback_column(preds: list[SeriesPrediction], d: Discovery) -> dict[str, di
     return {e.header.path: {"window_fallback": int(e.header.path in used)} for s in d.series for e in s.entries}
 
 
-def kaggle_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
-    ids, labels = [], []
-    for p in preds:
-        for i, k in enumerate(p.kept):
-            sop = p.job.sop_uids[k]
-            ids += [f"{sop}_{c}" for c in CLASSES]
-            labels += p.probs[i].tolist()
-    return pd.DataFrame({"ID": ids, "Label": labels})
+def predictions_frame(preds: list[SeriesPrediction]) -> pd.DataFrame:
+    """predictions.csv: the six Kaggle ID,Label rows of every predicted slice, series by series."""
+    return kaggle_frame((p.job.sop_uids[k], p.probs[i]) for p in preds for i, k in enumerate(p.kept))

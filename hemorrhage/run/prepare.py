@@ -37,15 +37,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import yaml
 
-from ctcore.atomic import atomic_write
 from ctcore.cli import resolved, save_resolved
 from ctcore.errors import UsageError
-from hemorrhage.dicom import DicomReadError
-from hemorrhage.inputs import slice_image
+from ctcore.schema import arg
+from hemorrhage.run.prepare_worker import SliceResult, Task, png_name, run_task
 from hemorrhage.series import (
     EXCLUDING,
     Discovery,
@@ -70,16 +68,22 @@ SLICES_PER_TASK = 16  # PNG mode: slices per pool task (fewer round trips than o
 
 @dataclass
 class PrepareConfig:
-    input_dir: Path
-    output_dir: Path
-    format: str = "png"  # png | npz
-    window: str = "header"  # header | three | brain | subdural | bone | CENTER/WIDTH
-    num_workers: int = -1  # processes; -1 = all CPUs, 0 = in the calling process
-    fix_bits_stored_12: bool = True  # the community fix for RSNA BitsStored-12 slices
-    original_int: bool = False  # truncate WC/WW/slope/intercept with int() as the original did
-    compress: bool = False  # npz: deflate the stacks (several times smaller, slower to write and load)
-    overwrite: bool = False  # remove this tool's previous outputs instead of resuming
-    progress: bool = True
+    input_dir: Path = arg(flags=("-i",), help="folder searched recursively for DICOM files")
+    output_dir: Path = arg(flags=("-o",), help="folder for png/ or npz/, manifest.csv and errors.csv")
+    format: str = arg("png", choices=FORMATS,
+                      help="png: one image per slice as the original; npz: one uint8 stack per series (faster)")
+    window: str = arg("header", help="header (the slice's own WindowCenter/Width, first value), three (brain "
+                                     "40/80, subdural 80/200, bone 600/2800 as 3 channels), brain, subdural, "
+                                     "bone, or CENTER/WIDTH e.g. 40/80")
+    num_workers: int = arg(-1, flags=("--n_jobs", "-j"),
+                           help="worker processes (-1 = all CPUs, 0 = in this process)")
+    fix_bits_stored_12: bool = arg(
+        True, help="apply the community fix to BitsStored-12 / intercept > -100 slices (counted)")
+    original_int: bool = arg(
+        False, help="truncate WindowCenter/Width, RescaleSlope/Intercept with int() as the original did")
+    compress: bool = arg(False, help="npz: deflate the stacks (about PNG size; slower to write and to load)")
+    overwrite: bool = arg(False, help="remove this tool's earlier outputs instead of resuming")
+    progress: bool = arg(True, cli=False)
 
     def window_spec(self) -> WindowSpec:
         return parse_window_spec(self.window, self.original_int)
@@ -111,94 +115,6 @@ class PrepareSummary:
                 f"left out: {out}; {self.quirk_fixed} BitsStored-12 fixes; {self.window_fallback} without a "
                 f"header window (brain 40/80); {self.seconds:.1f} s "
                 f"({rate:.0f} slices/s) -> {self.output_dir}")
-
-
-# ----------------------------------------------------------------------------------------- one slice
-
-
-def png_name(sop_uid: str) -> str:
-    """The original's file name: ID_<SOPInstanceUID>.png (Kaggle IDs already start with ID_)."""
-    return f"{sop_uid if sop_uid.startswith('ID_') else 'ID_' + sop_uid}.png"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
-@dataclass(frozen=True)
-class Task:
-    """Slices of one series, in order; `npz` set in npz mode, else each slice has its PNG path."""
-
-    paths: tuple[str, ...]
-    pngs: tuple[str, ...] = ()
-    npz: str = ""
-    compress: bool = False  # npz: deflate the stack
-    sop_uids: tuple[str, ...] = ()
-    study_uid: str = ""
-    series_uid: str = ""
-    positions: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
-class SliceResult:
-    path: str
-    quirk_fixed: bool = False
-    error: str = ""
-    stage: str = "pixels"
-    window_fallback: bool = False  # header mode, no usable header window: DEFAULT_WINDOW was used
-
-
-def run_task(task: Task, spec: WindowSpec, fix_quirk: bool) -> list[SliceResult]:
-    """Decode, window and write the slices of `task` (runs in a worker process)."""
-    results: list[SliceResult] = []
-    images: list[np.ndarray] = []
-    kept: list[int] = []
-    for k, path in enumerate(task.paths):
-        try:
-            h, img, fixed = slice_image(path, spec, fix_quirk)
-        except DicomReadError as e:
-            results.append(SliceResult(path, error=e.reason))
-            continue
-        fallback = spec.falls_back(h.window_center, h.window_width)
-        if task.npz:
-            if images and img.shape != images[0].shape:
-                why = f"image {img.shape} differs from the series' {images[0].shape}"
-                results.append(SliceResult(path, error=why))
-                continue
-            images.append(img)
-            kept.append(k)
-        else:
-            ok, buf = cv2.imencode(".png", img)
-            if not ok:
-                results.append(SliceResult(path, error="cv2 could not encode the PNG", stage="write"))
-                continue
-            write_atomic(Path(task.pngs[k]), buf.tobytes())
-        results.append(SliceResult(path, fixed, window_fallback=fallback))
-    if task.npz:
-        fixed_flags = [r.quirk_fixed for r in results if not r.error]
-        save_series_npz(task, kept, images, fixed_flags, spec)
-    return results
-
-
-def save_series_npz(task: Task, kept: list[int], images: list[np.ndarray], fixed: list[bool], spec: WindowSpec
-                    ) -> None:
-    """One series' stack through a temporary name; a series without any readable slice leaves no file."""
-    out = Path(task.npz)
-    if not images:
-        out.unlink(missing_ok=True)  # an older stack of other slices must not pass for this series
-        return
-    save = np.savez_compressed if task.compress else np.savez  # plain: loading is a copy, not an inflate
-    stack = np.stack(images)
-    if stack.ndim == 4:  # three windows: (N, 3, H, W), the layout hemorrhage.inference_data.load_images reads
-        stack = np.ascontiguousarray(np.moveaxis(stack, -1, 1))
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            save(f, images=stack, sop_uids=np.array([task.sop_uids[k] for k in kept]),
-                 positions=np.array([task.positions[k] for k in kept], np.float64), quirk_fixed=np.array(fixed),
-                 study_uid=np.array(task.study_uid), series_uid=np.array(task.series_uid),
-                 window=np.array(spec.describe()))
-    atomic_write(out, write)
 
 
 # ----------------------------------------------------------------------------------------- the run

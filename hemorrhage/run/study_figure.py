@@ -22,10 +22,11 @@ from matplotlib.figure import Figure
 
 from ctcore.atomic import atomic_write
 from ctcore.errors import UsageError
+from ctcore.schema import arg
 from hemorrhage.classes import CLASSES
 from hemorrhage.dicom import DicomReadError
 from hemorrhage.inputs import slice_image
-from hemorrhage.run.evaluate import read_kaggle_csv
+from hemorrhage.kaggle import read_kaggle_csv
 from hemorrhage.windows import parse_window_spec
 
 SUBTYPES = CLASSES[1:]
@@ -38,12 +39,13 @@ class FigureError(ValueError):
 
 @dataclass
 class StudyFigureConfig:
-    predictions: Path  # predictions.csv of hemorrhage_infer.py; its _per_slice/_manifest/_run files sit beside
-    output: Path
-    labels: Path | None = None  # Kaggle ID,Label truth (optional)
-    series: str = ""  # SeriesInstanceUID; default: the series with the highest p(any)
-    data_dir: Path | None = None  # default: the run JSON's data_dir
-    n_images: int = 8
+    # predictions.csv of hemorrhage_infer.py; its _per_slice/_manifest/_run files sit beside it
+    predictions: Path = arg(flags=("-p",), help="predictions.csv of hemorrhage_infer.py")
+    output: Path = arg(flags=("-o",), help="the PNG to write")
+    labels: Path | None = arg(None, flags=("-l",), help="Kaggle ID,Label truth: marks the true slices")
+    series: str = arg("", help="SeriesInstanceUID (default: the series with the highest p(any))")
+    data_dir: Path | None = arg(None, help="the DICOM folder (default: the run's --data_dir)")
+    n_images: int = arg(8, help="slices shown above the curves")
 
 
 def sibling(predictions: Path, suffix: str) -> Path:

@@ -40,16 +40,19 @@ from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
 from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distributed, is_initialized
 from ctcore.errors import UsageError
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 from ctcore.precision import autocast_factory
-from hemorrhage.augment import augment_preset
+from ctcore.schema import arg
+from hemorrhage.augment import AUGMENT_PRESETS, augment_preset
 from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
 from hemorrhage.inputs import InputSettings, parse_tta
+from hemorrhage.kaggle import read_labels
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
-from hemorrhage.models.cnn import build_cnn, cnn_spec, normalize_uint8
-from hemorrhage.run.prepare import PrepareConfig, run_prepare
+from hemorrhage.models.cnn import build_cnn, cnn_spec, list_cnns, normalize_uint8
+from hemorrhage.run.prepare import PrepareConfig, run_prepare  # a DICOM --data_dir: the prepare job is a step
 from hemorrhage.series import resolve_workers
-from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds, read_labels
+from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds
 from hemorrhage.windows import parse_window_spec
 
 log = logging.getLogger(__name__)
@@ -57,34 +60,39 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    labels: Path
-    data_dir: Path
-    output_dir: Path
-    model: str = "DenseNet121_change_avg"
-    fold: int = 0
+    labels: Path = arg(help="RSNA-format labels CSV (ID,Label)")
+    data_dir: Path = arg(help="DICOM tree or hemorrhage_prepare.py output")
+    output_dir: Path = arg(help="run folder; also a --weights_dir for inference")
+    model: str = arg("DenseNet121_change_avg",
+                     help=f"architecture: {', '.join(list_cnns())} (tiny_densenet for tests)")
+    fold: int = arg(0, help="held-out fold")
     n_folds: int = 5
-    fold_seed: int = 0
+    fold_seed: int = arg(0, help="seed of the study -> fold assignment (folds.csv)")
     epochs: int = 80
     batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 2e-5
-    constant_epochs: int = 10  # then cosine warm restarts
-    restart_period: int = 5
+    constant_epochs: int = arg(10, help="epochs at --lr before the warm restarts")  # then cosine warm restarts
+    restart_period: int = arg(5, help="cosine warm restart period, epochs")
     min_lr: float = 1e-5
     input_size: int = 256
-    samples_per_study: int = 4
-    max_draws: int | None = None  # cap on draws per epoch (quick runs)
-    window: str = "header"  # for a DICOM --data_dir
-    augment: str | None = None  # hemorrhage.augment.AUGMENT_PRESETS name; None = the model's (CNNSpec.train_augment)
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
-    device: str | None = None
-    num_workers: int = -1
-    save_every: int = 5
+    samples_per_study: int = arg(4, help="draws per training study per epoch")
+    max_draws: int | None = arg(None, help="cap on draws per epoch (quick runs)")
+    window: str = arg("header", help="window used when preparing a DICOM --data_dir")
+    # None = the model's own (CNNSpec.train_augment)
+    augment: str | None = arg(None, choices=sorted(AUGMENT_PRESETS),
+                              help="augmentation preset (default: the model's own: the original's for the "
+                                   "published architectures, light for tiny_densenet)")
+    precision: str = arg("auto", choices=PRECISION_CHOICES,
+                         help="auto = bf16 on CUDA, fp32 on the CPU; bf16 | fp16 (CUDA) | fp32 (none, off)")
+    device: str | None = arg(None, help="cpu, cuda (default: CUDA if available)")
+    num_workers: int = arg(-1, flags=("-j",), help="DataLoader workers (-1 = all CPUs)")
+    save_every: int = arg(5, help="also keep model_epoch_<epoch>_<fold>.pth every N")
     val_every: int = 1
-    resume: bool = False
-    use_ddp: bool = False
+    resume: bool = arg(False, help="continue from <model>_<size>/train_state_<fold>.pt")
+    use_ddp: bool = arg(False, help="under torchrun or srun: one process per GPU")
     seed: int = 0
-    progress: bool = True
+    progress: bool = arg(True, action="store_false")
 
 
 def lr_at(epoch: int, cfg: TrainConfig) -> float:
@@ -219,18 +227,91 @@ def run_training(cfg: TrainConfig) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, info: DistInfo) -> dict:
-    out = Path(cfg.output_dir)
-    member_dir = out / weights_folder_name(cfg.model, cfg.input_size)
-    series, data_report = training_series(cfg, info)
+def _fold_split(cfg: TrainConfig, info: DistInfo, series: list[TrainSeries]
+                ) -> tuple[list[TrainSeries], list[TrainSeries]]:
+    """(training, validation) series of `cfg.fold`; rank 0 reads or makes folds.csv, the others receive it."""
     folds = None
     if info.rank == 0:
-        folds = load_or_make_folds(out / "folds.csv", [s.job.study_uid for s in series], cfg.n_folds, cfg.fold_seed)
+        folds = load_or_make_folds(Path(cfg.output_dir) / "folds.csv", [s.job.study_uid for s in series],
+                                   cfg.n_folds, cfg.fold_seed)
     folds = broadcast_object(folds)
     train = [s for s in series if folds[s.job.study_uid] != cfg.fold]
     val = [s for s in series if folds[s.job.study_uid] == cfg.fold]
     log.info("fold %d: %d train series (%d studies), %d validation series; augmentation %s", cfg.fold, len(train),
              len({s.job.study_uid for s in train}), len(val), cfg.augment)
+    return train, val
+
+
+def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler,
+            device: torch.device) -> tuple[int, float, int]:
+    """(first epoch, best score, its epoch): from `state_path` when resuming and it exists, else a fresh start."""
+    if not (cfg.resume and state_path.is_file()):
+        return 0, math.inf, -1
+    st = torch.load(state_path, map_location=device, weights_only=True)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    if scaler is not None and st["scaler"]:
+        scaler.load_state_dict(st["scaler"])
+    log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], st["best"],
+             st["best_epoch"])
+    return st["epoch"] + 1, st["best"], st["best_epoch"]
+
+
+def _train_epoch(ddp: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, autocast, scaler,
+                 device: torch.device, world_size: int) -> dict:
+    """One pass over `loader`: BCE on the logits, one optimiser step per batch; the epoch's log fields."""
+    ddp.train()
+    t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), 0.0, 0, 0.0, 0
+    t = time.perf_counter()
+    for x, y in loader:
+        wait += time.perf_counter() - t
+        x = normalize_uint8(x.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            loss = F.binary_cross_entropy_with_logits(ddp(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        loss_sum += float(loss.detach())
+        n_batches += 1
+        n_img += len(x)
+        t = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    return {"train_loss": loss_sum / max(n_batches, 1), "images": n_img * world_size, "seconds": round(seconds, 3),
+            "images_per_s": round(n_img * world_size / max(seconds, 1e-9), 2),
+            "data_wait_share": round(wait / max(seconds, 1e-9), 3)}
+
+
+def _save_epoch(cfg: TrainConfig, member_dir: Path, record: dict, best: float, best_epoch: int,
+                model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, has_val: bool) -> tuple[float, int]:
+    """Rank 0 after an epoch: best and periodic checkpoints, the resume state, one log line; the new best."""
+    epoch, last = record["epoch"], record["epoch"] == cfg.epochs - 1
+    score = record.get("val_weighted_log_loss", math.inf if has_val else record["train_loss"])
+    if score < best:
+        best, best_epoch = score, epoch
+        save_original_checkpoint(model, member_dir / CHECKPOINT_NAME.format(fold=cfg.fold), epoch, best)
+    if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or last):
+        save_original_checkpoint(model, member_dir / f"model_epoch_{epoch}_{cfg.fold}.pth", epoch,
+                                 record.get("val_weighted_log_loss", math.nan))
+    _save_state(member_dir / f"train_state_{cfg.fold}.pt", model, opt, scaler, epoch, best, best_epoch)
+    record.update(best_val_weighted_log_loss=best, best_epoch=best_epoch)
+    with open(member_dir / f"train_log_{cfg.fold}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
+    return best, best_epoch
+
+
+def _train(cfg: TrainConfig, info: DistInfo) -> dict:
+    member_dir = Path(cfg.output_dir) / weights_folder_name(cfg.model, cfg.input_size)
+    series, data_report = training_series(cfg, info)
+    train, val = _fold_split(cfg, info, series)
     if info.rank == 0:
         member_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, member_dir / f"train_config_{cfg.fold}.yaml")
@@ -242,16 +323,7 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(cfg.precision, device)
-    state_path = member_dir / f"train_state_{cfg.fold}.pt"
-    start, best, best_epoch = 0, math.inf, -1
-    if cfg.resume and state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        if scaler is not None and st["scaler"]:
-            scaler.load_state_dict(st["scaler"])
-        start, best, best_epoch = st["epoch"] + 1, st["best"], st["best_epoch"]
-        log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], best, best_epoch)
+    start, best, best_epoch = _resume(cfg, member_dir / f"train_state_{cfg.fold}.pt", model, opt, scaler, device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
 
     workers = resolve_workers(cfg.num_workers)
@@ -259,60 +331,21 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     dataset = TrainSlices(train, cfg.input_size, cfg.seed, augment_preset(resolve_augment(cfg)))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    log_path = member_dir / f"train_log_{cfg.fold}.jsonl"
     record: dict = {"data": data_report}
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        ddp.train()
-        t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), 0.0, 0, 0.0, 0
-        t = time.perf_counter()
-        for x, y in loader:
-            wait += time.perf_counter() - t
-            x = normalize_uint8(x.to(device, non_blocking=True))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            with autocast():
-                loss = F.binary_cross_entropy_with_logits(ddp(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-            else:
-                loss.backward()
-                opt.step()
-            loss_sum += float(loss.detach())
-            n_batches += 1
-            n_img += len(x)
-            t = time.perf_counter()
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "lr": lr_at(epoch, cfg), "train_loss": loss_sum / max(n_batches, 1),
-                  "images": n_img * info.world_size, "seconds": round(seconds, 3),
-                  "images_per_s": round(n_img * info.world_size / max(seconds, 1e-9), 2),
-                  "data_wait_share": round(wait / max(seconds, 1e-9), 3)}
-        last = epoch == cfg.epochs - 1
-        if val and ((epoch + 1) % cfg.val_every == 0 or last):
+        record = {"epoch": epoch, "lr": lr_at(epoch, cfg),
+                  **_train_epoch(ddp, loader, opt, autocast, scaler, device, info.world_size)}
+        if val and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
             y, p = predict_series_probs(model, val[info.rank::info.world_size], cfg.input_size, device, autocast,
                                         cfg.batch_size, workers)
             y, p = gather_arrays(y, p)
             record["val_weighted_log_loss"] = float(weighted_log_loss(y, p))
             record["val_slices"] = len(y)
         if info.rank == 0:
-            score = record.get("val_weighted_log_loss", math.inf if val else record["train_loss"])
-            if score < best:
-                best, best_epoch = score, epoch
-                save_original_checkpoint(model, member_dir / CHECKPOINT_NAME.format(fold=cfg.fold), epoch, best)
-            if cfg.save_every and ((epoch + 1) % cfg.save_every == 0 or last):
-                save_original_checkpoint(model, member_dir / f"model_epoch_{epoch}_{cfg.fold}.pth", epoch,
-                                         record.get("val_weighted_log_loss", math.nan))
-            _save_state(state_path, model, opt, scaler, epoch, best, best_epoch)
-            record.update(best_val_weighted_log_loss=best, best_epoch=best_epoch)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("epoch %d: %s", epoch, {k: v for k, v in record.items() if k != "epoch"})
+            best, best_epoch = _save_epoch(cfg, member_dir, record, best, best_epoch, model, opt, scaler, bool(val))
         barrier()
     record["data"] = data_report
     record["checkpoint"] = str(member_dir / CHECKPOINT_NAME.format(fold=cfg.fold))

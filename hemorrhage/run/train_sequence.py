@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +36,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from ctcore.cli import save_resolved
 from ctcore.errors import UsageError
+from ctcore.schema import arg
 from hemorrhage.augment import rng_for
 from hemorrhage.ensemble import resolve_device
+from hemorrhage.feature_files import FeaturesError, SeriesFeatures, load_features_dir, read_series_features
+from hemorrhage.kaggle import LabelError, read_labels
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.sequence import (
     SequenceConfig,
@@ -48,36 +51,34 @@ from hemorrhage.models.sequence import (
     slice_gaps,
 )
 from hemorrhage.models.sequence_checkpoint import Member, member_label, save_sequence_checkpoint
-from hemorrhage.run.features import FeaturesError, SeriesFeatures, load_features_dir, read_series_features
-from hemorrhage.train_data import LabelError, read_labels
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SequenceTrainConfig:
-    features_dir: Path
-    labels: Path
-    output_dir: Path
-    fold: int = 0
+    features_dir: Path = arg(help="output folder of hemorrhage_extract_features.py")
+    labels: Path = arg(help="RSNA-format labels (ID,Label)")
+    output_dir: Path = arg()
+    fold: int = arg(0, help="validation fold (the CNN training's folds)")
     epochs: int = 30
-    batch_size: int = 32  # series per step
+    batch_size: int = arg(32, help="series per step")
     lr: float = 3e-4
     weight_decay: float = 0.0
-    milestones: list[int] = field(default_factory=lambda: [20, 25])  # MultiStepLR epochs
-    gamma: float = 0.1
-    crop: int = 24  # consecutive slices per training sample
-    every_other: float = 0.5  # probability of keeping every other slice
-    reverse: float = 0.5  # probability of reversing the slice order
-    rnn: str = "lstm"  # lstm | gru (the original's)
+    milestones: list[int] = arg(default_factory=lambda: [20, 25], nargs="*", help="MultiStepLR epochs")
+    gamma: float = arg(0.1, help="MultiStepLR factor")
+    crop: int = arg(24, help="consecutive slices per training sample")
+    every_other: float = arg(0.5, help="probability of keeping every other slice")
+    reverse: float = arg(0.5, help="probability of reversing the slice order")
+    rnn: str = arg("lstm", choices=("lstm", "gru"), help="lstm (default) or gru (the original's)")
     hidden: int = 96
     dropout: float = 0.5
     conv_width: int = 256
-    use_slice_gap: bool = False
+    use_slice_gap: bool = arg(False, help="the distance to the next slice as an extra input")
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int = arg(0, help="DataLoader workers reading features")
     seed: int = 0
-    progress: bool = True
+    progress: bool = arg(True, action="store_false")
 
 
 @dataclass

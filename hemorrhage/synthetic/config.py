@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctcore.schema import arg
 from hemorrhage.classes import SUBTYPES
 from hemorrhage.synthetic.header import MAX_INSTANCES, UID_STYLES
 
@@ -17,33 +18,37 @@ from hemorrhage.synthetic.header import MAX_INSTANCES, UID_STYLES
 class HeadSynthConfig:
     """What `generate_head_dataset` makes. Shares are per series unless said otherwise."""
 
-    out_dir: Path = Path("synthetic_head")
-    n_studies: int = 8
-    size: int = 256  # rows = columns of the axial images
-    slices: int = 32  # slices of the thick series (at most; see slices_jitter)
-    seed: int = 0
-    broken: int = 0  # files written broken (truncated / without pixel data), left out of labels.csv
-    overwrite: bool = False
-    slice_mm: float = 5.0  # spacing = thickness of the thick series
-    thin_mm: float = 2.5  # spacing = thickness of the thin series
-    thin_share: float = 0.25  # studies that also get a thin reconstruction (a second series)
-    slices_jitter: float = 0.2  # a study has between slices * (1 - jitter) and slices thick slices
-    fov_min_mm: float = 220.0  # reconstruction diameter (in-plane field of view) drawn per study
-    fov_max_mm: float = 250.0
-    normal_share: float = 0.3  # studies without any hemorrhage
-    p_epidural: float = 0.25  # probability of each subtype in a study that is not normal
-    p_intraparenchymal: float = 0.25
-    p_intraventricular: float = 0.25
-    p_subarachnoid: float = 0.25
-    p_subdural: float = 0.25
-    j2k_share: float = 0.15  # series stored as JPEG 2000 lossless
-    rle_share: float = 0.15  # series stored as RLE lossless
-    multi_window_share: float = 0.3  # series with multi-valued WindowCenter/WindowWidth
-    quirk_share: float = 0.1  # series with the BitsStored-12 / intercept 0 quirk
-    localizer_share: float = 0.3  # studies with a lateral localizer image (0 = none)
-    tilt_share: float = 0.15  # series with gantry tilt (oblique ImageOrientationPatient)
-    uid_style: str = "dicom"  # "dicom": proper UIDs; "rsna": ID_ + hex, like the Kaggle data
-    min_label_mm2: float = 10.0  # a subtype counts on a slice from this much planted area on it
+    out_dir: Path = arg(Path("synthetic_head"), required=True,
+                        help="output folder (must be empty or absent unless --overwrite)")
+    n_studies: int = arg(8, help="number of studies")
+    size: int = arg(256, help="rows = columns of the axial images (e.g. 512 or 128)")
+    slices: int = arg(32, help="slices of the thick series per study (at most; see --slices_jitter)")
+    seed: int = arg(0, help="random seed")
+    # files written broken (truncated / without pixel data), left out of labels.csv
+    broken: int = arg(0, help="number of deliberately broken files (truncated / no pixel data), listed in "
+                              "broken.csv")
+    overwrite: bool = arg(False, help="replace the synthetic dataset already in out_dir")
+    slice_mm: float = arg(5.0, help="spacing and thickness of the thick series, mm")
+    thin_mm: float = arg(2.5, help="same for the thin series, mm")
+    thin_share: float = arg(0.25, help="share of studies with a second, thin series")
+    slices_jitter: float = arg(0.2, help="a study has between slices*(1-jitter) and slices thick slices")
+    # reconstruction diameter (in-plane field of view) drawn per study
+    fov_min_mm: float = arg(220.0, help="smallest in-plane field of view, mm")
+    fov_max_mm: float = arg(250.0, help="largest in-plane field of view, mm")
+    normal_share: float = arg(0.3, help="share of studies without hemorrhage")
+    p_epidural: float = arg(0.25, help="probability of epidural in a study that is not normal")
+    p_intraparenchymal: float = arg(0.25, help="probability of intraparenchymal in a study that is not normal")
+    p_intraventricular: float = arg(0.25, help="probability of intraventricular in a study that is not normal")
+    p_subarachnoid: float = arg(0.25, help="probability of subarachnoid in a study that is not normal")
+    p_subdural: float = arg(0.25, help="probability of subdural in a study that is not normal")
+    j2k_share: float = arg(0.15, help="share of series stored as JPEG 2000 lossless")
+    rle_share: float = arg(0.15, help="share stored as RLE lossless")
+    multi_window_share: float = arg(0.3, help="share of series with multi-valued WindowCenter/WindowWidth")
+    quirk_share: float = arg(0.1, help="share of series with the BitsStored-12 / intercept-0 quirk")
+    localizer_share: float = arg(0.3, help="share of studies with a localizer image (0 = none)")
+    tilt_share: float = arg(0.15, help="share of series with gantry tilt")  # oblique ImageOrientationPatient
+    uid_style: str = arg("dicom", choices=UID_STYLES, help="dicom (proper UIDs) or rsna (ID_ + hex)")
+    min_label_mm2: float = arg(10.0, help="planted area on a slice from which the slice is labelled, mm^2")
 
     def probabilities(self) -> dict[str, float]:
         return {s: float(getattr(self, f"p_{s}")) for s in SUBTYPES}

@@ -6,14 +6,18 @@ BitsStored-12 slices), so the figure shows what is on disk, not what was meant t
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
 from ctcore.montage import Panel, save_montage
+from ctcore.schema import arg
 from hemorrhage.classes import SUBTYPES
-from hemorrhage.synthetic.head import read_truth
+from hemorrhage.synthetic.config import HeadSynthConfig
+from hemorrhage.synthetic.head import HeadDatasetSummary, generate_head_dataset, read_truth
 from hemorrhage.synthetic.style import quirk_fix
 
 EXTRA_AXIAL = ("epidural", "subdural")
@@ -74,3 +78,19 @@ def save_head_montage(out_dir: str | Path, png_path: str | Path, n_studies: int 
         raise ValueError(f"{out_dir}: no series with a planted hemorrhage to draw")
     return save_montage(panels, png_path, ncols=4,
                         suptitle=f"synthetic head CT, planted hemorrhages ({', '.join(SUBTYPES)})")
+
+
+@dataclass
+class HeadMontageConfig:
+    """scripts/hemorrhage_make_synthetic.py's setting beside HeadSynthConfig."""
+
+    montage: Path | None = arg(None, help="also draw a PNG of a few planted bleeds")
+
+
+def make_head_dataset(cfg: HeadSynthConfig, extra: HeadMontageConfig) -> HeadDatasetSummary:
+    """generate_head_dataset, then the montage PNG when asked for (the script's job)."""
+    summary = generate_head_dataset(cfg)
+    if extra.montage is not None:
+        save_head_montage(cfg.out_dir, extra.montage)
+        logging.getLogger(__name__).info("montage: %s", extra.montage)
+    return summary

@@ -12,18 +12,10 @@ import math
 import numpy as np
 
 from hemorrhage.classes import SUBTYPES
-from hemorrhage.synthetic.anatomy import (
-    BONE,
-    CSF,
-    PLANTERS,
-    SCALP,
-    Bleed,
-    HeadAnatomy,
-    SlabBand,
-    load_head_anatomy,
-)
+from hemorrhage.synthetic.anatomy import BONE, CSF, SCALP, HeadAnatomy, load_head_anatomy
 from hemorrhage.synthetic.config import HeadSynthConfig, min_thick_slices
 from hemorrhage.synthetic.header import LOCALIZER_SLOT, MAX_INSTANCES, draw_study_header, make_uid
+from hemorrhage.synthetic.planters import PLANTERS, Bleed, SlabBand
 from hemorrhage.synthetic.scanner import F_RAS_LPS, lateral_localizer, rotation, sample_series, slice_geometry
 from hemorrhage.synthetic.series import SeriesMeta, SyntheticLocalizer, SyntheticSeries, SyntheticStudy
 from hemorrhage.synthetic.style import SCANNERS, draw_series_style, instance_numbers
