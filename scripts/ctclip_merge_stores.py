@@ -17,45 +17,25 @@ two stores, missing or mixed shards, an unreadable store, an output of another k
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
-from ctclip.data.shards import MODES, MergeConfig, MergeError, merge_stores
-from ctcore.cli import parse_args, setup_logging, to_config
+from ctclip.run.merge_stores import MergeConfig, MergeError, MergeSummary, merge_stores
+from ctcore import schema
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stores", nargs="+", required=True,
-                   help="the shard stores: files or glob patterns (e.g. 'data/train_volumes.shard-*.h5')")
-    p.add_argument("--out", type=Path, required=True, help="the merged store (.h5)")
-    p.add_argument("--mode", choices=MODES, default="copy",
-                   help="copy: a real store (resumable); virtual: HDF5 virtual datasets into the shard stores")
-    p.add_argument("--overwrite", action="store_true", help="rebuild the output instead of resuming it")
-    p.add_argument("--allow_missing_shards", action="store_true",
-                   help="merge although some shards of the run are missing (their volumes are left out)")
-    p.add_argument("--skipped_csv", type=Path, default=None,
-                   help="skipped volumes: store, VolumeName, reason (default: <out>.skipped.csv)")
-    p.add_argument("--verbose", action="store_true")
-    return p
+    return schema.build_parser(MergeConfig, description=__doc__)
+
+
+def report(summary: MergeSummary, cfg: MergeConfig) -> None:
+    print(summary.line())
+    schema.print_capped([f"  skipped {name} ({store}): {why}" for store, name, why in summary.skipped],
+                        summary.skipped_csv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    setup_logging(args.verbose)
-    cfg = to_config(MergeConfig, args)
-    try:
-        summary = merge_stores(cfg)
-    except MergeError as e:
-        logging.getLogger("ctclip_merge_stores").error("%s", e)
-        return 2
-    print(summary.line())
-    for store, name, why in summary.skipped[:20]:
-        print(f"  skipped {name} ({store}): {why}")
-    if len(summary.skipped) > 20:
-        print(f"  ... and {len(summary.skipped) - 20} more in {summary.skipped_csv}")
-    return 0
+    return schema.run_main(MergeConfig, merge_stores, argv, parser=build_parser(), name="ctclip_merge_stores",
+                           errors=(MergeError,), report=report)
 
 
 if __name__ == "__main__":

@@ -11,36 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from pathlib import Path
 
 from ctclip.data.splits import SplitError
 from ctclip.run.split import SplitConfig, split_validation
-from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore import schema
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", type=Path, required=True, help="folder with the CT-RATE validation CSVs")
-    p.add_argument("--target_val_size", type=int, default=500, help="volumes wanted on the validation side")
-    p.add_argument("--seed", type=int, default=42)
-    return p
+    return schema.build_parser(SplitConfig, description=__doc__, verbose=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    setup_logging()
-    try:
-        summary = split_validation(to_config(SplitConfig, args))
-    except (SplitError, OSError) as e:
-        logging.getLogger("ctclip_split").error("%s", e)
-        return 2
+def report(summary: dict, cfg: SplitConfig) -> None:
     v, t = summary["validation"], summary["test"]
     print(f"split: validation {v['volumes']} volumes / {v['patients']} patients, "
           f"test {t['volumes']} volumes / {t['patients']} patients (seed {summary['seed']})")
     print(json.dumps(summary["rows_per_file"]))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return schema.run_main(SplitConfig, split_validation, argv, parser=build_parser(), name="ctclip_split",
+                           errors=(SplitError, OSError), report=report)
 
 
 if __name__ == "__main__":

@@ -17,44 +17,26 @@ could not be read (listed in errors.csv; everything else was written).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
-from ctcore.cli import parse_args, setup_logging, to_config
-from ctcore.errors import UsageError
-from hemorrhage.run.features import ExtractConfig, run_extraction
-from hemorrhage.run.inference import add_cnn_run_arguments
+from ctcore import schema
+from hemorrhage.run.features import ExtractConfig, ExtractSummary, run_extraction
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", type=Path, required=True,
-                   help="DICOM folder (searched recursively) or a folder made by hemorrhage_prepare.py")
-    p.add_argument("--output_dir", type=Path, required=True, help="where features/ and the tables go")
-    p.add_argument("--folds_csv", default=None,
-                   help="study -> fold (StudyInstanceUID,fold) for out-of-fold features; default "
-                        "<weights_dir>/folds.csv when present; 'none': every study gets every fold")
-    add_cnn_run_arguments(p)  # the CNN settings are inference's, flag for flag
-    p.add_argument("--verbose", action="store_true")
-    return p
+    return schema.build_parser(ExtractConfig, description=__doc__)  # the CNN flags are inference's, flag for flag
+
+
+def report(summary: ExtractSummary, cfg: ExtractConfig) -> int:
+    print(summary.line())
+    schema.print_capped([f"  failed ({stage}) {path}: {error}" for path, stage, error in summary.failed],
+                        summary.output_dir / "errors.csv")
+    return 3 if summary.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    setup_logging(args.verbose)
-    cfg = to_config(ExtractConfig, args)
-    try:
-        summary = run_extraction(cfg)
-    except UsageError as e:
-        logging.getLogger("hemorrhage_extract_features").error("%s", e)
-        return 2
-    print(summary.line())
-    for path, stage, error in summary.failed[:20]:
-        print(f"  failed ({stage}) {path}: {error}")
-    if len(summary.failed) > 20:
-        print(f"  ... and {len(summary.failed) - 20} more in {summary.output_dir / 'errors.csv'}")
-    return 3 if summary.failed else 0
+    return schema.run_main(ExtractConfig, run_extraction, argv, parser=build_parser(),
+                           name="hemorrhage_extract_features", report=report)
 
 
 if __name__ == "__main__":

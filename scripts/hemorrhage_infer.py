@@ -21,46 +21,28 @@ be read (listed in predictions_errors.csv; everything else was predicted and wri
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from pathlib import Path
 
-from ctcore.cli import parse_args, setup_logging, to_config
-from ctcore.errors import UsageError
-from hemorrhage.run.inference import InferConfig, add_cnn_run_arguments, run_inference
+from ctcore import schema
+from hemorrhage.run.inference import InferConfig, InferSummary, run_inference
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", type=Path, required=True,
-                   help="DICOM folder (searched recursively) or a folder made by hemorrhage_prepare.py")
-    p.add_argument("--output", type=Path, default=Path("predictions.csv"),
-                   help="Kaggle-format CSV; the other outputs are written beside it with its name as prefix")
-    p.add_argument("--sequence_weights", type=Path, default=None,
-                   help="sequence-head checkpoint, or a folder of them (averaged); trained with "
-                        "hemorrhage_train_sequence.py (no published weights exist)")
-    add_cnn_run_arguments(p)
-    p.add_argument("--verbose", action="store_true")
-    return p
+    return schema.build_parser(InferConfig, description=__doc__)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    setup_logging(args.verbose)
-    cfg = to_config(InferConfig, args)
-    try:
-        summary = run_inference(cfg)
-    except UsageError as e:
-        logging.getLogger("hemorrhage_infer").error("%s", e)
-        return 2
+def report(summary: InferSummary, cfg: InferConfig) -> int:
     print(summary.line())
     for note in summary.notes:
         print(f"  NOTE weights: {note}")
-    for path, stage, error in summary.failed[:20]:
-        print(f"  failed ({stage}) {path}: {error}")
-    if len(summary.failed) > 20:
-        print(f"  ... and {len(summary.failed) - 20} more in {summary.files['errors']}")
+    schema.print_capped([f"  failed ({stage}) {path}: {error}" for path, stage, error in summary.failed],
+                        summary.files["errors"])
     return 3 if summary.failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return schema.run_main(InferConfig, run_inference, argv, parser=build_parser(), name="hemorrhage_infer",
+                           report=report)
 
 
 if __name__ == "__main__":

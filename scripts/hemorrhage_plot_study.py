@@ -14,36 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
-from pathlib import Path
 
-from ctcore.cli import parse_args, setup_logging, to_config
+from ctcore import schema
 from hemorrhage.run.study_figure import FigureError, StudyFigureConfig, plot_series
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--predictions", "-p", type=Path, required=True, help="predictions.csv of hemorrhage_infer.py")
-    p.add_argument("--output", "-o", type=Path, required=True, help="the PNG to write")
-    p.add_argument("--labels", "-l", type=Path, default=None, help="Kaggle ID,Label truth: marks the true slices")
-    p.add_argument("--series", default="", help="SeriesInstanceUID (default: the series with the highest p(any))")
-    p.add_argument("--data_dir", type=Path, default=None, help="the DICOM folder (default: the run's --data_dir)")
-    p.add_argument("--n_images", type=int, default=8, help="slices shown above the curves")
-    p.add_argument("--verbose", action="store_true")
-    return p
+    return schema.build_parser(StudyFigureConfig, description=__doc__)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    setup_logging(args.verbose)
-    try:
-        drawn = plot_series(to_config(StudyFigureConfig, args))
-    except FigureError as e:
-        logging.getLogger("hemorrhage_plot_study").error("%s", e)
-        return 2
-    print(json.dumps(drawn))
-    return 0
+    return schema.run_main(StudyFigureConfig, plot_series, argv, parser=build_parser(), name="hemorrhage_plot_study",
+                           errors=(FigureError,), report=lambda drawn, cfg: print(json.dumps(drawn)))
 
 
 if __name__ == "__main__":

@@ -14,37 +14,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from ctcore.cli import parse_args
-from hemorrhage.models.checkpoint import SEED_ENSEMBLE, save_random_weights
-from hemorrhage.models.cnn import cnn_spec
-
-
-def _member(text: str) -> tuple[str, int]:
-    name, _, size = text.rpartition("=")
-    if not name or not size.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ARCHITECTURE=SIZE, e.g. DenseNet121_change_avg=512")
-    try:
-        cnn_spec(name)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return name, int(size)
+from ctcore import schema
+from hemorrhage.models.random_weights import RandomWeightsConfig, make_random_weights
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", type=Path, required=True, help="weights folder to create")
-    p.add_argument("--models", nargs="+", type=_member, default=list(SEED_ENSEMBLE),
-                   help="ARCHITECTURE=SIZE members (default: the published three)")
-    p.add_argument("--folds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    return schema.build_parser(RandomWeightsConfig, description=__doc__, verbose=False)
+
+
+def report(paths: list[Path], cfg: RandomWeightsConfig) -> None:
+    print(f"hemorrhage_random_weights: {len(paths)} randomly initialised checkpoints -> {cfg.out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
-    paths = save_random_weights(args.out_dir, args.models, args.folds, args.seed)
-    print(f"hemorrhage_random_weights: {len(paths)} randomly initialised checkpoints -> {args.out_dir}")
-    return 0
+    return schema.run_main(RandomWeightsConfig, make_random_weights, argv, parser=build_parser(),
+                           name="hemorrhage_random_weights", report=report)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch
 
 from ctclip.data.dataset import CTReportDataset
 from ctclip.data.shards import check_shard, select_shard, shard_of, shard_path
-from ctclip.data.store import StoreError, StoreSpec, StoreWriter, VolumeStore
+from ctclip.data.store import StoreError, VolumeStore
+from ctclip.data.store_writer import StoreSpec, StoreWriter
 from scripts.ctclip_merge_stores import main as merge
 from scripts.ctclip_preprocess import main as preprocess
 from tests.script_calls import bad_flags, invocations, logical_lines

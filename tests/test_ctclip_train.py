@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ctclip.models.factory import configs_dir
 from scripts.ctclip_preprocess import main as preprocess_main
 from scripts.ctclip_train import main as train_main
 
@@ -103,7 +104,7 @@ def test_bad_inputs_stop_before_training(chest, tmp_path, caplog):
     assert train_main(args) == 2 and "is empty" in caplog.text
     # a checkpoint of another architecture
     assert train_main(_args(chest, tmp_path / "a", "--max_steps", "1")) == 0
-    other = ROOT / "configs" / "ctclip" / "model_tiny.yaml"
+    other = configs_dir().joinpath("tiny.yaml")
     wider = tmp_path / "wider.yaml"
     wider.write_text(other.read_text().replace("embed_dim: 64", "embed_dim: 32"))
     assert train_main(_args(chest, tmp_path / "b", "--max_steps", "1", "--model_config", str(wider),

@@ -62,10 +62,10 @@ def test_one_precision_vocabulary_with_the_old_spellings():
 
 def test_job_errors_share_one_usage_error_base():
     from ctclip.data.reports import TableError
-    from ctclip.data.shards import MergeError
     from ctclip.data.splits import SplitError
     from ctclip.run.evaluate import EvalError
     from ctclip.run.impressions import ImpressionError
+    from ctclip.run.merge_stores import MergeError
     from ctclip.run.preprocess import UsageError as PreprocessUsageError
     from ctclip.run.train import SetupError
     from ctcore.errors import UsageError

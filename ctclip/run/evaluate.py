@@ -43,7 +43,9 @@ from ctclip.zeroshot import (
     zero_shot_margins,
 )
 from ctcore.errors import UsageError
+from ctcore.precision import CHOICES as PRECISION_CHOICES
 from ctcore.precision import autocast_factory, resolve_precision
+from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +56,37 @@ class EvalError(UsageError):
 
 @dataclass
 class EvalConfig:
-    model_path: Path
-    test_data: Path
-    test_labels: Path
+    model_path: Path = arg(help="training checkpoint (best.pt / latest.pt of ctclip_train.py)")
+    test_data: Path = arg(help="HDF5 store holding the test volumes (ctclip_preprocess.py)")
+    test_labels: Path = arg(help="labels CSV: VolumeName + the 18 findings (0/1/empty)")
     output_dir: Path = Path("runs/ctclip_eval")
-    reports: Path | None = None
-    text_column: str | None = None  # retrieval text; default: what the model was trained on
-    templates: str = "ctclip"  # preset (ctclip, ensemble) or a template file
-    metric_protocol: str = "standard"  # standard | ctclip
-    threshold: str | None = None  # youden | ctclip | fixed:<p> | file:<summary.json>; None: the protocol's
+    reports: Path | None = arg(None, help="reports CSV of the test volumes: adds report<->volume retrieval")
+    text_column: str | None = arg(None, help="report text for retrieval (default: the one the model was trained on)")
+    templates: str = arg("ctclip", help="prompt templates: a preset (ctclip: '{} is present.'/'{} is not present.' "
+                                        "with the model's scale, CT-CLIP's; seed: '{}'/'no {}' with unscaled "
+                                        "cosines, the seed's validation; ensemble) or a YAML/JSON/text file (see "
+                                        "ctclip/zeroshot.py)")
+    metric_protocol: str = arg("standard", choices=["standard", "ctclip"],
+                               help="standard: real bootstrap CIs, binary F1; ctclip: the CT-CLIP reference "
+                                    "code's numbers (no resampling)")
+    threshold: str | None = arg(None, help="operating point: youden | ctclip | fixed:<p> | file:<summary.json of "
+                                           "a validation run> (default: youden; ctclip under --metric_protocol "
+                                           "ctclip)")
     n_bootstrap: int = 1000
     ci: float = 0.95
     bootstrap_seed: int = 0
-    bootstrap_unit: str = "patient"  # patient: resample patients (their volumes together) | unit
-    stratified: bool = False  # resample each finding's positives and negatives separately
-    aggregate: str = "volume"  # volume | scan (max over the reconstructions of a scan)
-    allow_missing: bool = False  # labelled volumes absent from the store: error unless set
+    bootstrap_unit: str = arg("patient", choices=["patient", "unit"],
+                              help="resample patients (all their volumes together: CT-RATE has several per "
+                                   "patient) or single units")
+    stratified: bool = arg(False, help="resample positives and negatives separately (with --bootstrap_unit unit)")
+    aggregate: str = arg("volume", choices=["volume", "scan"],
+                         help="scan: max over the reconstructions of each scan (the CT-CLIP paper counted scans)")
+    allow_missing: bool = arg(False, help="evaluate even if some labelled volumes are not in the store")
     batch_size: int = 4
     num_workers: int = 2
-    device: str | None = None
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    device: str | None = arg(None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    precision: str = arg("auto", choices=PRECISION_CHOICES,
+                         help="auto: bf16 autocast on GPU, fp32 on CPU; bf16 | fp16 | fp32 (none, off)")
 
 
 def check_config(cfg: EvalConfig) -> None:

@@ -13,6 +13,7 @@ only when its Findings_EN is not empty (the others are skipped and named in <out
 Few-shot examples come from complete reports at evenly spaced quantiles of findings length, never
 from the same scan as the target nor with the same findings text. Output is JSON Lines, appended and
 fsync'ed per batch: a killed run is re-run with the same command and continues where it stopped.
+Targets, examples, prompts and the records file are in `ctclip.data.impressions`; this module is the job.
 """
 
 from __future__ import annotations
@@ -21,65 +22,68 @@ import csv
 import hashlib
 import json
 import logging
-import math
-import os
-import re
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ctclip.data.impressions import (
+    PROMPT_STYLES,
+    ExamplePool,
+    ImpressionError,
+    Report,
+    append_records,
+    build_prompt,
+    clean_generation,
+    find_targets,
+    fit_prompt,
+    open_output,
+    read_records,
+    resolve_prompt_style,
+)
 from ctclip.data.reports import clean_section, load_reports
-from ctclip.data.splits import VOLUME_RE
 from ctclip.run.impressions_backends import BACKENDS, Backend, GenerationSettings, load_backend
 from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
-from ctcore.errors import UsageError
+from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
 
-PROMPT_STYLES = ("auto", "chat", "plain")
 SOURCE_COLUMN = "Impressions_source"
-INSTRUCTION = ("You are an experienced radiologist. Write the Impression section of a chest CT report from its "
-               "Findings section: a concise summary of the clinically relevant findings, in the style of the "
-               "examples. Answer with the impression text only.")
-SEPARATOR = "###"
-_LEADING_LABEL = re.compile(r"^\s*(?:\*\*)?\s*impressions?\s*(?:\*\*)?\s*:\s*(?:\*\*)?", re.IGNORECASE)
-_NEXT_SECTION = re.compile(r"###|\b(?:findings|impressions?|clinical information|technique)\s*:", re.IGNORECASE)
-
-
-class ImpressionError(UsageError):
-    """The run cannot start or continue: bad inputs, or an output file that belongs to another model."""
 
 
 @dataclass
 class ImpressionConfig:
-    target_file: Path
-    output_file: Path
-    model: str | None = None
-    num_examples: int = 8
-    backend: str = "transformers"
-    batch_size: int = 16
+    target_file: Path = arg(help="CT-RATE reports CSV (VolumeName, ClinicalInformation_EN, Technique_EN, "
+                                 "Findings_EN, Impressions_EN)")
+    output_file: Path = arg(help="JSON Lines of generated impressions (appended; resumable)")
+    model: str | None = arg(None, help="local model folder, or a name already in the Hugging Face cache (never "
+                                       "downloaded)")
+    num_examples: int = arg(8, help="few-shot examples per prompt, drawn from complete reports")
+    backend: str = arg("transformers", choices=BACKENDS)
+    batch_size: int = arg(16, help="prompts per generate call; records are written after each")
     max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
+    temperature: float = arg(0.0, help="0 = greedy")
+    top_p: float = arg(1.0, help="nucleus sampling (with --temperature > 0)")
     seed: int = 42
-    prompt_style: str = "auto"
-    examples_file: Path | None = None
-    merge_into: Path | None = None
-    limit: int | None = None
-    device: str | None = None
-    max_model_len: int | None = None
-    tensor_parallel_size: int = 1
+    prompt_style: str = arg("auto", choices=PROMPT_STYLES,
+                            help="chat: the tokenizer's chat template; plain: a text completion prompt; auto: "
+                                 "chat when there is a template")
+    examples_file: Path | None = arg(None, help="reports CSV to draw examples from (default: --target_file)")
+    merge_into: Path | None = arg(None, help="write the target CSV with missing impressions filled in and an "
+                                             "Impressions_source column")
+    limit: int | None = arg(None, help="generate at most this many reports in this run")
+    device: str | None = arg(None, help="transformers backend: cpu, cuda, cuda:1 ... (default: cuda when "
+                                        "available)")
+    max_model_len: int | None = arg(None, help="context length in tokens (default: the model's own)")
+    tensor_parallel_size: int = arg(1, help="vllm backend: GPUs per model")
 
     def __post_init__(self) -> None:
         self.target_file, self.output_file = Path(self.target_file), Path(self.output_file)
@@ -104,180 +108,14 @@ class ImpressionConfig:
         return GenerationSettings(self.max_new_tokens, self.temperature, self.top_p, self.seed)
 
 
-@dataclass(frozen=True)
-class Report:
-    volume_name: str
-    findings: str
-    impression: str = ""
-
-
-def scan_key(volume_name: str) -> str:
-    """``<split>_<pid>_<scan>``: reconstructions of one scan share one report."""
-    m = VOLUME_RE.match(volume_name)
-    return f"{m['split']}_{m['pid']}_{m['scan']}" if m else volume_name
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
-
-
 def model_label(model: str) -> str:
     """How a model is named in records: a local folder by its absolute path, otherwise the name given."""
     path = Path(model).expanduser()
     return str(path.resolve()) if path.is_dir() else model
 
 
-def find_targets(reports: pd.DataFrame) -> tuple[list[Report], list[Report]]:
-    """Reports lacking an impression: (those with findings to complete, those without findings)."""
-    missing = reports[reports["Impressions_EN"] == ""]
-    rows = [Report(v, f) for v, f in zip(missing["VolumeName"], missing["Findings_EN"])]
-    return [r for r in rows if r.findings], [r for r in rows if not r.findings]
-
-
-class ExamplePool:
-    """Complete reports sorted by (findings length, VolumeName), with look-ups for what a target excludes."""
-
-    def __init__(self, reports: pd.DataFrame) -> None:
-        complete = reports[(reports["Findings_EN"] != "") & (reports["Impressions_EN"] != "")]
-        rows = [Report(v, f, i) for v, f, i in zip(complete["VolumeName"], complete["Findings_EN"], complete["Impressions_EN"])]
-        self.reports = sorted(rows, key=lambda r: (len(r.findings), r.volume_name))
-        self._by_scan: dict[str, list[int]] = defaultdict(list)
-        self._by_text: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(self.reports):
-            self._by_scan[scan_key(r.volume_name)].append(i)
-            self._by_text[_norm(r.findings)].append(i)
-
-    def __len__(self) -> int:
-        return len(self.reports)
-
-    def select(self, target: Report, k: int) -> list[Report]:
-        """`k` examples at evenly spaced length quantiles of the pool, leaving out the target's own
-        scan (which covers its VolumeName) and reports with the same findings text; shortest first."""
-        excluded = sorted(set(self._by_scan.get(scan_key(target.volume_name), []))
-                          | set(self._by_text.get(_norm(target.findings), [])))
-        available = len(self.reports) - len(excluded)
-        k = min(k, available)
-        if k <= 0:
-            return []
-        if k == 1:
-            ranks = [(available - 1) // 2]
-        else:
-            ranks = [math.floor(i * (available - 1) / (k - 1) + 0.5) for i in range(k)]
-        # rank r among the non-excluded reports -> position in the full pool, without copying the pool
-        picked = []
-        for rank in ranks:
-            pos = rank
-            for e in excluded:
-                if e > pos:
-                    break
-                pos += 1
-            picked.append(self.reports[pos])
-        return picked
-
-
-def resolve_prompt_style(style: str, tokenizer: Any, model: str) -> str:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if style == "auto":
-        return "chat" if has_template else "plain"
-    if style == "chat" and not has_template:
-        raise ImpressionError(f"--prompt_style chat: the tokenizer of {model!r} has no chat template; "
-                              "use --prompt_style plain (or auto)")
-    return style
-
-
-def build_prompt(examples: list[Report], target: Report, style: str, tokenizer: Any = None) -> str:
-    if style == "plain":
-        blocks = [f"Findings: {e.findings}\nImpression: {e.impression}" for e in examples]
-        blocks.append(f"Findings: {target.findings}\nImpression:")
-        return INSTRUCTION + "\n\n" + f"\n\n{SEPARATOR}\n\n".join(blocks)
-    turns: list[dict[str, str]] = []
-    for e in examples:
-        turns += [{"role": "user", "content": f"Findings: {e.findings}"}, {"role": "assistant", "content": e.impression}]
-    turns.append({"role": "user", "content": f"Findings: {target.findings}"})
-    try:
-        return tokenizer.apply_chat_template([{"role": "system", "content": INSTRUCTION}, *turns],
-                                             tokenize=False, add_generation_prompt=True)
-    except jinja2.TemplateError:
-        # some templates (Gemma, Mistral) reject a system turn: the instruction leads the first user turn
-        turns[0] = {"role": "user", "content": f"{INSTRUCTION}\n\n{turns[0]['content']}"}
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-
-
-def fit_prompt(examples: list[Report], target: Report, build: Callable[[list[Report]], str],
-               count: Callable[[str], int], max_length: int | None,
-               max_new_tokens: int) -> tuple[str, list[Report], int] | None:
-    """(prompt, examples kept, prompt tokens) with as many examples as fit the context (the longest
-    go first); None when even the target alone does not fit."""
-    kept = list(examples)
-    while True:
-        prompt = build(kept)
-        n_tokens = count(prompt)
-        if max_length is None or n_tokens + max_new_tokens <= max_length:
-            if len(kept) < len(examples):
-                log.info("%s: dropped %d longest example(s) so that the prompt + %d new tokens fit the %d-token context",
-                         target.volume_name, len(examples) - len(kept), max_new_tokens, max_length)
-            return prompt, kept, n_tokens
-        if not kept:
-            return None
-        kept.remove(max(kept, key=lambda r: (len(r.findings) + len(r.impression), r.volume_name)))
-
-
-def clean_generation(text: str) -> str:
-    """The impression alone: a leading "Impression:" label removed, cut where a next section or example begins."""
-    text = _LEADING_LABEL.sub("", text, count=1)
-    m = _NEXT_SECTION.search(text)
-    return (text[:m.start()] if m else text).strip()
-
-
-def read_records(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
-    """Records of an output file by VolumeName, and the byte length of its valid part (a last line
-    cut by a kill is left out, to be redone). Any other unreadable line is an error."""
-    if not path.exists():
-        return {}, 0
-    data = path.read_bytes()
-    records: dict[str, dict[str, Any]] = {}
-    good = 0
-    lines = data.split(b"\n")
-    for n, line in enumerate(lines, 1):
-        end = good + len(line) + (1 if n < len(lines) else 0)
-        if line.strip():
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not {"VolumeName", "generated", "model"} <= rec.keys():
-                    raise ValueError("not an impression record")
-            except ValueError as e:
-                if any(rest.strip() for rest in lines[n:]):
-                    raise ImpressionError(f"{path}: line {n} is not a valid record ({e}); fix or remove it") from e
-                log.warning("%s: last line %d is incomplete (an interrupted run); it will be redone", path, n)
-                return records, good
-            records[rec["VolumeName"]] = rec
-        good = end
-    return records, len(data)
-
-
-def append_records(path: Path, records: list[dict[str, Any]]) -> None:
-    """Append and make durable: after this returns, a kill cannot lose these rows."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     atomic_write(path, write)
-
-
-def _repair_tail(path: Path, valid_bytes: int) -> None:
-    """Cut an incomplete last line, and end the file with a newline, so appended records start on their own line."""
-    if not path.exists():
-        return
-    if valid_bytes < path.stat().st_size:
-        os.truncate(path, valid_bytes)
-    if valid_bytes:
-        with path.open("rb+") as f:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                f.write(b"\n")
 
 
 def merge_impressions(target_file: Path, records: dict[str, dict[str, Any]], out: Path) -> dict[str, int]:
@@ -349,18 +187,6 @@ def _generate(pending: list[Report], pool: ExamplePool, backend: Backend, cfg: I
                 written += len(batch)
             bar.update(min(cfg.batch_size, len(pending) - start))
     return written, failed, trimmed
-
-
-def open_output(path: Path, model: str) -> dict[str, dict[str, Any]]:
-    """The records already in `path` (after repairing a cut last line); refuses another model's file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    done, valid_bytes = read_records(path)
-    others = sorted({r["model"] for r in done.values()} - {model})
-    if others:
-        raise ImpressionError(f"{path} holds impressions from model {', '.join(others)}, not {model}: "
-                              "one output file per model; choose another --output_file")
-    _repair_tail(path, valid_bytes)
-    return done
 
 
 def complete_impressions(cfg: ImpressionConfig) -> dict[str, Any]:

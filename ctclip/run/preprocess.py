@@ -1,7 +1,7 @@
 """The batch job behind scripts/ctclip_preprocess.py: a folder of NIfTI volumes -> one HDF5 store.
 
 Workers (a process pool) read and compute; the main process is the single writer of the store
-(`ctclip.data.store`). A volume that fails is named in the log and in the errors CSV and the others
+(`ctclip.data.store_writer`). A volume that fails is named in the log and in the errors CSV and the others
 go on; re-running skips what is complete and retries the rest.
 
 With --num_shards N --shard_index I the run does only shard I of the volumes (`ctclip.data.shards`)
@@ -31,8 +31,10 @@ from ctclip.data.nifti import VolumeError, read_nifti
 from ctclip.data.preprocess import VolumeParams, preprocess_volume
 from ctclip.data.rescale import CsvRescale, RescaleError
 from ctclip.data.shards import check_shard, select_shard, shard_path
-from ctclip.data.store import StoreError, StoreSpec, StoreWriter
+from ctclip.data.store import StoreError
+from ctclip.data.store_writer import StoreSpec, StoreWriter
 from ctcore.errors import UsageError
+from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -43,22 +45,32 @@ METADATA_COLUMNS = ("VolumeName", "RescaleSlope", "RescaleIntercept")
 
 @dataclass
 class PreprocessConfig:
-    ct_data_path: Path
-    ct_out_path: Path
-    metadata_path: Path | None = None
-    target_shape: tuple[int, int, int] = (160, 224, 224)
-    num_workers: int = 4
-    slide_b2u: bool = True
-    layout: str = "seed"  # seed | radiological (ctclip.data.preprocess)
-    quantize: str = "trunc"  # trunc (the seed's) | round
-    rescale: str = "auto"
-    hu_range: tuple[float, float] = (-1000.0, 1000.0)
-    spacing: tuple[float, float, float] | None = None
-    overwrite: bool = False
-    limit: int | None = None
-    errors_csv: Path | None = None
-    num_shards: int | None = None  # with shard_index: this run does one shard of the volumes
-    shard_index: int | None = None
+    ct_data_path: Path = arg(help="folder searched recursively for .nii.gz/.nii")
+    ct_out_path: Path = arg(help="the HDF5 store to write (.h5)")
+    metadata_path: Path | None = arg(None, help="CT-RATE metadata CSV (VolumeName, RescaleSlope, RescaleIntercept)")
+    target_shape: tuple[int, int, int] = arg((160, 224, 224), metavar=("D", "H", "W"))
+    num_workers: int = arg(4, help="worker processes computing volumes (0 = in the main process)")
+    slide_b2u: bool = arg(True, help="store slices bottom (inferior) to up (superior)")
+    layout: str = arg("seed", choices=["seed", "radiological"],  # ctclip.data.preprocess
+                      help="in-plane layout: seed = rows anterior->posterior, columns patient left->right (the "
+                           "seed's stores); radiological = columns patient right->left. Recorded in the store; "
+                           "training and evaluation refuse a store whose layout differs from the model's")
+    quantize: str = arg("trunc", choices=["trunc", "round"],
+                        help="HU -> uint8: trunc as the seed does (byte-identical stores), or round to the nearest "
+                             "level")
+    rescale: str = arg("auto", choices=["auto", "csv", "none"],
+                       help="how stored values become HU: auto decides per volume and never applies a scaling twice")
+    hu_range: tuple[float, float] = arg((-1000.0, 1000.0), metavar=("LO", "HI"))
+    spacing: tuple[float, float, float] | None = arg(
+        None, metavar=("X", "Y", "Z"), help="resample to this voxel size in mm before fitting (e.g. 0.75 0.75 1.5)")
+    overwrite: bool = arg(False, help="start a new store instead of resuming")
+    limit: int | None = arg(None, help="only the first N volumes (sorted by name)")
+    errors_csv: Path | None = arg(None, help="default: <ct_out_path>.errors.csv (of the shard store when sharded)")
+    # with shard_index: this run does one shard of the volumes
+    num_shards: int | None = arg(None, help="split the volumes into N shards by a hash of the VolumeName (with "
+                                            "--shard_index)")
+    shard_index: int | None = arg(None, help="do shard I (0..N-1) only, into <ct_out_path stem>.shard-<I>-of-<N>.h5 "
+                                             "(e.g. $SLURM_ARRAY_TASK_ID)")
 
     def volume_params(self) -> VolumeParams:
         return VolumeParams(tuple(self.target_shape), tuple(map(float, self.hu_range)), self.slide_b2u,

@@ -22,6 +22,7 @@ import pandas as pd
 
 from ctclip.data.splits import SplitError, closest_subset, patient_of
 from ctcore.atomic import atomic_write, atomic_write_text
+from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ FILES = {
 
 @dataclass
 class SplitConfig:
-    data_dir: Path
-    target_val_size: int = 500
+    data_dir: Path = arg(help="folder with the CT-RATE validation CSVs")
+    target_val_size: int = arg(500, help="volumes wanted on the validation side")
     seed: int = 42
 
 
