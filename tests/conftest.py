@@ -71,3 +71,14 @@ def synthetic_head_truths(synthetic_head) -> list[dict]:
     from hemorrhage.synthetic.head import read_truth
 
     return [read_truth(p) for p in sorted((synthetic_head / "truth").glob("*.npz"))]
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real one-node SLURM cluster (tests/slurm_cluster.py: munged, slurmctld, slurmd in a temporary
+    folder, free ports); skipped when the daemons are not installed or do not start."""
+    from tests.slurm_cluster import start_or_skip
+
+    cluster = start_or_skip(tmp_path_factory.mktemp("slurm"))
+    yield cluster
+    cluster.stop()
