@@ -105,9 +105,11 @@ class EpochDraws(Sampler):
         total = samples_per_study * len(self.studies)
         self.n_draws = min(total, max_draws) if max_draws else total
         self.epoch = 0
+        self.start = 0  # draws of this rank already done in this epoch (a resume mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Draw `epoch`'s order; `start`: skip this rank's first `start` draws (they were trained on)."""
+        self.epoch, self.start = epoch, start
 
     def draws(self) -> list[tuple[int, int, int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -120,10 +122,10 @@ class EpochDraws(Sampler):
         return out
 
     def __iter__(self) -> Iterator[tuple[int, int, int, int]]:
-        return iter(self.draws()[self.rank::self.world])
+        return iter(self.draws()[self.rank::self.world][self.start:])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.n_draws, self.world))
+        return max(0, len(range(self.rank, self.n_draws, self.world)) - self.start)
 
 
 # ----------------------------------------------------------------------------------------- images

@@ -9,7 +9,9 @@
     python scripts/ctclip_train.py --config configs/ctclip/train_tiny.yaml --ct_filepath ... --txt_filepath ...
 
 --batch_size is the global batch of one optimizer step (split over --grad_accum and the processes).
-Exit status: 0 done, 2 when the run cannot start (bad inputs, incompatible checkpoint or weights).
+Exit status: 0 done, 2 when the run cannot start (bad inputs, incompatible checkpoint or weights), 75
+(EX_TEMPFAIL) stopped by SIGTERM or SIGUSR1 after the current step, with latest.pt saved: run it again
+with --resume latest (scripts/slurm/ctclip_train.sbatch requeues itself).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ctclip.models.factory import ModelChoice
 from ctclip.run.train import SetupError, TrainConfig, train
 from ctcore import schema
 from ctcore.distributed import read_launch_env
+from ctcore.preemption import EXIT_PREEMPTED
 
 CONFIGS = (TrainConfig, ModelChoice)
 
@@ -37,10 +40,11 @@ def run(cfg: TrainConfig, choice: ModelChoice) -> dict:
     return train(dataclasses.replace(cfg, model=choice.resolve()))
 
 
-def report(summary: dict, cfg: TrainConfig, choice: ModelChoice) -> None:
+def report(summary: dict, cfg: TrainConfig, choice: ModelChoice) -> int | None:
     launch = read_launch_env() if cfg.use_ddp else None
     if launch is None or launch.rank == 0:  # one summary line per run, not one per rank
         print(f"train: {json.dumps(summary)} -> {cfg.output_dir}")
+    return EXIT_PREEMPTED if summary.get("stopped_by") == "signal" else None  # every rank: the same status
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@
 (prepared once into OUTPUT_DIR/prepared) or a folder made by hemorrhage_prepare.py. The best checkpoint
 is OUTPUT_DIR/<model>_<input size>/model_epoch_best_<fold>.pth in the original format, so
 `hemorrhage_infer.py --weights_dir OUTPUT_DIR` uses it unchanged. See hemorrhage/run/train_cnn.py.
-Exit status: 0 done, 2 bad input or settings.
+Exit status: 0 done, 2 bad input or settings, 75 (EX_TEMPFAIL) stopped by SIGTERM or SIGUSR1 after the
+current batch, with <model>_<size>/train_state_<fold>.pt saved: run the same command with --resume.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import sys
 
 from ctcore import schema
+from ctcore.preemption import EXIT_PREEMPTED
 from hemorrhage.run.train_cnn import TrainConfig, run_training
 
 
@@ -25,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     return schema.build_parser(TrainConfig, description=__doc__)
 
 
-def report(record: dict, cfg: TrainConfig) -> None:
+def report(record: dict, cfg: TrainConfig) -> int | None:
     best = record.get("best_val_weighted_log_loss")
+    if record.get("stopped_by") == "signal":
+        print(f"hemorrhage_train: {cfg.model} fold {cfg.fold}: stopped by a signal after batch "
+              f"{record['batches_done']} of epoch {record['epoch']}; resume with --resume ({record['resume_state']})")
+        return EXIT_PREEMPTED
     print(f"hemorrhage_train: {cfg.model} fold {cfg.fold}: best validation weighted log loss "
           f"{best if best is None else round(best, 5)} (epoch {record.get('best_epoch')}) -> {record['checkpoint']}")
 

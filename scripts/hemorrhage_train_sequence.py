@@ -10,7 +10,8 @@ out-of-fold files); --labels the RSNA-format ID,Label CSV. Writes O/sequence_fol
 validation epoch, loadable by hemorrhage_infer.py --sequence_weights), O/train_log_{k}.jsonl and
 O/sequence_config_{k}.yaml. See hemorrhage/run/train_sequence.py for the recipe.
 
-Exit status: 0 trained, 2 unusable features, labels or settings.
+Exit status: 0 trained, 2 unusable features, labels or settings, 75 (EX_TEMPFAIL) stopped by SIGTERM or
+SIGUSR1 after the current batch, with O/sequence_state_{k}.pt saved: run the same command with --resume.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import sys
 
 from ctcore import schema
+from ctcore.preemption import EXIT_PREEMPTED
 from hemorrhage.run.train_sequence import SequenceTrainConfig, run_sequence_training
 
 
@@ -27,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     return schema.build_parser(SequenceTrainConfig, description=__doc__)
 
 
-def report(result: dict, cfg: SequenceTrainConfig) -> None:
+def report(result: dict, cfg: SequenceTrainConfig) -> int | None:
+    if result.get("stopped_by") == "signal":
+        print(f"hemorrhage_train_sequence: fold {cfg.fold}: stopped by a signal after batch {result['batches_done']} "
+              f"of epoch {result['epoch']}; resume with --resume ({result['resume_state']})")
+        return EXIT_PREEMPTED
     print(f"hemorrhage_train_sequence: fold {cfg.fold}, best epoch {result['best_epoch']}: validation weighted "
           f"log loss {result['best_val_loss']:.4f} (CNN ensemble alone {result['cnn_val_loss']:.4f}); "
           f"{result['train_series']} training / {result['val_series']} validation series; "

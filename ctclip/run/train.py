@@ -12,7 +12,8 @@ depend on how many processes ran them.
 The loop (`_train`): `_setup` builds everything (after train_checks.py says the run can start),
 `global_steps` hands out each optimizer step with its micro-batches, `train_step` (train_step.py)
 takes it, `stop_reason` (train_state.py) is the one place that ends a run, and `_after_step` logs,
-validates and saves.
+validates and saves. SIGTERM / SIGUSR1 (ctcore.preemption) end the run after the current step with
+reason "signal": latest.pt is saved and scripts/ctclip_train.py exits with EXIT_PREEMPTED (75).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from ctcore.distributed import (
 )
 from ctcore.precision import CHOICES as PRECISION_CHOICES
 from ctcore.precision import autocast_factory
+from ctcore.preemption import stop_on_signals
 from ctcore.schema import arg
 
 log = logging.getLogger(__name__)
@@ -168,20 +170,25 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig, dist: DistInfo) -> dict[str, Any]:
     """The loop: one optimizer step per global batch until `stop_reason` names why not. Returns the summary."""
-    run, state = _setup(cfg, dist)
-    reason = stop_reason(state, cfg, run.clock, run.total_steps)
-    batches = global_steps(run.loader, run.sampler, state, cfg.grad_accum)
-    while reason is None:
-        batch = next(batches)
-        state.last_loss = train_step(run.learner, batch.micro)
-        state.step, state.epoch, state.step_in_epoch = batch.step, batch.epoch, batch.step_in_epoch
-        run.meter.add(cfg.batch_size)
-        run.bar.update(1)
-        if cfg.max_minutes is not None and dist.distributed:
-            run.clock.share(broadcast_object)  # rank 0's reading: every rank stops at the same step
+    with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: finish the step, save latest.pt, stop ("signal")
+        run, state = _setup(cfg, dist)
         reason = stop_reason(state, cfg, run.clock, run.total_steps)
-        _after_step(run, state, reason)
-    batches.close()
+        batches = global_steps(run.loader, run.sampler, state, cfg.grad_accum)
+        while reason is None:
+            batch = next(batches)
+            state.last_loss = train_step(run.learner, batch.micro)
+            state.step, state.epoch, state.step_in_epoch = batch.step, batch.epoch, batch.step_in_epoch
+            run.meter.add(cfg.batch_size)
+            run.bar.update(1)
+            if cfg.max_minutes is not None and dist.distributed:
+                run.clock.share(broadcast_object)  # rank 0's reading: every rank stops at the same step
+            signalled = stop.agreed(dist.device)  # any rank's signal, on every rank: all stop after this step
+            reason = stop_reason(state, cfg, run.clock, run.total_steps, signalled)
+            if reason == "signal":
+                log.warning("stop signal (%s): leaving after step %d, saving %s", stop.name or "another rank's",
+                            state.step, run.out / "latest.pt")
+            _after_step(run, state, reason)
+        batches.close()
     run.bar.close()
     summary: dict[str, Any] = {"steps": state.step, "best_metric": state.best_metric, "stopped_by": reason}
     if state.last_loss is not None:
@@ -197,8 +204,9 @@ def _after_step(run: _Run, state: TrainState, reason: str | None) -> None:
     if state.step % cfg.log_interval == 0 or last:
         run.runlog.write(_train_record(run, state, reason))
         run.bar.set_postfix(loss=f"{state.last_loss:.4f}")
-    # the last step is validated too, so that a budget-limited run's final model is scored
-    if cfg.do_validate and (state.step % cfg.valid_interval == 0 or last):
+    # the last step is validated too, so that a budget-limited run's final model is scored; not on a stop
+    # signal: the run is not over, and the time before SIGKILL is short
+    if cfg.do_validate and (state.step % cfg.valid_interval == 0 or (last and reason != "signal")):
         _validate_and_keep_best(run, state)
     if state.step % cfg.save_interval == 0 or last:
         if run.dist.is_main:

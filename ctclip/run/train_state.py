@@ -66,7 +66,8 @@ def global_steps(loader: DataLoader, sampler: GlobalBatchSampler, state: TrainSt
         epoch, in_epoch = epoch + 1, 0
 
 
-def stop_reason(state: TrainState, cfg: TrainConfig, clock: BudgetClock, total_steps: int) -> str | None:
+def stop_reason(state: TrainState, cfg: TrainConfig, clock: BudgetClock, total_steps: int,
+                signalled: bool = False) -> str | None:
     """Why the run ends at `state`, or None to take another step.
 
     budget: --max_minutes used up (it wins over the others: the run was cut by time); stop_at_step:
@@ -74,10 +75,14 @@ def stop_reason(state: TrainState, cfg: TrainConfig, clock: BudgetClock, total_s
     step, --max_steps or the end of --epochs (`total_steps`). The budget and --stop_at_step count only
     after a step of this process: a run resumed from a checkpoint they ended takes at least one step.
     In a distributed run the clock must hold rank 0's reading (`BudgetClock.share`), so every rank
-    stops at the same step."""
+    stops at the same step. signal: SIGTERM or SIGUSR1 arrived (`signalled`: ctcore.preemption's flag,
+    agreed over the ranks); it comes last, so a run that is over anyway ends as it would have, and the
+    script's exit status EXIT_PREEMPTED (75) means exactly "not done: resume from latest.pt"."""
     if state.step > state.start_step:
         if clock.exhausted():
             return "budget"
         if cfg.stop_at_step is not None and state.step >= cfg.stop_at_step:
             return "stop_at_step"
-    return "steps" if state.step >= total_steps else None
+    if state.step >= total_steps:
+        return "steps"
+    return "signal" if signalled else None

@@ -10,7 +10,8 @@ Layout of --output_dir (it doubles as the inference script's --weights_dir):
     prepared/                               a DICOM --data_dir is prepared here once (npz stacks, resumable)
     <model>_<size>/model_epoch_best_{fold}.pth   best validation weighted log loss, ORIGINAL format
     <model>_<size>/model_epoch_{epoch}_{fold}.pth   every --save_every epochs, original format
-    <model>_<size>/train_state_{fold}.pt    model + optimizer + scaler + epoch + best: what --resume reads
+    <model>_<size>/train_state_{fold}.pt    model + optimizer + scaler + epoch + best (+ the position in an
+                                            epoch stopped by a signal) + RNG: what --resume reads
     <model>_<size>/train_log_{fold}.jsonl   one line per epoch; train_config_{fold}.yaml: the settings
 
 Recipe (DESIGN 5): 4 x n_studies draws per epoch (`hemorrhage.train_data`), the original's augmentations
@@ -20,6 +21,14 @@ slice of the held-out fold's series exactly as inference does (centre crop 0.8) 
 competition's weighted log loss. bf16 autocast on CUDA by default, fp16 with a GradScaler on request.
 The augmentation is a preset of `hemorrhage.augment` (`augment`); unset, the model's own: the original's
 for every published architecture, "light" for the test-only tiny_densenet.
+
+Stopping (ctcore.preemption): on SIGTERM or SIGUSR1 every rank finishes its current batch (the flag is
+agreed over the ranks after each one), rank 0 writes train_state_<fold>.pt with the position in the
+epoch (batches done and the epoch's running loss sums) and the torch RNG, and the run returns with
+`stopped_by: "signal"` (the script exits 75). --resume then skips the batches already trained on in
+that epoch (the draws and their augmentation are functions of seed, epoch and draw, see
+hemorrhage.train_data) and continues as if it had not stopped. After the batch, not after the epoch:
+an epoch of the original recipe (4 draws x ~17k studies) takes far longer than the 90 s warning.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +52,7 @@ from ctcore.distributed import DistInfo, barrier, broadcast_object, init_distrib
 from ctcore.errors import UsageError
 from ctcore.precision import CHOICES as PRECISION_CHOICES
 from ctcore.precision import autocast_factory
+from ctcore.preemption import StopRequest, stop_on_signals
 from ctcore.schema import arg
 from hemorrhage.augment import AUGMENT_PRESETS, augment_preset
 from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
@@ -202,11 +213,47 @@ def gather_arrays(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 # ----------------------------------------------------------------------------------------- the run
 
 
+@dataclass
+class EpochProgress:
+    """An epoch's batches so far (this rank's) and its running log sums: what a mid-epoch resume carries."""
+
+    batches: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    seconds: float = 0.0
+    wait: float = 0.0
+    # the RNG states at the stop, set again once the resumed epoch's loader iterator exists (making it
+    # draws from the torch RNG, as it did once in the epoch that stopped)
+    rng: dict[str, Any] | None = field(default=None, repr=False)
+
+    def fields(self) -> dict[str, Any]:
+        return {"batches": self.batches, "loss_sum": self.loss_sum, "images": self.images,
+                "seconds": self.seconds, "wait": self.wait}
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(st: dict[str, Any]) -> None:
+    if "rng" in st:  # states of older versions have none
+        torch.set_rng_state(st["rng"].cpu())
+    if "cuda_rng" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in st["cuda_rng"]])
+
+
 def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler, epoch: int,
-                best: float, best_epoch: int) -> None:
+                best: float, best_epoch: int, in_epoch: tuple[int, EpochProgress] | None = None) -> None:
+    """The resume state after epoch `epoch` (-1: none done); `in_epoch`: (epoch, progress) of an epoch
+    stopped after a batch. Written whole or not at all (ctcore.atomic)."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
              "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "best": best,
-             "best_epoch": best_epoch}
+             "best_epoch": best_epoch, **_rng_states()}
+    if in_epoch is not None:
+        state["in_epoch"] = {"epoch": in_epoch[0], **in_epoch[1].fields()}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -243,10 +290,11 @@ def _fold_split(cfg: TrainConfig, info: DistInfo, series: list[TrainSeries]
 
 
 def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler,
-            device: torch.device) -> tuple[int, float, int]:
-    """(first epoch, best score, its epoch): from `state_path` when resuming and it exists, else a fresh start."""
+            device: torch.device) -> tuple[int, float, int, EpochProgress]:
+    """(first epoch, best score, its epoch, what of the first epoch is done): from `state_path` when
+    resuming and it exists, else a fresh start."""
     if not (cfg.resume and state_path.is_file()):
-        return 0, math.inf, -1
+        return 0, math.inf, -1, EpochProgress()
     st = torch.load(state_path, map_location=device, weights_only=True)
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
@@ -254,16 +302,29 @@ def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: tor
         scaler.load_state_dict(st["scaler"])
     log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], st["best"],
              st["best_epoch"])
-    return st["epoch"] + 1, st["best"], st["best_epoch"]
+    if "in_epoch" in st:  # stopped by a signal after a batch: continue that epoch after it
+        part = dict(st["in_epoch"])
+        epoch = int(part.pop("epoch"))
+        progress = EpochProgress(**part, rng={k: st[k] for k in ("rng", "cuda_rng") if k in st})
+        log.info("epoch %d: continuing after batch %d", epoch, progress.batches)
+        return epoch, st["best"], st["best_epoch"], progress
+    _set_rng_states(st)  # saved after the epoch's validation: the next epoch starts from here
+    return st["epoch"] + 1, st["best"], st["best_epoch"], EpochProgress()
 
 
 def _train_epoch(ddp: torch.nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, autocast, scaler,
-                 device: torch.device, world_size: int) -> dict:
-    """One pass over `loader`: BCE on the logits, one optimiser step per batch; the epoch's log fields."""
+                 device: torch.device, world_size: int, done: EpochProgress, stop: StopRequest) -> dict | None:
+    """The rest of one pass over `loader` (`done`: what a resumed epoch had done; updated as it goes): BCE
+    on the logits, one optimiser step per batch; the epoch's log fields, or None when a stop signal
+    (agreed over the ranks after every batch) ended it early."""
     ddp.train()
-    t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), 0.0, 0, 0.0, 0
+    t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), done.wait, done.images, done.loss_sum, done.batches
     t = time.perf_counter()
-    for x, y in loader:
+    batches = iter(loader)
+    if done.rng is not None:
+        _set_rng_states(done.rng)
+        done.rng = None
+    for x, y in batches:
         wait += time.perf_counter() - t
         x = normalize_uint8(x.to(device, non_blocking=True))
         if device.type == "cuda":
@@ -283,7 +344,11 @@ def _train_epoch(ddp: torch.nn.Module, loader: DataLoader, opt: torch.optim.Opti
         n_batches += 1
         n_img += len(x)
         t = time.perf_counter()
-    seconds = time.perf_counter() - t0
+        if stop.agreed(device):  # every rank, every batch: all leave after the same one
+            done.batches, done.loss_sum, done.images, done.wait = n_batches, loss_sum, n_img, wait
+            done.seconds += time.perf_counter() - t0
+            return None
+    seconds = done.seconds + time.perf_counter() - t0
     return {"train_loss": loss_sum / max(n_batches, 1), "images": n_img * world_size, "seconds": round(seconds, 3),
             "images_per_s": round(n_img * world_size / max(seconds, 1e-9), 2),
             "data_wait_share": round(wait / max(seconds, 1e-9), 3)}
@@ -323,7 +388,8 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = autocast_for(cfg.precision, device)
-    start, best, best_epoch = _resume(cfg, member_dir / f"train_state_{cfg.fold}.pt", model, opt, scaler, device)
+    state_path = member_dir / f"train_state_{cfg.fold}.pt"
+    start, best, best_epoch, done = _resume(cfg, state_path, model, opt, scaler, device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
 
     workers = resolve_workers(cfg.num_workers)
@@ -331,13 +397,34 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     dataset = TrainSlices(train, cfg.input_size, cfg.seed, augment_preset(resolve_augment(cfg)))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=False)
+    with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: leave after the current batch, resumable
+        return _epochs(cfg, info, model, ddp, opt, autocast, scaler, sampler, loader, val, workers, member_dir,
+                       state_path, data_report, start, best, best_epoch, done, stop)
+
+
+def _epochs(cfg: TrainConfig, info: DistInfo, model, ddp, opt, autocast, scaler, sampler: EpochDraws,
+            loader: DataLoader, val: list[TrainSeries], workers: int, member_dir: Path, state_path: Path,
+            data_report: dict, start: int, best: float, best_epoch: int, done: EpochProgress,
+            stop: StopRequest) -> dict:
+    """Epochs `start`.. (the first one after `done`'s batches); the last record, or the stop record."""
+    device = info.device
     record: dict = {"data": data_report}
     for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch, done.batches * cfg.batch_size)
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
-        record = {"epoch": epoch, "lr": lr_at(epoch, cfg),
-                  **_train_epoch(ddp, loader, opt, autocast, scaler, device, info.world_size)}
+        fields = _train_epoch(ddp, loader, opt, autocast, scaler, device, info.world_size, done, stop)
+        if fields is None:
+            log.warning("stop signal (%s): leaving after batch %d of epoch %d, saving %s",
+                        stop.name or "another rank's", done.batches, epoch, state_path)
+            if info.rank == 0:
+                _save_state(state_path, model, opt, scaler, epoch - 1, best, best_epoch, (epoch, done))
+            barrier()
+            return {"epoch": epoch, "batches_done": done.batches, "stopped_by": "signal", "data": data_report,
+                    "best_val_weighted_log_loss": best, "best_epoch": best_epoch, "resume_state": str(state_path),
+                    "checkpoint": str(member_dir / CHECKPOINT_NAME.format(fold=cfg.fold))}
+        done = EpochProgress()
+        record = {"epoch": epoch, "lr": lr_at(epoch, cfg), **fields}
         if val and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
             y, p = predict_series_probs(model, val[info.rank::info.world_size], cfg.input_size, device, autocast,
                                         cfg.batch_size, workers)

@@ -19,7 +19,16 @@ CNN ensemble alone on the same slices. The best epoch is written as ``sequence_f
 (`hemorrhage.models.sequence_checkpoint`), which hemorrhage_infer.py --sequence_weights loads; a folder
 of several folds' files is averaged there.
 
-Output folder: sequence_fold{k}.pth, train_log_{k}.jsonl (one line per epoch), sequence_config_{k}.yaml.
+Output folder: sequence_fold{k}.pth, train_log_{k}.jsonl (one line per epoch), sequence_config_{k}.yaml,
+sequence_state_{k}.pt (model, optimizer, schedule, best so far, RNG and, after a stop signal, the position
+in the epoch: what --resume reads; written after every epoch and on a stop).
+
+Stopping (ctcore.preemption): on SIGTERM or SIGUSR1 the run finishes its current batch, writes
+sequence_state_{k}.pt with the batches done and the epoch's losses so far, and returns with
+`stopped_by: "signal"` (the script exits 75). --resume continues that epoch after those batches (the
+order and crops are functions of seed, epoch and series) with the RNG as it was, so the result is that
+of a run that did not stop. After the batch, not the epoch: reading every series' features file once
+per epoch can take longer than the warning before the time limit.
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ctcore.atomic import atomic_write
 from ctcore.cli import save_resolved
 from ctcore.errors import UsageError
+from ctcore.preemption import stop_on_signals
 from ctcore.schema import arg
 from hemorrhage.augment import rng_for
 from hemorrhage.ensemble import resolve_device
@@ -79,6 +90,8 @@ class SequenceTrainConfig:
     num_workers: int = arg(0, help="DataLoader workers reading features")
     seed: int = 0
     progress: bool = arg(True, action="store_false")
+    resume: bool = arg(False, help="continue from <output_dir>/sequence_state_<fold>.pt (written after every "
+                                   "epoch and when a stop signal ends the run)")
 
 
 @dataclass
@@ -233,40 +246,87 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, out / f"sequence_config_{cfg.fold}.yaml")
     log_path = out / f"train_log_{cfg.fold}.jsonl"
-    log_path.write_text("")
     ckpt = out / f"sequence_fold{cfg.fold}.pth"
+    state_path = out / f"sequence_state_{cfg.fold}.pt"
     train_ds, val_ds = SequenceSamples(train, cfg, True), SequenceSamples(val, cfg, False)
     log.info("sequence head fold %d: %d training series, %d validation series, members %s", cfg.fold,
              len(train), len(val), [member_label(m) for m in members])
     best = {"epoch": -1, "val_loss": float("inf")}
     cnn_loss = float("nan")
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train)).tolist()
-        losses = []
-        for b in _batches(train_ds, order, epoch, cfg):
-            if not bool(b["labelled"].any()):
-                continue
-            gap = b["gap"].to(device) if cfg.use_slice_gap else None
-            o = model(b["features"].to(device), b["probs"].to(device), b["mask"].to(device), gap)
-            loss = sequence_loss(o, b["targets"].to(device), b["labelled"].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        lr = opt.param_groups[0]["lr"]  # the epoch's own: after sched.step() it would be the next epoch's
-        sched.step()
-        val_loss, cnn_loss, n_val = evaluate(model, val_ds, cfg, device)
-        row = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
-               "val_weighted_log_loss": val_loss, "cnn_val_weighted_log_loss": cnn_loss, "val_slices": n_val}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if val_loss < best["val_loss"]:
-            best = {"epoch": epoch, "val_loss": val_loss}
-            save_sequence_checkpoint(model.cpu(), ckpt, members, epoch, val_loss, fold=cfg.fold, inputs=inputs)
-            model.to(device)
-        if cfg.progress:
-            log.info("epoch %d: train %.4f, val %.4f (CNN alone %.4f)", epoch, row["train_loss"], val_loss, cnn_loss)
+    start, done, losses, rng = 0, 0, [], None
+    if cfg.resume and state_path.is_file():
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start, done, losses = st["epoch"], st["batches_done"], list(st["losses"])
+        best, cnn_loss, rng = dict(st["best"]), st["cnn_loss"], {"torch": st["rng"]}
+        log.info("resumed from %s: epoch %d after batch %d", state_path, start, done)
+    kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < start] \
+        if start and log_path.is_file() else []
+    log_path.write_text("".join(ln + "\n" for ln in kept))  # a fresh log, or the epochs before `start`
+
+    def save_state(epoch: int, batches_done: int) -> None:
+        """Where the run stands: `epoch` with `batches_done` of its batches done (0: from its start)."""
+        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch, "batches_done": batches_done, "losses": list(losses), "best": best,
+                 "cnn_loss": cnn_loss, "rng": torch.get_rng_state()}
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+
+    with stop_on_signals() as stop:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train)).tolist()
+            if rng is not None and done == 0:  # saved at an epoch's end: before the next epoch's loader
+                torch.set_rng_state(rng.pop("torch").cpu())
+            batches = iter(_batches(train_ds, order[done * cfg.batch_size:], epoch, cfg))
+            if rng:  # saved after a batch: the loader had drawn its seed already in the epoch that stopped
+                torch.set_rng_state(rng.pop("torch").cpu())
+            rng = None
+            for b in batches:
+                done += 1
+                if not bool(b["labelled"].any()):
+                    continue
+                gap = b["gap"].to(device) if cfg.use_slice_gap else None
+                o = model(b["features"].to(device), b["probs"].to(device), b["mask"].to(device), gap)
+                loss = sequence_loss(o, b["targets"].to(device), b["labelled"].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                if stop.requested:  # one process: no ranks to agree with
+                    log.warning("stop signal (%s): leaving after batch %d of epoch %d, saving %s", stop.name,
+                                done, epoch, state_path)
+                    save_state(epoch, done)
+                    return {"stopped_by": "signal", "epoch": epoch, "batches_done": done,
+                            "resume_state": str(state_path), "checkpoint": str(ckpt), "best_epoch": best["epoch"],
+                            "best_val_loss": best["val_loss"], "cnn_val_loss": cnn_loss,
+                            "train_series": len(train), "val_series": len(val),
+                            "seconds": time.perf_counter() - t0}
+            row, cnn_loss = _end_epoch(model, opt, sched, val_ds, cfg, device, epoch, losses, log_path)
+            if row["val_weighted_log_loss"] < best["val_loss"]:
+                best = {"epoch": epoch, "val_loss": row["val_weighted_log_loss"]}
+                save_sequence_checkpoint(model.cpu(), ckpt, members, epoch, best["val_loss"], fold=cfg.fold,
+                                         inputs=inputs)
+                model.to(device)
+            done, losses = 0, []
+            save_state(epoch + 1, 0)
     return {"checkpoint": str(ckpt), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
             "cnn_val_loss": cnn_loss, "train_series": len(train), "val_series": len(val),
             "members": [member_label(m) for m in members], "seconds": time.perf_counter() - t0, **label_info}
+
+
+def _end_epoch(model: SequenceModel, opt: torch.optim.Optimizer, sched, val_ds: SequenceSamples,
+               cfg: SequenceTrainConfig, device: torch.device, epoch: int, losses: list[float],
+               log_path: Path) -> tuple[dict, float]:
+    """The schedule's step, validation and the epoch's log line: (the line, the CNN ensemble's loss)."""
+    lr = opt.param_groups[0]["lr"]  # the epoch's own: after sched.step() it would be the next epoch's
+    sched.step()
+    val_loss, cnn_loss, n_val = evaluate(model, val_ds, cfg, device)
+    row = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses)),
+           "val_weighted_log_loss": val_loss, "cnn_val_weighted_log_loss": cnn_loss, "val_slices": n_val}
+    with open(log_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if cfg.progress:
+        log.info("epoch %d: train %.4f, val %.4f (CNN alone %.4f)", epoch, row["train_loss"], val_loss, cnn_loss)
+    return row, cnn_loss
