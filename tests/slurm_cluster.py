@@ -88,11 +88,13 @@ class SlurmCluster:
     """One node named after this host (``hostname -s``, address 127.0.0.1), one default partition."""
 
     def __init__(self, folder: Path, cpus: int | None = None, gpus: int = 0, partition: str = "debug",
-                 start_timeout: float = 60.0, extra_config: Sequence[str] = ()):
+                 start_timeout: float = 60.0, extra_config: Sequence[str] = (), cred_expire: int | None = None):
         """``cpus``: the node's CPUs (default: the real count; more oversubscribes the machine, for jobs whose
         #SBATCH lines ask for many CPUs and cannot be overridden). ``gpus``: stand-in GPUs (gres/gpu backed
         by /dev/null-like files, at most 5) for jobs that ask for GPUs; SLURM sets CUDA_VISIBLE_DEVICES for
-        them as usual, so a job on them must choose the CPU itself (e.g. --device cpu)."""
+        them as usual, so a job on them must choose the CPU itself (e.g. --device cpu). ``cred_expire``: AuthInfo's
+        credential lifetime in seconds, which is also how long a requeued job waits before it may start
+        again (Slurm's default, None here: 120 s)."""
         if gpus > len(FAKE_GPU_FILES):
             raise ValueError(f"at most {len(FAKE_GPU_FILES)} stand-in GPUs")
         self.folder = Path(folder)
@@ -101,6 +103,7 @@ class SlurmCluster:
         self.partition = partition
         self.start_timeout = start_timeout
         self.extra_config = list(extra_config)
+        self.cred_expire = cred_expire
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.folder / "slurm.conf"
         self.jobcomp = self.folder / "jobcomp.txt"
@@ -139,7 +142,8 @@ class SlurmCluster:
             f"SlurmdUser={user}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            f"AuthInfo=socket={self.munge_socket}"
+            + (f",cred_expire={self.cred_expire}" if self.cred_expire is not None else ""),
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",

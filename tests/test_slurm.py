@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,76 @@ def test_ctclip_pipeline(pipeline_cluster, synthetic_chest, tmp_path):
     train_out = (tmp_path / f"ctclip-train-{train}.out").read_text()
     n_ref = (ref.stdout + ref.stderr).count("sampled reports")
     assert train_out.count("sampled reports") == n_ref == 2, train_out
+
+
+@pytest.fixture
+def requeue_cluster(tmp_path_factory):
+    """A node with one stand-in GPU on which a requeued job starts again within seconds: Slurm holds a
+    requeued job back for AuthInfo's cred_expire (120 s by default) and then starts it at the next pass of
+    its scheduler (sched_interval, 60 s by default); both are shortened here."""
+    cluster = start_or_skip(tmp_path_factory.mktemp("slurm_requeue"), gpus=1, cred_expire=10,
+                            extra_config=["SchedulerParameters=sched_interval=2,bf_interval=2"])
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow  # ~60-75 s on 2 cores: two starts of the job, the requeue delay and the reference run
+def test_ctclip_train_job_is_signalled_requeued_and_resumes_exactly(requeue_cluster, synthetic_chest, tmp_path):
+    """ctclip_train.sbatch (#SBATCH --signal=B:USR1@90 --requeue) through Slurm's own path before a time
+    limit: USR1 to the batch shell alone (`scancel --signal=USR1 --batch`, what slurmctld sends for B:USR1;
+    a real --time is whole minutes and its signal can come up to a minute late, too slow here) while the
+    training runs. The job forwards it to the step, the training saves latest.pt and stops, the job
+    requeues itself, its second run resumes from latest.pt and ends COMPLETED, and the loss of every step
+    equals an uninterrupted torchrun run with the same (one) process. --open-mode=append keeps the first
+    run's output: by default Slurm truncates the output file when the requeued run starts."""
+    cluster, chest = requeue_cluster, synthetic_chest
+    steps = 40
+    train_flags = ["--config", str(ROOT / "configs" / "ctclip" / "train_tiny.yaml"),
+                   "--ct_filepath", str(chest / "train.h5"), "--txt_filepath", str(chest / "train_reports.csv"),
+                   "--device", "cpu", "--log_interval", "1", "--max_steps", str(steps)]
+    out, log = tmp_path / "run", tmp_path / "ctclip-train.%j.out"
+    env = {"GPUS_PER_NODE": "1", "NUM_WORKERS": "0", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           "PYTHON": sys.executable}
+    job = cluster.sbatch(["--nodes=1", "--gpus-per-node=1", *SMALL, "--open-mode=append", f"--output={log}",
+                          str(JOBS / "ctclip_train.sbatch"), *train_flags, "--output_dir", str(out)],
+                         env=env, cwd=ROOT)
+    log = Path(str(log).replace("%j", job))
+    train_log = out / "train_log.jsonl"
+
+    def job_text() -> str:
+        return f"--- {log.name}\n{log.read_text()[-6000:] if log.exists() else '(no log)'}"
+
+    # the signal once some steps are done, far from the run's end
+    deadline = time.monotonic() + 120
+    while not (train_log.exists() and train_log.read_text().count('"kind": "train"') >= 5):
+        assert time.monotonic() < deadline, job_text()
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                          str(ROOT / "scripts" / "ctclip_train.py"), "--use_ddp", "--resume", "latest", *train_flags,
+                          "--output_dir", str(tmp_path / "ref")],
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    assert cluster.wait(job, timeout=180) == ("COMPLETED", "0:0"), job_text()
+    info = cluster.job_info(job)
+    assert info and info[0].get("Restarts") == "1", info
+    records = train_records(train_log)
+    stops = [r for r in records if r.get("stopped_by") == "signal"]
+    assert len(stops) == 1, records
+    stopped_at = stops[0]["step"]
+    assert 5 <= stopped_at < steps
+    text = log.read_text()
+    # torchrun reports its worker's 75 as 1: the job requeues on "a stop was asked for and the run did not finish"
+    assert re.search(rf"ctclip_train stopped for the time limit \(status (1|75)\): requeueing job {job}\n", text), \
+        job_text()
+    assert f"resumed from {out / 'latest.pt'} at step {stopped_at} " in text, job_text()
+    assert text.count('"stopped_by": "signal"') == 1 and text.count('"stopped_by": "steps"') == 1, job_text()
+
+    job_losses = [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    ref_losses = [(r["step"], r["loss"]) for r in train_records(tmp_path / "ref" / "train_log.jsonl")
+                  if r["kind"] == "train"]
+    assert [s for s, _ in job_losses] == list(range(1, steps + 1))
+    assert job_losses == ref_losses
