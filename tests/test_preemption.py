@@ -333,3 +333,12 @@ def test_ctclip_two_ranks_stop_together_when_one_is_signalled(synthetic_chest, c
     assert sorted(b) == list(range(1, 11))
     for step in a:  # the same global batches for any number of processes (tests/test_ctclip_train.py)
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
+
+
+def test_sequence_resume_from_a_damaged_state_names_the_file(features, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sequence_state_0.pt").write_bytes(b"not a checkpoint")
+    res = _run("hemorrhage_train_sequence.py", _seq_args(*features, out, "--resume"))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "sequence_state_0.pt: not a resume state" in res.stderr

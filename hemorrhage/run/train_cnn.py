@@ -55,16 +55,15 @@ from ctcore.precision import autocast_factory
 from ctcore.preemption import StopRequest, stop_on_signals
 from ctcore.schema import arg
 from hemorrhage.augment import AUGMENT_PRESETS, augment_preset
-from hemorrhage.inference_data import SeriesInputs, find_series, identity_collate, is_prepared_folder
-from hemorrhage.inputs import InputSettings, parse_tta
+from hemorrhage.inference_data import find_series, is_prepared_folder
 from hemorrhage.kaggle import read_labels
 from hemorrhage.metrics import weighted_log_loss
 from hemorrhage.models.checkpoint import CHECKPOINT_NAME, save_original_checkpoint, weights_folder_name
 from hemorrhage.models.cnn import build_cnn, cnn_spec, list_cnns, normalize_uint8
 from hemorrhage.run.prepare import PrepareConfig, run_prepare  # a DICOM --data_dir: the prepare job is a step
+from hemorrhage.run.train_cnn_validation import gather_arrays, predict_series_probs
 from hemorrhage.series import resolve_workers
 from hemorrhage.train_data import EpochDraws, TrainSeries, TrainSlices, load_or_make_folds
-from hemorrhage.windows import parse_window_spec
 
 log = logging.getLogger(__name__)
 
@@ -167,49 +166,6 @@ def training_series(cfg: TrainConfig, dist_info: DistInfo) -> tuple[list[TrainSe
     return series, report
 
 
-# ----------------------------------------------------------------------------------------- validation
-
-
-@torch.inference_mode()
-def predict_series_probs(model: torch.nn.Module, series: list[TrainSeries], size: int, device: torch.device,
-                         autocast, batch_size: int, num_workers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labelled slices of `series` through the inference preprocessing -> (labels (N, 6), probs (N, 6))."""
-    settings = InputSettings(parse_window_spec("header"), (size,), parse_tta("0"))
-    loader = DataLoader(SeriesInputs([s.job for s in series], settings), batch_size=None, num_workers=num_workers,
-                        collate_fn=identity_collate)
-    ys, ps = [], []
-    model.eval()
-    for item in loader:
-        s = series[item["index"]]
-        if not item["inputs"]:
-            continue
-        x = item["inputs"][size][0]
-        kept = item["kept"].numpy()
-        probs = []
-        for i in range(0, len(x), batch_size):
-            xb = normalize_uint8(x[i:i + batch_size].to(device))
-            if device.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                probs.append(torch.sigmoid(model(xb).float()).cpu())
-        p = torch.cat(probs).numpy()
-        y = s.labels[kept]
-        ok = ~np.isnan(y[:, 0])
-        ys.append(y[ok])
-        ps.append(p[ok])
-    if not ys:
-        return np.zeros((0, 6), np.float32), np.zeros((0, 6), np.float32)
-    return np.concatenate(ys), np.concatenate(ps)
-
-
-def gather_arrays(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not is_initialized():
-        return y, p
-    parts: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(parts, (y, p))
-    return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
-
-
 # ----------------------------------------------------------------------------------------- the run
 
 
@@ -295,9 +251,13 @@ def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: tor
     resuming and it exists, else a fresh start."""
     if not (cfg.resume and state_path.is_file()):
         return 0, math.inf, -1, EpochProgress()
-    st = torch.load(state_path, map_location=device, weights_only=True)
-    model.load_state_dict(st["model"])
-    opt.load_state_dict(st["optimizer"])
+    try:
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+    except Exception as e:  # truncated, foreign or from another model
+        raise UsageError(f"{state_path}: not a resume state of this model ({type(e).__name__}: {e}); move it "
+                         "away to start over") from e
     if scaler is not None and st["scaler"]:
         scaler.load_state_dict(st["scaler"])
     log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], st["best"],

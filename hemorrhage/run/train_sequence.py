@@ -211,8 +211,9 @@ def evaluate(model: SequenceModel, ds: SequenceSamples, cfg: SequenceTrainConfig
     return weighted_log_loss(y, p), weighted_log_loss(y, c), len(y)
 
 
-def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
-    t0 = time.perf_counter()
+def _training_series(cfg: SequenceTrainConfig) -> tuple[list, object, list, list, dict]:
+    """The out-of-fold features of --features_dir, checked: (members, their inputs, training series,
+    validation series of --fold, what labelling found)."""
     try:
         files = [sf for sf in load_features_dir(cfg.features_dir) if sf.role == "oof"]
     except FeaturesError as e:
@@ -235,6 +236,12 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
     if label_info["series_without_labels"]:
         log.warning("%d series have no labelled slice and are left out (e.g. %s)",
                     label_info["series_without_labels"], label_info["examples"][0])
+    return members, inputs, train, val, label_info
+
+
+def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
+    t0 = time.perf_counter()
+    members, inputs, train, val, label_info = _training_series(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = SequenceModel(SequenceConfig(num_models=len(members), rnn=cfg.rnn, hidden=cfg.hidden,
@@ -255,13 +262,9 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
     cnn_loss = float("nan")
     start, done, losses, rng = 0, 0, [], None
     if cfg.resume and state_path.is_file():
-        st = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        st = _load_state(state_path, model, opt, sched, device)
         start, done, losses = st["epoch"], st["batches_done"], list(st["losses"])
         best, cnn_loss, rng = dict(st["best"]), st["cnn_loss"], {"torch": st["rng"]}
-        log.info("resumed from %s: epoch %d after batch %d", state_path, start, done)
     kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < start] \
         if start and log_path.is_file() else []
     log_path.write_text("".join(ln + "\n" for ln in kept))  # a fresh log, or the epochs before `start`
@@ -314,6 +317,20 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
     return {"checkpoint": str(ckpt), "best_epoch": best["epoch"], "best_val_loss": best["val_loss"],
             "cnn_val_loss": cnn_loss, "train_series": len(train), "val_series": len(val),
             "members": [member_label(m) for m in members], "seconds": time.perf_counter() - t0, **label_info}
+
+
+def _load_state(path: Path, model: SequenceModel, opt: torch.optim.Optimizer, sched, device: torch.device) -> dict:
+    """Restore model, optimizer and schedule from a sequence_state file; the rest of it is returned."""
+    try:
+        st = torch.load(path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+    except Exception as e:  # truncated, foreign or from another head configuration
+        raise UsageError(f"{path}: not a resume state of this head ({type(e).__name__}: {e}); move it away "
+                         "to start over") from e
+    log.info("resumed from %s: epoch %d after batch %d", path, st["epoch"], st["batches_done"])
+    return st
 
 
 def _end_epoch(model: SequenceModel, opt: torch.optim.Optimizer, sched, val_ds: SequenceSamples,
