@@ -82,3 +82,47 @@ def slurm(tmp_path_factory):
     cluster = start_or_skip(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def prepared_head(tmp_path_factory) -> tuple[Path, Path]:
+    """10 small synthetic head studies (64 px, 12 slices), prepared once as npz stacks, and their labels:
+    what the hemorrhage CNN training tests train on."""
+    from scripts.hemorrhage_make_synthetic import main as make_synthetic
+    from scripts.hemorrhage_prepare import main as prepare
+
+    root = tmp_path_factory.mktemp("head_prepared")
+    config = Path(__file__).resolve().parents[1] / "configs" / "hemorrhage" / "synthetic_small.yaml"
+    assert make_synthetic(["--config", str(config), "--out_dir", str(root / "raw"), "--n_studies", "10", "--size",
+                           "64", "--slices", "12", "--seed", "5", "--broken", "0"]) == 0
+    assert prepare(["--input_dir", str(root / "raw" / "dicom"), "--output_dir", str(root / "prepared"), "--format",
+                    "npz", "--num_workers", "0"]) == 0
+    return root / "prepared", root / "raw" / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def sequence_features(tmp_path_factory) -> tuple[Path, Path]:
+    """Out-of-fold features files of 16 made-up series (folds 0 and 1) and their labels: the sequence head
+    trains on any numbers; no CNN is needed to test its loop."""
+    import numpy as np
+    import pandas as pd
+
+    from hemorrhage.classes import CLASSES
+    from hemorrhage.feature_files import SeriesFeatures, write_series_features
+
+    root = tmp_path_factory.mktemp("sequence_features")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        n = int(rng.integers(8, 20))
+        sops = [f"ID_s{i}_{k}" for k in range(n)]
+        y = (rng.random((n, 6)) < 0.3).astype(int)
+        y[:, 0] = y[:, 1:].max(1)
+        rows += [(f"{sop}_{c}", int(y[k, j])) for k, sop in enumerate(sops) for j, c in enumerate(CLASSES)]
+        probs = np.clip(y * 0.6 + rng.random((n, 6)) * 0.4, 0.01, 0.99).astype(np.float32)
+        feats = (rng.standard_normal((n, 16)) + y[:, :1]).astype(np.float16)
+        sf = SeriesFeatures(f"st{i}", f"se{i}", i % 2, "oof", sops, np.arange(n), np.arange(n, dtype=float) * 5.0,
+                            [("tiny_densenet", 64)], [feats], [probs], ["0" * 64])
+        write_series_features(root / "features" / f"fold{i % 2}" / f"se{i}.npz", sf)
+    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(root / "labels.csv", index=False)
+    return root, root / "labels.csv"

@@ -20,15 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from ctclip.checkpoint import load_checkpoint
 from ctcore.preemption import EXIT_PREEMPTED, StopRequest, stop_on_signals
-from hemorrhage.classes import CLASSES
-from hemorrhage.feature_files import SeriesFeatures, write_series_features
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -199,21 +195,6 @@ def test_ctclip_sigterm_and_sigkill_during_the_save_leave_the_previous_checkpoin
 # ----------------------------------------------------------------------------------------- hemorrhage CNN
 
 
-@pytest.fixture(scope="module")
-def prepared_head(tmp_path_factory) -> tuple[Path, Path]:
-    """10 small synthetic studies, prepared once (npz stacks) so that every run trains on the same files."""
-    from scripts.hemorrhage_make_synthetic import main as make_synthetic
-    from scripts.hemorrhage_prepare import main as prepare
-
-    root = tmp_path_factory.mktemp("head")
-    assert make_synthetic(["--config", str(ROOT / "configs" / "hemorrhage" / "synthetic_small.yaml"), "--out_dir",
-                           str(root / "raw"), "--n_studies", "10", "--size", "64", "--slices", "12", "--seed", "5",
-                           "--broken", "0"]) == 0
-    assert prepare(["--input_dir", str(root / "raw" / "dicom"), "--output_dir", str(root / "prepared"), "--format",
-                    "npz", "--num_workers", "0"]) == 0
-    return root / "prepared", root / "raw" / "labels.csv"
-
-
 def _cnn_args(prepared: Path, labels: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "hemorrhage" / "train_tiny.yaml"), "--labels", str(labels),
             "--data_dir", str(prepared), "--output_dir", str(out), "--epochs", "2", "--samples_per_study", "8",
@@ -257,28 +238,6 @@ def test_cnn_signal_stops_after_the_batch_and_resumes_exactly(prepared_head, cnn
 # ----------------------------------------------------------------------------------------- sequence head
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory) -> tuple[Path, Path]:
-    """Out-of-fold features files of 16 made-up series (folds 0 and 1) and their labels: the head trains
-    on any numbers; no CNN is needed to test its loop."""
-    root = tmp_path_factory.mktemp("features")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(16):
-        n = int(rng.integers(8, 20))
-        sops = [f"ID_s{i}_{k}" for k in range(n)]
-        y = (rng.random((n, 6)) < 0.3).astype(int)
-        y[:, 0] = y[:, 1:].max(1)
-        rows += [(f"{sop}_{c}", int(y[k, j])) for k, sop in enumerate(sops) for j, c in enumerate(CLASSES)]
-        probs = np.clip(y * 0.6 + rng.random((n, 6)) * 0.4, 0.01, 0.99).astype(np.float32)
-        feats = (rng.standard_normal((n, 16)) + y[:, :1]).astype(np.float16)
-        sf = SeriesFeatures(f"st{i}", f"se{i}", i % 2, "oof", sops, np.arange(n), np.arange(n, dtype=float) * 5.0,
-                            [("tiny_densenet", 64)], [feats], [probs], ["0" * 64])
-        write_series_features(root / "features" / f"fold{i % 2}" / f"se{i}.npz", sf)
-    pd.DataFrame(rows, columns=["ID", "Label"]).to_csv(root / "labels.csv", index=False)
-    return root, root / "labels.csv"
-
-
 def _seq_args(feats: Path, labels: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", str(ROOT / "configs" / "hemorrhage" / "sequence_tiny.yaml"), "--features_dir", str(feats),
             "--labels", str(labels), "--output_dir", str(out), "--epochs", "3", "--milestones", "2",
@@ -286,16 +245,16 @@ def _seq_args(feats: Path, labels: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sequence_full(features, tmp_path_factory) -> Path:
+def sequence_full(sequence_features, tmp_path_factory) -> Path:
     full = tmp_path_factory.mktemp("sequence_full")
-    res = _run("hemorrhage_train_sequence.py", _seq_args(*features, full))
+    res = _run("hemorrhage_train_sequence.py", _seq_args(*sequence_features, full))
     assert res.returncode == 0, res.stderr[-3000:]
     return full
 
 
 @pytest.mark.parametrize("sig", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.slow)])
-def test_sequence_signal_stops_after_the_batch_and_resumes_exactly(features, sequence_full, tmp_path, sig):
-    feats, labels = features
+def test_sequence_signal_stops_after_the_batch_and_resumes_exactly(sequence_features, sequence_full, tmp_path, sig):
+    feats, labels = sequence_features
     full, part = sequence_full, tmp_path / "part"
     # 8 training series in batches of 4: 2 batches per epoch; call 3 is the first batch of epoch 1
     res = _run("hemorrhage_train_sequence.py", _seq_args(feats, labels, part), sig, 3,
@@ -335,10 +294,10 @@ def test_ctclip_two_ranks_stop_together_when_one_is_signalled(synthetic_chest, c
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
 
 
-def test_sequence_resume_from_a_damaged_state_names_the_file(features, tmp_path):
+def test_sequence_resume_from_a_damaged_state_names_the_file(sequence_features, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sequence_state_0.pt").write_bytes(b"not a checkpoint")
-    res = _run("hemorrhage_train_sequence.py", _seq_args(*features, out, "--resume"))
+    res = _run("hemorrhage_train_sequence.py", _seq_args(*sequence_features, out, "--resume"))
     assert res.returncode == 2, res.stderr[-3000:]
     assert "sequence_state_0.pt: not a resume state" in res.stderr

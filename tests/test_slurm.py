@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ctclip.data.store import VolumeStore
 from hemorrhage.models.checkpoint import save_random_weights
@@ -207,12 +208,12 @@ def test_ctclip_pipeline(pipeline_cluster, synthetic_chest, tmp_path):
     assert train_out.count("sampled reports") == n_ref == 2, train_out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def requeue_cluster(tmp_path_factory):
-    """A node with one stand-in GPU on which a requeued job starts again within seconds: Slurm holds a
+    """A node with two stand-in GPUs on which a requeued job starts again within seconds: Slurm holds a
     requeued job back for AuthInfo's cred_expire (120 s by default) and then starts it at the next pass of
     its scheduler (sched_interval, 60 s by default); both are shortened here."""
-    cluster = start_or_skip(tmp_path_factory.mktemp("slurm_requeue"), gpus=1, cred_expire=10,
+    cluster = start_or_skip(tmp_path_factory.mktemp("slurm_requeue"), gpus=2, cred_expire=10,
                             extra_config=["SchedulerParameters=sched_interval=2,bf_interval=2"])
     yield cluster
     cluster.stop()
@@ -278,3 +279,90 @@ def test_ctclip_train_job_is_signalled_requeued_and_resumes_exactly(requeue_clus
                   if r["kind"] == "train"]
     assert [s for s, _ in job_losses] == list(range(1, steps + 1))
     assert job_losses == ref_losses
+
+
+def _signal_once(cluster, job: str, ready, what: str, timeout: float = 180) -> None:
+    """USR1 to the job's batch shell (what Slurm sends for --signal=B:USR1@90) once ``ready()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", "--batch", job])
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _epochs(path: Path, keys: tuple[str, ...]) -> list[dict]:
+    return [{k: r.get(k) for k in keys} for r in map(json.loads, path.read_text().splitlines())]
+
+
+@pytest.mark.slow  # ~60-90 s on 2 cores: both jobs run twice, the requeue delay, the reference runs
+def test_hemorrhage_training_jobs_are_signalled_requeued_and_resume_exactly(requeue_cluster, prepared_head,
+                                                                              sequence_features, tmp_path):
+    """hemorrhage_train.sbatch (torchrun, one process) and hemorrhage_train_sequence.sbatch side by side,
+    each signalled as before its time limit once an epoch is done: each finishes its batch, saves its
+    resume state, requeues itself, resumes mid-epoch and ends COMPLETED with Restarts=1, with the epoch log
+    and the best weights of an uninterrupted direct run."""
+    cluster = requeue_cluster
+    (prepared, labels), (features, seq_labels) = prepared_head, sequence_features
+    cnn_flags = ["--config", str(ROOT / "configs" / "hemorrhage" / "train_tiny.yaml"), "--labels", str(labels),
+                 "--data_dir", str(prepared), "--epochs", "8", "--samples_per_study", "8", "--device", "cpu",
+                 "--no_progress"]
+    seq_flags = ["--config", str(ROOT / "configs" / "hemorrhage" / "sequence_tiny.yaml"), "--features_dir",
+                 str(features), "--labels", str(seq_labels), "--epochs", "40", "--milestones", "30", "--device",
+                 "cpu", "--no_progress"]
+    env = {"GPUS_PER_NODE": "1", "NUM_WORKERS": "0", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
+           "PYTHON": sys.executable}
+    jobs = {}
+    for name, flags, extra in (("hemorrhage_train", cnn_flags, ["--gpus-per-node=1"]),
+                               ("hemorrhage_train_sequence", seq_flags, [])):
+        log = tmp_path / f"{name}.%j.out"
+        job = cluster.sbatch([*SMALL, *extra, "--open-mode=append", f"--output={log}", str(JOBS / f"{name}.sbatch"),
+                              *flags, "--output_dir", str(tmp_path / name)], env=env, cwd=ROOT)
+        jobs[name] = job, Path(str(log).replace("%j", job))
+
+    def job_text(name: str):
+        log = jobs[name][1]
+        return lambda: f"--- {log.name}\n{log.read_text()[-6000:] if log.exists() else '(no log)'}"
+
+    cnn_log = tmp_path / "hemorrhage_train" / "tiny_densenet_64" / "train_log_0.jsonl"
+    seq_log = tmp_path / "hemorrhage_train_sequence" / "train_log_0.jsonl"
+    _signal_once(cluster, jobs["hemorrhage_train_sequence"][0], lambda: _lines(seq_log) >= 2,
+                 job_text("hemorrhage_train_sequence"))
+    _signal_once(cluster, jobs["hemorrhage_train"][0], lambda: _lines(cnn_log) >= 1, job_text("hemorrhage_train"))
+
+    # the uninterrupted runs, while the jobs wait to be started again
+    direct = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                 "--master_port", str(free_port()), str(ROOT / "scripts" / "hemorrhage_train.py"), "--use_ddp",
+                 "--num_workers", "0", *cnn_flags, "--output_dir", str(tmp_path / "ref_cnn")],
+                [sys.executable, str(ROOT / "scripts" / "hemorrhage_train_sequence.py"), *seq_flags, "--output_dir",
+                 str(tmp_path / "ref_seq")]):
+        ref = subprocess.run(cmd, env=direct, capture_output=True, text=True, timeout=300)
+        assert ref.returncode == 0, ref.stderr[-3000:]
+
+    for name, (job, log) in jobs.items():
+        assert cluster.wait(job, timeout=240) == ("COMPLETED", "0:0"), job_text(name)()
+        info = cluster.job_info(job)
+        assert info and info[0].get("Restarts") == "1", info
+        text = log.read_text()
+        assert re.search(rf"{name} stopped for the time limit \(status (1|75)\): requeueing job {job}\n", text), \
+            job_text(name)()
+        assert "resumed from " in text, job_text(name)()
+
+    cnn_state = torch.load(cnn_log.parent / "train_state_0.pt", weights_only=True)
+    assert cnn_state["epoch"] == 7 and not cnn_state.get("in_epoch")
+    keys = ("epoch", "lr", "train_loss", "images", "val_weighted_log_loss", "best_epoch")
+    assert _epochs(cnn_log, keys) == _epochs(tmp_path / "ref_cnn" / "tiny_densenet_64" / "train_log_0.jsonl", keys)
+    assert len(_epochs(cnn_log, keys)) == 8
+    keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")
+    assert _epochs(seq_log, keys) == _epochs(tmp_path / "ref_seq" / "train_log_0.jsonl", keys)
+    assert len(_epochs(seq_log, keys)) == 40
+    for a, b in ((cnn_log.parent / "model_epoch_best_0.pth", tmp_path / "ref_cnn" / "tiny_densenet_64"
+                  / "model_epoch_best_0.pth"),
+                 (seq_log.parent / "sequence_fold0.pth", tmp_path / "ref_seq" / "sequence_fold0.pth")):
+        sa, sb = (torch.load(f, weights_only=True) for f in (a, b))
+        sa, sb = (s.get("state_dict", s.get("model")) for s in (sa, sb))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -30,3 +30,36 @@ ct_python() {
         PY=("$py")
     fi
 }
+
+# ct_run_requeueable NAME COMMAND...: the training jobs' way through a time limit or a preemption. The job
+# asks for `#SBATCH --signal=B:USR1@90 --requeue`; COMMAND is an srun step. It runs in the background (a
+# trap runs only between commands, and `wait` is one that a signal cuts short); USR1 or TERM reaching this
+# shell is passed on to every process of the job's steps (scancel --signal: the B: signal comes to the
+# batch shell only). The training finishes its step, saves its resume checkpoint and exits 75
+# (EXIT_PREEMPTED). On 75, or on any failure after such a signal (torchrun's agent, signalled too, exits 1
+# once its workers have saved and exited 75), the job requeues itself (scontrol requeue): the next run
+# starts the same command again, and the job's --resume flag continues from the checkpoint. Returns
+# COMMAND's exit status.
+ct_run_requeueable() {
+    local name=$1 pid status=
+    shift
+    CT_STOP_REQUESTED=0
+    trap '_ct_forward_stop USR1' USR1
+    trap '_ct_forward_stop TERM' TERM
+    "$@" &
+    pid=$!
+    while [[ -z $status ]]; do
+        wait "$pid" && status=0 || status=$?
+        if (( status > 128 )) && kill -0 "$pid" 2>/dev/null; then status=; fi  # wait cut short by a trap
+    done
+    if (( status == 75 || (status != 0 && CT_STOP_REQUESTED) )); then
+        echo "$name stopped for the time limit (status $status): requeueing job $SLURM_JOB_ID" >&2
+        scontrol requeue "$SLURM_JOB_ID" || echo "$name: scontrol requeue failed; resubmit the job" >&2
+    fi
+    return "$status"
+}
+
+_ct_forward_stop() {
+    CT_STOP_REQUESTED=1
+    scancel --signal="$1" "$SLURM_JOB_ID" 2>/dev/null || true
+}
