@@ -366,3 +366,58 @@ def test_hemorrhage_training_jobs_are_signalled_requeued_and_resume_exactly(requ
         sa, sb = (torch.load(f, weights_only=True) for f in (a, b))
         sa, sb = (s.get("state_dict", s.get("model")) for s in (sa, sb))
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _sequence_flags(features: Path, labels: Path, epochs: int) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "hemorrhage" / "sequence_tiny.yaml"), "--features_dir", str(features),
+            "--labels", str(labels), "--epochs", str(epochs), "--milestones", str(epochs * 2 // 3), "--device",
+            "cpu", "--no_progress"]
+
+
+@pytest.mark.slow  # ~3-4 min on 2 cores: a real time limit is whole minutes, on slurmctld's 30-s clock
+@pytest.mark.timeout(900)
+def test_a_real_time_limit_signals_the_job_which_requeues_until_done(requeue_cluster, sequence_features, tmp_path):
+    """No scancel here: hemorrhage_train_sequence.sbatch with a 3-minute --time and its own
+    --signal=B:USR1@90 gets USR1 from slurmctld's clock, saves, requeues itself as often as it takes, and
+    ends COMPLETED (not TIMEOUT) with the epoch log and best weights of an uninterrupted run. slurmctld
+    checks limits every 30 s and sends the warning at the first check less than 90 + 30 s before the
+    limit, so with --time=3 it comes 60-90 s after each start: the run is sized (from a timed short run)
+    to need about 120 s of training, more than one run can do."""
+    cluster = requeue_cluster
+    features, labels = sequence_features
+    direct = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = str(ROOT / "scripts" / "hemorrhage_train_sequence.py")
+    t0 = time.monotonic()
+    probe = subprocess.run([sys.executable, script, *_sequence_flags(features, labels, 1), "--output_dir",
+                            str(tmp_path / "probe")], env=direct, capture_output=True, text=True, timeout=300)
+    setup = time.monotonic() - t0
+    t0 = time.monotonic()
+    probe = subprocess.run([sys.executable, script, *_sequence_flags(features, labels, 21), "--output_dir",
+                            str(tmp_path / "probe21")], env=direct, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    per_epoch = max(time.monotonic() - t0 - setup, 0.1) / 20
+    epochs = int(120 / per_epoch) + 1
+    flags = _sequence_flags(features, labels, epochs)
+    out, log = tmp_path / "run", tmp_path / "sequence.%j.out"
+    job = cluster.sbatch(["--cpus-per-task=1", "--mem=1G", "--time=3", "--open-mode=append", f"--output={log}",
+                          str(JOBS / "hemorrhage_train_sequence.sbatch"), *flags, "--output_dir", str(out)],
+                         env={"NUM_WORKERS": "0", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}, cwd=ROOT)
+    log = Path(str(log).replace("%j", job))
+    ref = subprocess.run([sys.executable, script, *flags, "--output_dir", str(tmp_path / "ref")], env=direct,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    def job_text() -> str:
+        return f"{epochs} epochs, {per_epoch:.2f} s each\n--- {log.name}\n" + (
+            log.read_text()[-6000:] if log.exists() else "(no log)")
+
+    assert cluster.wait(job, timeout=600) == ("COMPLETED", "0:0"), job_text()
+    restarts = int(cluster.job_info(job)[0].get("Restarts", "0"))
+    text = log.read_text()
+    assert restarts >= 1 and text.count("stopped for the time limit") == restarts, job_text()
+    assert text.count("resumed from ") == restarts, job_text()
+    keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")
+    assert _epochs(out / "train_log_0.jsonl", keys) == _epochs(tmp_path / "ref" / "train_log_0.jsonl", keys)
+    a, b = (torch.load(d / "sequence_fold0.pth", weights_only=True) for d in (out, tmp_path / "ref"))
+    sa, sb = (s.get("state_dict", s.get("model")) for s in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
