@@ -252,16 +252,21 @@ def sequence_full(sequence_features, tmp_path_factory) -> Path:
     return full
 
 
-@pytest.mark.parametrize("sig", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.slow)])
-def test_sequence_signal_stops_after_the_batch_and_resumes_exactly(sequence_features, sequence_full, tmp_path, sig):
+@pytest.mark.parametrize("sig, status, position", [
+    ("SIGUSR1", EXIT_PREEMPTED, (1, 1)),
+    pytest.param("SIGTERM", EXIT_PREEMPTED, (1, 1), marks=pytest.mark.slow),
+    # killed outright: the state written after epoch 0 is what is left, and the resume starts epoch 1
+    ("SIGKILL", -signal.SIGKILL, (1, 0))])
+def test_sequence_stop_or_kill_then_resume_equals_an_uninterrupted_run(sequence_features, sequence_full, tmp_path,
+                                                                       sig, status, position):
     feats, labels = sequence_features
     full, part = sequence_full, tmp_path / "part"
     # 8 training series in batches of 4: 2 batches per epoch; call 3 is the first batch of epoch 1
     res = _run("hemorrhage_train_sequence.py", _seq_args(feats, labels, part), sig, 3,
                "hemorrhage.run.train_sequence", "sequence_loss")
-    assert res.returncode == EXIT_PREEMPTED, res.stderr[-3000:]
+    assert res.returncode == status, res.stderr[-3000:]
     st = torch.load(part / "sequence_state_0.pt", weights_only=True)
-    assert (st["epoch"], st["batches_done"]) == (1, 1)
+    assert (st["epoch"], st["batches_done"]) == position
     res = _run("hemorrhage_train_sequence.py", _seq_args(feats, labels, part, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")

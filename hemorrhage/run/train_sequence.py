@@ -191,7 +191,12 @@ def check_members(files: list[SeriesFeatures]) -> list[Member]:
 
 def _batches(ds: SequenceSamples, order: list[int], epoch: int, cfg: SequenceTrainConfig):
     keys = [(i, epoch) for i in order]  # the sampler hands these keys to ds[...] in the workers
-    return DataLoader(ds, sampler=keys, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate)
+    # the loader draws its workers' base seed from its own generator, not from torch's global one: the model
+    # (dropout) is then the global RNG's only user, so a resume restores it once, wherever the run stopped
+    # (the samples themselves are functions of seed, epoch and series: rng_for)
+    seeds = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch]).integers(2**62)))
+    return DataLoader(ds, sampler=keys, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
+                      generator=seeds)
 
 
 def evaluate(model: SequenceModel, ds: SequenceSamples, cfg: SequenceTrainConfig, device: torch.device
@@ -260,11 +265,12 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
              len(train), len(val), [member_label(m) for m in members])
     best = {"epoch": -1, "val_loss": float("inf")}
     cnn_loss = float("nan")
-    start, done, losses, rng = 0, 0, [], None
+    start, done, losses = 0, 0, []
     if cfg.resume and state_path.is_file():
         st = _load_state(state_path, model, opt, sched, device)
         start, done, losses = st["epoch"], st["batches_done"], list(st["losses"])
-        best, cnn_loss, rng = dict(st["best"]), st["cnn_loss"], {"torch": st["rng"]}
+        best, cnn_loss = dict(st["best"]), st["cnn_loss"]
+        torch.set_rng_state(st["rng"].cpu())  # as it was after batch `done` (dropout's only source)
     kept = [ln for ln in log_path.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] < start] \
         if start and log_path.is_file() else []
     log_path.write_text("".join(ln + "\n" for ln in kept))  # a fresh log, or the epochs before `start`
@@ -280,13 +286,7 @@ def run_sequence_training(cfg: SequenceTrainConfig) -> dict:
         for epoch in range(start, cfg.epochs):
             model.train()
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train)).tolist()
-            if rng is not None and done == 0:  # saved at an epoch's end: before the next epoch's loader
-                torch.set_rng_state(rng.pop("torch").cpu())
-            batches = iter(_batches(train_ds, order[done * cfg.batch_size:], epoch, cfg))
-            if rng:  # saved after a batch: the loader had drawn its seed already in the epoch that stopped
-                torch.set_rng_state(rng.pop("torch").cpu())
-            rng = None
-            for b in batches:
+            for b in _batches(train_ds, order[done * cfg.batch_size:], epoch, cfg):
                 done += 1
                 if not bool(b["labelled"].any()):
                     continue
