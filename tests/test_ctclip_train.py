@@ -157,6 +157,7 @@ def test_torchrun_two_processes_matches_one(chest, tmp_path):
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
 
 
+@pytest.mark.slow  # ~30 s; the resume itself: test_resume_mid_epoch_is_exact and test_preemption.py
 def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(chest, tmp_path):
     """A real kill: the run dies between checkpoints; resuming from latest.pt redoes the lost steps
     with the same data and reaches the same losses as an uninterrupted run."""

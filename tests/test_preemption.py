@@ -256,7 +256,7 @@ def sequence_full(sequence_features, tmp_path_factory) -> Path:
     ("SIGUSR1", EXIT_PREEMPTED, (1, 1)),
     pytest.param("SIGTERM", EXIT_PREEMPTED, (1, 1), marks=pytest.mark.slow),
     # killed outright: the state written after epoch 0 is what is left, and the resume starts epoch 1
-    ("SIGKILL", -signal.SIGKILL, (1, 0))])
+    pytest.param("SIGKILL", -signal.SIGKILL, (1, 0), marks=pytest.mark.slow)])
 def test_sequence_stop_or_kill_then_resume_equals_an_uninterrupted_run(sequence_features, sequence_full, tmp_path,
                                                                        sig, status, position):
     feats, labels = sequence_features
@@ -278,6 +278,7 @@ def test_sequence_stop_or_kill_then_resume_equals_an_uninterrupted_run(sequence_
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # ~26 s; the agreement itself is test_ranks_agree_on_one_ranks_signal (default suite)
 def test_ctclip_two_ranks_stop_together_when_one_is_signalled(synthetic_chest, ctclip_full, tmp_path):
     """torchrun, 2 gloo ranks: only rank 1 gets SIGUSR1 (during step 3); both stop after step 3 with
     status 75 (torchrun itself reports 1), rank 0 saves latest.pt, and the resumed run matches."""
