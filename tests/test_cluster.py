@@ -372,6 +372,29 @@ def test_container_switch(tmp_path):
     assert r.returncode == 2 and "CONTAINER=nope.sif: no such image file" in r.stderr
 
 
+def test_training_jobs_without_a_gpu_say_what_to_set(tmp_path):
+    # no GPUS_PER_NODE, no GPU from Slurm and no nvidia-smi: a clear error before anything starts, not a
+    # silent exit from `nvidia-smi | wc -l` under pipefail
+    env = _job_env(tmp_path)
+    env.pop("GPUS_PER_NODE", None)
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not (Path(d) / "nvidia-smi").exists())
+    for job in ("ctclip_train.sbatch", "hemorrhage_train.sbatch"):
+        r = subprocess.run(["bash", str(SLURM / job)], env=env, capture_output=True, text=True)
+        assert r.returncode == 2, (job, r.stderr)
+        assert "no GPU on this node" in r.stderr and "GPUS_PER_NODE=<processes> and --device cpu" in r.stderr
+    # a stand-in nvidia-smi listing two GPUs: the job goes on to start two processes (srun, faked here)
+    _fake_command(tmp_path / "bin", "nvidia-smi", 'echo "GPU 0: A (UUID: x)"; echo "GPU 1: B (UUID: y)"\n')
+    _fake_command(tmp_path / "bin", "srun", f'printf "%s\\n" "$@" > {tmp_path / "srun.log"}\n')
+    r = subprocess.run(["bash", str(SLURM / "hemorrhage_train.sbatch"), "--fold", "2"],
+                       env={**env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}", "SLURM_CPUS_PER_TASK": "8",
+                            "SLURM_JOB_ID": "7"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    argv = (tmp_path / "srun.log").read_text().splitlines()
+    assert argv[argv.index("--nproc_per_node") + 1] == "2"
+    assert argv[argv.index("--num_workers") + 1] == "3"  # 8 CPUs / 2 GPUs, minus the rank's main process
+    assert argv[-2:] == ["--fold", "2"] and "--resume" in argv and "--use_ddp" in argv
+
+
 def _submit_pipeline(chest: Path, tmp_path: Path) -> tuple[list[tuple[str, list[str]]], Path, dict[str, str]]:
     """Run submit_ctclip_pipeline.sh against a fake sbatch that records each submission; returns the
     (job script, its arguments) submitted, the store and the environment."""

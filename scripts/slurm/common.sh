@@ -31,6 +31,22 @@ ct_python() {
     fi
 }
 
+# ct_gpus_per_node sets GPUS_PER_NODE, the training processes to start on each node: GPUS_PER_NODE when set,
+# else the GPUs Slurm gave this node (SLURM_GPUS_ON_NODE), else the GPUs nvidia-smi lists. None is an error
+# that says what to set (a CPU-only allocation trains with GPUS_PER_NODE=<processes> and --device cpu).
+ct_gpus_per_node() {
+    local n=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
+    if [[ -z $n ]] && command -v nvidia-smi >/dev/null; then
+        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    if ! [[ $n =~ ^[0-9]+$ ]] || (( n < 1 )); then
+        echo "no GPU on this node (GPUS_PER_NODE, SLURM_GPUS_ON_NODE and nvidia-smi give '${n:-nothing}'): ask" \
+            "for GPUs (--gpus-per-node), or train on CPUs with GPUS_PER_NODE=<processes> and --device cpu" >&2
+        exit 2
+    fi
+    GPUS_PER_NODE=$n
+}
+
 # ct_run_requeueable NAME COMMAND...: the training jobs' way through a time limit or a preemption. The job
 # asks for `#SBATCH --signal=B:USR1@90 --requeue`; COMMAND is an srun step. It runs in the background (a
 # trap runs only between commands, and `wait` is one that a signal cuts short); USR1 or TERM reaching this
