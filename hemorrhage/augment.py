@@ -68,6 +68,11 @@ def rng_for(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
+def seed_for(seed: int, *keys: str | int) -> int:
+    """An integer seed fixed by (seed, keys), from `rng_for`: e.g. for a torch.Generator."""
+    return int(rng_for(seed, *keys).integers(2**62))
+
+
 def crop_resize(img: np.ndarray, ratio: float, start_x: int, start_y: int) -> np.ndarray:
     """Crop `int(side * ratio)` from (start_y, start_x) and resize back to (H, W), cv2 bilinear."""
     img = _check(img)

@@ -25,6 +25,7 @@ import torch
 
 from ctclip.checkpoint import load_checkpoint
 from ctcore.preemption import EXIT_PREEMPTED, StopRequest, stop_on_signals
+from tests.run_compare import assert_same_weights, epoch_log
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -201,10 +202,6 @@ def _cnn_args(prepared: Path, labels: Path, out: Path, *extra: str) -> list[str]
             "--device", "cpu", "--no_progress", *extra]
 
 
-def _epoch_log(path: Path, keys: tuple[str, ...]) -> list[dict]:
-    return [{k: r.get(k) for k in keys} for r in map(json.loads, path.read_text().splitlines())]
-
-
 @pytest.fixture(scope="module")
 def cnn_full(prepared_head, tmp_path_factory) -> Path:
     full = tmp_path_factory.mktemp("cnn_full")
@@ -228,11 +225,9 @@ def test_cnn_signal_stops_after_the_batch_and_resumes_exactly(prepared_head, cnn
     res = _run("hemorrhage_train.py", _cnn_args(prepared, labels, part, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     keys = ("epoch", "lr", "train_loss", "images", "val_weighted_log_loss", "best_epoch")
-    assert _epoch_log(member / "train_log_0.jsonl", keys) == _epoch_log(full / "tiny_densenet_64" / "train_log_0.jsonl",
-                                                                         keys)
-    a = torch.load(full / "tiny_densenet_64" / "model_epoch_best_0.pth", weights_only=True)["state_dict"]
-    b = torch.load(member / "model_epoch_best_0.pth", weights_only=True)["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert epoch_log(member / "train_log_0.jsonl", keys) == epoch_log(full / "tiny_densenet_64" / "train_log_0.jsonl",
+                                                                       keys)
+    assert_same_weights(full / "tiny_densenet_64" / "model_epoch_best_0.pth", member / "model_epoch_best_0.pth")
 
 
 # ----------------------------------------------------------------------------------------- sequence head
@@ -270,11 +265,8 @@ def test_sequence_stop_or_kill_then_resume_equals_an_uninterrupted_run(sequence_
     res = _run("hemorrhage_train_sequence.py", _seq_args(feats, labels, part, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")
-    assert _epoch_log(part / "train_log_0.jsonl", keys) == _epoch_log(full / "train_log_0.jsonl", keys)
-    a = torch.load(full / "sequence_fold0.pth", weights_only=True)
-    b = torch.load(part / "sequence_fold0.pth", weights_only=True)
-    sa, sb = a.get("state_dict", a.get("model")), b.get("state_dict", b.get("model"))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert epoch_log(part / "train_log_0.jsonl", keys) == epoch_log(full / "train_log_0.jsonl", keys)
+    assert_same_weights(full / "sequence_fold0.pth", part / "sequence_fold0.pth")
 
 
 @pytest.mark.ddp

@@ -29,6 +29,7 @@ from ctclip.data.store import VolumeStore
 from hemorrhage.models.checkpoint import save_random_weights
 from scripts.hemorrhage_infer import main as infer
 from scripts.hemorrhage_prepare import main as prepare
+from tests.run_compare import assert_same_weights, epoch_log
 from tests.slurm_cluster import free_port, start_or_skip
 
 pytestmark = [pytest.mark.slurm,
@@ -294,10 +295,6 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def _epochs(path: Path, keys: tuple[str, ...]) -> list[dict]:
-    return [{k: r.get(k) for k in keys} for r in map(json.loads, path.read_text().splitlines())]
-
-
 @pytest.mark.slow  # ~60-90 s on 2 cores: both jobs run twice, the requeue delay, the reference runs
 def test_hemorrhage_training_jobs_are_signalled_requeued_and_resume_exactly(requeue_cluster, prepared_head,
                                                                               sequence_features, tmp_path):
@@ -355,17 +352,14 @@ def test_hemorrhage_training_jobs_are_signalled_requeued_and_resume_exactly(requ
     cnn_state = torch.load(cnn_log.parent / "train_state_0.pt", weights_only=True)
     assert cnn_state["epoch"] == 7 and not cnn_state.get("in_epoch")
     keys = ("epoch", "lr", "train_loss", "images", "val_weighted_log_loss", "best_epoch")
-    assert _epochs(cnn_log, keys) == _epochs(tmp_path / "ref_cnn" / "tiny_densenet_64" / "train_log_0.jsonl", keys)
-    assert len(_epochs(cnn_log, keys)) == 8
+    assert epoch_log(cnn_log, keys) == epoch_log(tmp_path / "ref_cnn" / "tiny_densenet_64" / "train_log_0.jsonl", keys)
+    assert len(epoch_log(cnn_log, keys)) == 8
     keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")
-    assert _epochs(seq_log, keys) == _epochs(tmp_path / "ref_seq" / "train_log_0.jsonl", keys)
-    assert len(_epochs(seq_log, keys)) == 40
-    for a, b in ((cnn_log.parent / "model_epoch_best_0.pth", tmp_path / "ref_cnn" / "tiny_densenet_64"
-                  / "model_epoch_best_0.pth"),
-                 (seq_log.parent / "sequence_fold0.pth", tmp_path / "ref_seq" / "sequence_fold0.pth")):
-        sa, sb = (torch.load(f, weights_only=True) for f in (a, b))
-        sa, sb = (s.get("state_dict", s.get("model")) for s in (sa, sb))
-        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert epoch_log(seq_log, keys) == epoch_log(tmp_path / "ref_seq" / "train_log_0.jsonl", keys)
+    assert len(epoch_log(seq_log, keys)) == 40
+    assert_same_weights(cnn_log.parent / "model_epoch_best_0.pth",
+                        tmp_path / "ref_cnn" / "tiny_densenet_64" / "model_epoch_best_0.pth")
+    assert_same_weights(seq_log.parent / "sequence_fold0.pth", tmp_path / "ref_seq" / "sequence_fold0.pth")
 
 
 def _sequence_flags(features: Path, labels: Path, epochs: int) -> list[str]:
@@ -390,6 +384,7 @@ def test_a_real_time_limit_signals_the_job_which_requeues_until_done(requeue_clu
     t0 = time.monotonic()
     probe = subprocess.run([sys.executable, script, *_sequence_flags(features, labels, 1), "--output_dir",
                             str(tmp_path / "probe")], env=direct, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0, probe.stderr[-3000:]
     setup = time.monotonic() - t0
     t0 = time.monotonic()
     probe = subprocess.run([sys.executable, script, *_sequence_flags(features, labels, 21), "--output_dir",
@@ -417,7 +412,5 @@ def test_a_real_time_limit_signals_the_job_which_requeues_until_done(requeue_clu
     assert restarts >= 1 and text.count("stopped for the time limit") == restarts, job_text()
     assert text.count("resumed from ") == restarts, job_text()
     keys = ("epoch", "lr", "train_loss", "val_weighted_log_loss")
-    assert _epochs(out / "train_log_0.jsonl", keys) == _epochs(tmp_path / "ref" / "train_log_0.jsonl", keys)
-    a, b = (torch.load(d / "sequence_fold0.pth", weights_only=True) for d in (out, tmp_path / "ref"))
-    sa, sb = (s.get("state_dict", s.get("model")) for s in (a, b))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert epoch_log(out / "train_log_0.jsonl", keys) == epoch_log(tmp_path / "ref" / "train_log_0.jsonl", keys)
+    assert_same_weights(out / "sequence_fold0.pth", tmp_path / "ref" / "sequence_fold0.pth")

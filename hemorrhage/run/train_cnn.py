@@ -37,7 +37,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from ctcore.precision import CHOICES as PRECISION_CHOICES
 from ctcore.precision import autocast_factory
 from ctcore.preemption import StopRequest, stop_on_signals
 from ctcore.schema import arg
-from hemorrhage.augment import AUGMENT_PRESETS, augment_preset
+from hemorrhage.augment import AUGMENT_PRESETS, augment_preset, seed_for
 from hemorrhage.inference_data import find_series, is_prepared_folder
 from hemorrhage.kaggle import read_labels
 from hemorrhage.metrics import weighted_log_loss
@@ -178,13 +178,7 @@ class EpochProgress:
     images: int = 0
     seconds: float = 0.0
     wait: float = 0.0
-    # the RNG states at the stop, set again once the resumed epoch's loader iterator exists (making it
-    # draws from the torch RNG, as it did once in the epoch that stopped)
-    rng: dict[str, Any] | None = field(default=None, repr=False)
 
-    def fields(self) -> dict[str, Any]:
-        return {"batches": self.batches, "loss_sum": self.loss_sum, "images": self.images,
-                "seconds": self.seconds, "wait": self.wait}
 
 
 def _rng_states() -> dict[str, Any]:
@@ -209,7 +203,7 @@ def _save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, 
              "scaler": scaler.state_dict() if scaler is not None else {}, "epoch": epoch, "best": best,
              "best_epoch": best_epoch, **_rng_states()}
     if in_epoch is not None:
-        state["in_epoch"] = {"epoch": in_epoch[0], **in_epoch[1].fields()}
+        state["in_epoch"] = {"epoch": in_epoch[0], **asdict(in_epoch[1])}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -262,13 +256,15 @@ def _resume(cfg: TrainConfig, state_path: Path, model: torch.nn.Module, opt: tor
         scaler.load_state_dict(st["scaler"])
     log.info("resumed from %s: epoch %d done, best %.5f (epoch %d)", state_path, st["epoch"], st["best"],
              st["best_epoch"])
+    # as they were when the state was saved (after a batch, or after an epoch's validation): the training
+    # loader draws from its own generator, so nothing between here and the next batch uses these
+    _set_rng_states(st)
     if "in_epoch" in st:  # stopped by a signal after a batch: continue that epoch after it
         part = dict(st["in_epoch"])
         epoch = int(part.pop("epoch"))
-        progress = EpochProgress(**part, rng={k: st[k] for k in ("rng", "cuda_rng") if k in st})
+        progress = EpochProgress(**part)
         log.info("epoch %d: continuing after batch %d", epoch, progress.batches)
         return epoch, st["best"], st["best_epoch"], progress
-    _set_rng_states(st)  # saved after the epoch's validation: the next epoch starts from here
     return st["epoch"] + 1, st["best"], st["best_epoch"], EpochProgress()
 
 
@@ -280,11 +276,7 @@ def _train_epoch(ddp: torch.nn.Module, loader: DataLoader, opt: torch.optim.Opti
     ddp.train()
     t0, wait, n_img, loss_sum, n_batches = time.perf_counter(), done.wait, done.images, done.loss_sum, done.batches
     t = time.perf_counter()
-    batches = iter(loader)
-    if done.rng is not None:
-        _set_rng_states(done.rng)
-        done.rng = None
-    for x, y in batches:
+    for x, y in loader:
         wait += time.perf_counter() - t
         x = normalize_uint8(x.to(device, non_blocking=True))
         if device.type == "cuda":
@@ -355,8 +347,10 @@ def _train(cfg: TrainConfig, info: DistInfo) -> dict:
     workers = resolve_workers(cfg.num_workers)
     sampler = EpochDraws(train, cfg.samples_per_study, cfg.seed, info.rank, info.world_size, cfg.max_draws)
     dataset = TrainSlices(train, cfg.input_size, cfg.seed, augment_preset(resolve_augment(cfg)))
+    # the loader draws its workers' base seed from its own generator, reseeded every epoch, not from the
+    # global RNG: a resume then restores the RNG once (_resume), wherever the run stopped
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False, generator=torch.Generator())
     with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: leave after the current batch, resumable
         return _epochs(cfg, info, model, ddp, opt, autocast, scaler, sampler, loader, val, workers, member_dir,
                        state_path, data_report, start, best, best_epoch, done, stop)
@@ -371,6 +365,7 @@ def _epochs(cfg: TrainConfig, info: DistInfo, model, ddp, opt, autocast, scaler,
     record: dict = {"data": data_report}
     for epoch in range(start, cfg.epochs):
         sampler.set_epoch(epoch, done.batches * cfg.batch_size)
+        loader.generator.manual_seed(seed_for(cfg.seed, "loader", epoch))
         for group in opt.param_groups:
             group["lr"] = lr_at(epoch, cfg)
         fields = _train_epoch(ddp, loader, opt, autocast, scaler, device, info.world_size, done, stop)

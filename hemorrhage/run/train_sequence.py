@@ -48,7 +48,7 @@ from ctcore.cli import save_resolved
 from ctcore.errors import UsageError
 from ctcore.preemption import stop_on_signals
 from ctcore.schema import arg
-from hemorrhage.augment import rng_for
+from hemorrhage.augment import rng_for, seed_for
 from hemorrhage.ensemble import resolve_device
 from hemorrhage.feature_files import FeaturesError, SeriesFeatures, load_features_dir, read_series_features
 from hemorrhage.kaggle import LabelError, read_labels
@@ -194,7 +194,7 @@ def _batches(ds: SequenceSamples, order: list[int], epoch: int, cfg: SequenceTra
     # the loader draws its workers' base seed from its own generator, not from torch's global one: the model
     # (dropout) is then the global RNG's only user, so a resume restores it once, wherever the run stopped
     # (the samples themselves are functions of seed, epoch and series: rng_for)
-    seeds = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch]).integers(2**62)))
+    seeds = torch.Generator().manual_seed(seed_for(cfg.seed, "loader", epoch))
     return DataLoader(ds, sampler=keys, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
                       generator=seeds)
 
