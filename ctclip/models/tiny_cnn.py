@@ -17,6 +17,10 @@ thickening and bronchiectasis. BatchNorm normalises each channel over the slices
 volumes), not each slice on its own, so a slice's absolute density still reaches the model (per-slice
 GroupNorm/LayerNorm would remove it). The slice feature is the flattened last map (where) plus the
 map's global max and mean per channel (what, wherever it is), projected and layer-normalised.
+
+Channels-last memory layout (weights and activations): on a CPU the same convolutions take less time in
+it (a training step over 1024 slices of 64 x 64 in chunks of 64, one thread: 0.31 instead of 0.39 CPU-s,
+`benchmarks/bench_tiny_cnn.py`), and on a GPU it is the layout AMP's kernels want.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ class TinySliceCNN(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
+        self.features.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
+        f = self.features(x.contiguous(memory_format=torch.channels_last))
         return self.norm(self.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))

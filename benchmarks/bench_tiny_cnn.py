@@ -1,0 +1,103 @@
+"""Benchmark: one training step of the `tiny_cnn` slice encoder in channels-last layout (ours) against the same
+network in the default contiguous layout (the reference), measured in the same run.
+
+    python benchmarks/bench_tiny_cnn.py                   # 1024 slices of 64 x 64 (a batch of 32 volumes x 32
+                                                          # slices, the learning benchmark's), one thread, ~1 min
+    python benchmarks/bench_tiny_cnn.py --slices 256 --threads 2 --repeats 5 --json tiny_cnn.json
+
+A step is what training does to the slice encoder: forward over all slices in chunks of --chunk (BatchNorm
+statistics per chunk, as `SliceEncoder` runs it), a scalar loss, backward and an AdamW step. Both layouts
+start from the same weights and see the same random slices; the script first checks that they compute the
+same features (max abs difference printed), then times --repeats rounds of --steps steps each, the two
+layouts interleaved, as process CPU time (user + system, all threads) and wall time; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ctclip.models.tiny_cnn import TinySliceCNN
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slices", type=int, default=1024)
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path)
+    return p
+
+
+class ContiguousCNN(TinySliceCNN):
+    """The reference: the same network with its weights and activations in the default (NCHW) layout."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__(image_size=image_size)
+        self.features.to(memory_format=torch.contiguous_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x.contiguous())
+        return self.norm(self.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
+
+
+def encode(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    return torch.cat([model(part) for part in x.split(chunk)])
+
+
+def time_steps(model: torch.nn.Module, x: torch.Tensor, chunk: int, steps: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) per training step, after one untimed step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for i in range(steps + 1):
+        if i == 1:
+            cpu, wall = time.process_time(), time.perf_counter()
+        encode(model, x, chunk).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return (time.process_time() - cpu) / steps, (time.perf_counter() - wall) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours = TinySliceCNN(image_size=args.image_size)
+    ref = ContiguousCNN(args.image_size)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.rand(args.slices, 1, args.image_size, args.image_size) * 2 - 1
+    with torch.no_grad():
+        diff = float((encode(ours, x, args.chunk) - encode(ref, x, args.chunk)).abs().max())
+    print(f"features of the two layouts: max abs difference {diff:.2e}")
+    if diff > 1e-3:
+        print("error: the two layouts compute different features", file=sys.stderr)
+        return 1
+    runs: dict[str, list[tuple[float, float]]] = {"channels_last (ours)": [], "contiguous (reference)": []}
+    for _ in range(args.repeats):
+        for name, model in (("channels_last (ours)", ours), ("contiguous (reference)", ref)):
+            runs[name].append(time_steps(copy.deepcopy(model), x, args.chunk, args.steps))
+    med = {n: (statistics.median(c for c, _ in r), statistics.median(w for _, w in r)) for n, r in runs.items()}
+    print(f"\n{args.slices} slices of {args.image_size} px per step, chunks of {args.chunk}, {args.threads} thread(s), "
+          f"torch {torch.__version__}; median of {args.repeats} x {args.steps} steps\n")
+    print("| layout | CPU s / step | wall s / step |\n|---|---|---|")
+    for name, (c, w) in med.items():
+        print(f"| {name} | {c:.3f} | {w:.3f} |")
+    speedup = med["contiguous (reference)"][0] / med["channels_last (ours)"][0]
+    print(f"\nchannels_last needs {speedup:.2f}x less CPU time per step")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "median": med,
+                                         "runs": runs, "cpu_speedup": speedup, "max_abs_diff": diff}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
