@@ -5,15 +5,15 @@ pooled voxels beside it, the floor any image model should beat.
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate        # a set bench_learning_ctclip built
     python benchmarks/bench_probe_ctclip.py --work_dir DIR                # builds the set first (~4 min)
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate --arms pooled tiny_vit:minmax:cls \\
-        tiny_cnn:minmax:cls tiny_cnn:window:cls tiny_cnn:window:mean --minutes 3
+        tiny_cnn:minmax:max tiny_cnn:window:cls tiny_cnn:window:max tiny_cnn:window:mean --minutes 3
 
 Arms:
 - `pooled`: the volumes average-pooled 4x4x4 (uint8 / 255, the stored HU window), one logistic
   regression per finding (sklearn, L2, C=0.1). No learning of features: what density and place alone give.
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
-  POOL `cls` is the fusion as the CLIP uses it (its CLS token), `mean` averages the fusion's output
-  tokens instead. Trained with BCE on the finding labels for --minutes of process CPU time (one torch
+  POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
+  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. Trained with BCE on the finding labels for --minutes of process CPU time (one torch
   thread by default), AdamW, batch --batch_size; scored on the held-out test side.
 
 Each probe arm also reports the embedding collapse at initialisation: the mean cosine similarity between
@@ -49,7 +49,8 @@ from ctclip.findings import FINDINGS  # noqa: E402
 from ctclip.models.fusion import SliceFusion  # noqa: E402
 from ctclip.models.slice_encoder import build_slice_encoder  # noqa: E402
 
-DEFAULT_ARMS = ("pooled", "tiny_vit:minmax:cls", "tiny_cnn:minmax:cls", "tiny_cnn:window:cls", "tiny_cnn:window:mean")
+DEFAULT_ARMS = ("pooled", "tiny_cnn:window:cls", "tiny_cnn:window:max")
+PROBE_POOLS = ("cls", "max", "mean")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,13 +128,13 @@ class Probe(nn.Module):
     def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64):
         super().__init__()
         self.encoder = build_slice_encoder(encoder, image_size=image_size, slice_norm=slice_norm, chunk=chunk)
-        self.fusion = SliceFusion(self.encoder.width, 64, 1, 2, 64)
+        self.fusion = SliceFusion(self.encoder.width, 64, 1, 2, 64, pool="cls" if pool == "mean" else pool)
         self.pool = pool
         self.head = nn.Linear(64, len(FINDINGS))
 
     def embed(self, volumes: torch.Tensor) -> torch.Tensor:
         tokens = self.fusion.tokens(self.encoder(volumes))
-        return self.fusion.head(tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1))
+        return self.fusion.head(tokens[:, 1:].mean(dim=1) if self.pool == "mean" else self.fusion.pool(tokens))
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(volumes))
@@ -154,8 +155,8 @@ def init_collapse(model: Probe, x: torch.Tensor) -> float:
 
 def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict[str, Any]:
     encoder, slice_norm, pool = spec.split(":")
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"arm {spec!r}: pool must be cls or mean")
+    if pool not in PROBE_POOLS:
+        raise ValueError(f"arm {spec!r}: pool must be one of {PROBE_POOLS}")
     torch.manual_seed(args.seed)
     model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk)
     model.eval()
@@ -223,9 +224,10 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bad = [a for a in args.arms if a != "pooled" and (len(a.split(":")) != 3 or a.split(":")[2] not in ("cls", "mean"))]
+    bad = [a for a in args.arms if a != "pooled" and (len(a.split(":")) != 3 or a.split(":")[2] not in PROBE_POOLS)]
     if bad:  # refused before any work
-        print(f"error: arm(s) {bad}: expected 'pooled' or ENCODER:NORM:POOL with POOL cls or mean", file=sys.stderr)
+        print(f"error: arm(s) {bad}: expected 'pooled' or ENCODER:NORM:POOL with POOL one of {PROBE_POOLS}",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     data = args.data_dir

@@ -26,9 +26,11 @@ from benchmarks import bench_probe_ctclip as probe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, SLICES = 32, 16
-# measured at 150 steps (21 CPU-s): cardiomegaly 0.84, pericardial effusion 0.77, peribronchial thickening
-# 0.77, bronchiectasis 0.75, all 18 findings 0.60 (80 test patients; chance 0.5 +- ~0.06)
-EASY = ("Cardiomegaly", "Pericardial effusion", "Peribronchial thickening", "Bronchiectasis")
+# measured at 150 steps (~14 CPU-s) with the fusion's max pooling (tiny_cnn.yaml's fusion_pool): medical
+# material 0.78, aortic wall calcification 0.75, peribronchial thickening 0.73, septal thickening 0.72, all
+# 18 findings 0.59 (80 test patients; chance 0.5 +- ~0.06). With the CLS token instead the easiest were
+# cardiomegaly 0.84, pericardial effusion 0.77, peribronchial thickening 0.77 and bronchiectasis 0.75.
+EASY = ("Medical material", "Arterial wall calcification", "Peribronchial thickening", "Interlobular septal thickening")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +52,10 @@ def small_set(tmp_path_factory) -> Path:
 
 def test_image_side_learns_the_easy_findings_on_held_out_patients(small_set, tmp_path):
     out = tmp_path / "probe.json"
-    assert probe.main(["--data_dir", str(small_set), "--arms", "tiny_cnn:window:cls", "--image_size", str(SIZE),
+    assert probe.main(["--data_dir", str(small_set), "--arms", "tiny_cnn:window:max", "--image_size", str(SIZE),
                        "--max_steps", "150", "--minutes", "60", "--eval_every", "1000", "--json", str(out)]) == 0
-    per = json.loads(out.read_text())["arms"]["tiny_cnn:window:cls"]["per_finding"]
-    assert per["Cardiomegaly"] >= 0.75, per
+    per = json.loads(out.read_text())["arms"]["tiny_cnn:window:max"]["per_finding"]
+    assert min(per[f] for f in EASY) >= 0.65, per
     assert np.mean([per[f] for f in EASY]) >= 0.7, per
     assert np.mean(list(per.values())) >= 0.56, per
 

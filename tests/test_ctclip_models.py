@@ -129,14 +129,49 @@ def test_variable_slice_counts(depth):
         assert model.encode_volume_from_slices(feats).shape == (2, 64)
 
 
-def test_padding_mask_matches_unpadded_volume():
-    model = tiny_model().eval()
+@pytest.mark.parametrize("pool", ["cls", "max"])
+def test_padding_mask_matches_unpadded_volume(pool):
+    model = tiny_model(fusion_pool=pool).eval()
     feats = torch.randn(1, 6, 64)
     padded = torch.cat([feats, torch.randn(1, 4, 64)], dim=1)
     mask = torch.tensor([[True] * 6 + [False] * 4])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_volume_from_slices(padded, mask=mask),
                                    model.encode_volume_from_slices(feats), atol=1e-5, rtol=1e-5)
+
+
+def test_max_pool_is_the_maximum_over_the_fused_slices_and_loads_a_cls_checkpoint():
+    cls_model = tiny_model(fusion_pool="cls").eval()
+    max_model = tiny_model(fusion_pool="max").eval()
+    max_model.load_state_dict(cls_model.state_dict())  # the same parameters: a checkpoint loads under either
+    feats = torch.randn(3, 5, 64)
+    with torch.no_grad():
+        fused = cls_model.fusion.tokens(feats)  # (3, 1 + 5, dim): CLS first
+        oracle = cls_model.fusion.proj_out(cls_model.fusion.norm(torch.stack(
+            [torch.stack([fused[b, 1:, c].max() for c in range(fused.shape[-1])]) for b in range(3)])))
+        torch.testing.assert_close(max_model.fusion(feats), oracle)
+        torch.testing.assert_close(cls_model.fusion(feats), cls_model.fusion.head(fused[:, 0]))
+        # the two pools are different volume tokens
+        assert not torch.allclose(max_model.fusion(feats), cls_model.fusion(feats))
+    with pytest.raises(ValueError, match="fusion_pool must be one of"):
+        tiny_cfg(fusion_pool="mean")
+
+
+def test_tiny_cnn_channels_last_computes_the_contiguous_network():
+    import copy
+
+    from ctclip.models.tiny_cnn import TinySliceCNN
+
+    torch.manual_seed(0)
+    cnn = TinySliceCNN(image_size=32).eval()
+    assert cnn.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    ref = copy.deepcopy(cnn.features).to(memory_format=torch.contiguous_format)  # plain NCHW weights
+    x = torch.randn(6, 1, 32, 32)
+    with torch.no_grad():
+        f = ref(x)
+        assert f.is_contiguous()
+        want = cnn.norm(cnn.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
+        torch.testing.assert_close(cnn(x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_freeze_dinov2_leaves_backbone_without_gradients():

@@ -54,7 +54,7 @@ class CTCLIP(nn.Module):
             slice_norm=cfg.slice_norm,
         )
         self.fusion = SliceFusion(self.slice_encoder.width, cfg.fusion_dim, cfg.fusion_depth, cfg.fusion_heads,
-                                  cfg.embed_dim)
+                                  cfg.embed_dim, pool=cfg.fusion_pool)
         self.text = build_text_tower(cfg.context_length, cfg.text_width, cfg.text_layers, cfg.text_heads,
                                      cfg.embed_dim)
         if cfg.text_weights:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from ctclip.models.fusion import FUSION_POOLS
 from ctclip.models.slice_encoder import SLICE_NORMS
 from ctclip.models.text import TEXT_POOLS
 
@@ -37,6 +38,9 @@ class ModelConfig:
     fusion_dim: int = 512
     fusion_depth: int = 4
     fusion_heads: int = 8
+    # the volume token: "cls" (the seed's, CT-CLIP's) or "max" over the fused slice tokens (a focal finding
+    # on a few slices passes through; what the from-scratch CPU model uses, ctclip/models/fusion.py)
+    fusion_pool: str = "cls"
     embed_dim: int = 512  # joint embedding
     context_length: int = 77
     text_width: int = 512
@@ -65,6 +69,8 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if not isinstance(self.embed_center, bool):
             raise ValueError(f"ModelConfig: embed_center must be true or false, got {self.embed_center!r}")
+        if self.fusion_pool not in FUSION_POOLS:
+            raise ValueError(f"ModelConfig: fusion_pool must be one of {FUSION_POOLS}, got {self.fusion_pool!r}")
         if self.slice_norm not in SLICE_NORMS:
             raise ValueError(f"ModelConfig: slice_norm must be one of {SLICE_NORMS}, got {self.slice_norm!r}")
         if self.dinov2_source not in DINOV2_SOURCES:

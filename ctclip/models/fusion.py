@@ -4,6 +4,13 @@ A learned CLS token is prepended to the D projected slice tokens and an x-transf
 (rotary position embedding, so any D works without a position table; flash attention through
 PyTorch's scaled_dot_product_attention) mixes them; the CLS output goes through LayerNorm and a
 linear projection.
+
+`pool` chooses which output becomes the volume: "cls" (the CLS token, as the seed and CT-CLIP do) or
+"max" (the per-feature maximum over the real slices' outputs). A focal finding (a nodule, a device, a
+strip of fibrosis) shows on a few of the slices; the maximum passes it through wherever it is, while
+the CLS token must first learn to attend to those slices. On the synthetic set's supervised probe, from
+scratch in 3 CPU-minutes: CLS 0.687, max 0.760 macro AUROC (docs/benchmarks.md). Both keep the same
+parameters (the CLS token still takes part in the attention), so a checkpoint loads under either.
 """
 
 from __future__ import annotations
@@ -12,10 +19,15 @@ import torch
 from torch import nn
 from x_transformers import Encoder
 
+FUSION_POOLS = ("cls", "max")
+
 
 class SliceFusion(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, out_dim: int):
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, out_dim: int, pool: str = "cls"):
         super().__init__()
+        if pool not in FUSION_POOLS:
+            raise ValueError(f"fusion pool must be one of {FUSION_POOLS}, got {pool!r}")
+        self.pool_mode = pool
         if dim % heads:
             raise ValueError(f"fusion dim {dim} is not divisible by {heads} heads")
         dim_head = dim // heads
@@ -45,10 +57,19 @@ class SliceFusion(nn.Module):
             mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask.bool()], dim=1)
         return self.encoder(x, mask=mask)
 
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's outputs (B, 1 + D, dim) -> one (B, dim) token per volume (`pool_mode`)."""
+        if self.pool_mode == "cls":
+            return tokens[:, 0]
+        slices = tokens[:, 1:]
+        if mask is not None:  # padding slices never win the maximum
+            slices = slices.masked_fill(~mask.bool()[..., None], float("-inf"))
+        return slices.amax(dim=1)
+
     def head(self, token: torch.Tensor) -> torch.Tensor:
         """A pooled (B, dim) token -> (B, out_dim)."""
         return self.proj_out(self.norm(token))
 
     def forward(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, D, in_dim) -> (B, out_dim), not normalised. `mask` (B, D) bool: True = real slice."""
-        return self.head(self.tokens(slice_feats, mask)[:, 0])
+        return self.head(self.pool(self.tokens(slice_feats, mask), mask))
