@@ -13,7 +13,9 @@ validation side, scored during training for the curves, and a held-out test side
 configs/ctclip/train_learning.yaml twice under the same budget: end-to-end, and with
 --freeze_dinov2 --cache_features (a random-init frozen backbone; building the cache is part of the
 budget) -> ctclip.run.evaluate on the test side (the final model, latest.pt; bootstrap CIs by patient)
--> a training-curve figure from both train_log.jsonl files.
+-> the report-prototype diagnostic (benchmarks/bench_learning_ctclip_prototypes.py: the same embeddings
+scored without prompts, so the gap between the joint space and the prompts shows) -> a training-curve
+figure from both train_log.jsonl files.
 
 Budget: training stops at --ctclip_budget_minutes of `--budget_clock cpu`, i.e. the CPU time (user +
 system, every thread) of the training process measured with time.process_time(), validation not
@@ -39,6 +41,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a file: make `benchmarks` and `scripts` importable like the tests do
@@ -54,6 +57,7 @@ from benchmarks.bench_learning_ctclip_data import (  # noqa: E402
     check_split,
     import_scripts,
 )
+from benchmarks.bench_learning_ctclip_prototypes import report_prototype_aurocs  # noqa: E402
 from benchmarks.bench_learning_ctclip_report import VARIANT_NAMES, machine, plot_curves, read_log, report  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "ctclip"
@@ -182,6 +186,9 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         per_finding = pd.read_csv(ev["outputs"]["metrics"])
         per_finding = {str(r["finding"]): float(r["auroc"]) for _, r in per_finding.iterrows()
                        if pd.notna(r["auroc"])}
+        with Timer() as t:
+            prototypes = report_prototype_aurocs(run_dir / "latest.pt", data)
+        timings[f"prototypes_{variant}"] = t.as_dict()
         logs[variant] = read_log(run_dir / "train_log.jsonl")
         valid = [r for r in logs[variant] if r["kind"] == "valid"]
         variants[variant] = {
@@ -195,7 +202,10 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "best_valid_mean_auroc": summary["best_metric"],
             "last_valid_mean_auroc": valid[-1]["mean_auroc"] if valid else None,
             "test": {"mean_auroc": ev["macro"]["auroc"], "n_units": ev["n_units"], "unit": ev["unit"],
-                     "per_finding_auroc": per_finding, "summary": str(work_dir / f"eval_{variant}" / "summary.json"),
+                     "per_finding_auroc": per_finding,
+                     "report_prototype_auroc": {"mean": float(np.mean(list(prototypes.values()))),
+                                                "per_finding": prototypes},
+                     "summary": str(work_dir / f"eval_{variant}" / "summary.json"),
                      "roc_figure": ev["outputs"]["roc_curves"]},
             "train_log": str(run_dir / "train_log.jsonl"),
         }

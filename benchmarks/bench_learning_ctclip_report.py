@@ -84,6 +84,12 @@ def report(result: dict) -> str:
     for v in result["variants"].values():
         per = ", ".join(f"{k} {x:.2f}" for k, x in v["test"]["per_finding_auroc"].items())
         lines.append(f"- {v['name']} per finding: {per}")
+        proto = v["test"].get("report_prototype_auroc")
+        if proto:
+            per = ", ".join(f"{k} {x:.2f}" for k, x in proto["per_finding"].items())
+            lines.append(f"- {v['name']}, the same embeddings scored by report prototypes instead of prompts "
+                         f"(bench_learning_ctclip_prototypes.py; a diagnostic, it uses the training labels): mean "
+                         f"{proto['mean']:.3f}; {per}")
     g = result["goal"]
     worst = "; ".join(f"{v['name']} {v['test']['min_finding']} {v['test']['per_finding_auroc'][v['test']['min_finding']]:.2f}"
                       for v in result["variants"].values() if v["test"].get("min_finding"))

@@ -103,6 +103,9 @@ def test_benchmark_run_at_toy_size(tmp_path):
         assert auroc["n_findings"] >= 1 and 0.0 <= auroc["value"] <= 1.0
         assert Path(v["test"]["roc_figure"]).is_file()
         assert set(v["test"]["per_finding_auroc"]) <= set(bench_findings())
+        proto = v["test"]["report_prototype_auroc"]
+        assert set(proto["per_finding"]) <= set(bench_findings())
+        assert all(0.0 <= x <= 1.0 for x in proto["per_finding"].values())
     figure = Path(result["figure"])
     assert figure.is_file() and figure.stat().st_size > 10_000
     met = [v["test"]["mean_auroc"]["value"] >= 0.85 and min(v["test"]["per_finding_auroc"].values()) >= 0.7
@@ -110,7 +113,65 @@ def test_benchmark_run_at_toy_size(tmp_path):
     assert result["goal"]["met"] == any(met) and result["goal"]["min_finding_auroc"] == 0.7
     text = bench.report(result)
     assert "| end-to-end |" in text and "frozen backbone" in text and ("met" in text)
+    assert "scored by report prototypes instead of prompts" in text
     assert result["machine"]["torch_threads"] == 1
+
+
+def test_report_prototypes_read_the_joint_space_without_prompts(monkeypatch, tmp_path):
+    """With embeddings that are the labels themselves (a perfect joint space), every finding scores near 1
+    (not exactly: the prototype difference of finding k carries the training set's chance correlations with
+    the others); with the test volumes' embeddings shuffled against their labels, about chance."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from benchmarks import bench_learning_ctclip_prototypes as proto
+    from ctclip.findings import FINDINGS
+
+    rng = np.random.default_rng(0)
+    cols = ["VolumeName", "ClinicalInformation_EN", "Technique_EN", "Findings_EN", "Impressions_EN"]
+    train = pd.DataFrame(rng.integers(0, 2, (60, len(FINDINGS))), columns=list(FINDINGS))
+    train.insert(0, "VolumeName", [f"train_{i}_a_1.nii.gz" for i in range(60)])
+    test = pd.DataFrame(rng.integers(0, 2, (40, len(FINDINGS))), columns=list(FINDINGS))
+    test.insert(0, "VolumeName", [f"valid_{i}_a_1.nii.gz" for i in range(40)])
+    train.to_csv(tmp_path / "train_predicted_labels.csv", index=False)
+    test.to_csv(tmp_path / "test_predicted_labels.csv", index=False)
+    # each report's text names its volume, so the fake text tower can look its labels up
+    pd.DataFrame([[n, "", "", f"Report of {n}.", ""] for n in train.VolumeName], columns=cols).to_csv(
+        tmp_path / "train_reports.csv", index=False)
+    text_labels = {n: row for n, row in zip(train.VolumeName, train[list(FINDINGS)].to_numpy(np.float32))}
+
+    class FakeModel:
+        def tokenize(self, texts):
+            return texts
+
+        def encode_text(self, texts):
+            return torch.from_numpy(np.stack([text_labels[t.split("Report of ")[1].split(".nii")[0] + ".nii.gz"]
+                                              for t in texts]))
+
+    class FakeStore:
+        def __init__(self, path):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def names(self):
+            return list(test.VolumeName)
+
+    volume_embeddings = torch.tensor(test[list(FINDINGS)].to_numpy(np.float32))
+    monkeypatch.setattr(proto, "load_trained_model", lambda path: (FakeModel(), {"config": {}}))
+    monkeypatch.setattr(proto, "VolumeStore", FakeStore)
+    monkeypatch.setattr(proto, "_embed_volumes", lambda model, store, names: volume_embeddings)
+    perfect = proto.report_prototype_aurocs(tmp_path / "latest.pt", tmp_path)
+    assert set(perfect) == set(FINDINGS) and min(perfect.values()) > 0.95, perfect
+    monkeypatch.setattr(proto, "_embed_volumes",
+                        lambda model, store, names: volume_embeddings[torch.randperm(40, generator=torch.Generator().manual_seed(0))])
+    shuffled = proto.report_prototype_aurocs(tmp_path / "latest.pt", tmp_path)
+    assert 0.35 < np.mean(list(shuffled.values())) < 0.65, shuffled
 
 
 def bench_findings() -> tuple[str, ...]:

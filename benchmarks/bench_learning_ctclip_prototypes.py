@@ -1,0 +1,69 @@
+"""Learning benchmark, chest half: what the joint embedding space holds about each finding, apart from the prompts.
+
+Zero-shot scoring asks the text tower to place two short prompts ("X is present." / "X is not present.")
+so that their difference points along finding X. A low zero-shot AUROC can mean the image embeddings do not
+separate X, or that they do and the prompts miss the direction. The report-prototype score separates the two:
+each finding's direction is the mean embedding of the training reports that have it minus the mean of those
+that do not (the reports as training saw them, whole), and a test volume's score is its embedding's
+projection on that direction. Its AUROC is the same joint space read without prompts; the gap to zero-shot
+is what the prompts lose. It uses the training labels, so it is a diagnostic beside the zero-shot result,
+never a substitute for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ctclip.checkpoint import load_trained_model
+from ctclip.data.reports import load_labels, load_reports, report_text, text_columns
+from ctclip.data.store import VolumeStore
+from ctclip.findings import FINDINGS
+
+
+def _embed_volumes(model, store: Path, names: list[str], batch: int = 32) -> torch.Tensor:
+    out = []
+    with VolumeStore(store) as s:
+        for i in range(0, len(names), batch):
+            x = torch.from_numpy(np.stack([s.read(n) for n in names[i:i + batch]])).unsqueeze(1)
+            out.append(model.encode_volume(x))
+    return torch.cat(out)
+
+
+def _embed_texts(model, texts: list[str], batch: int = 64) -> torch.Tensor:
+    return torch.cat([model.encode_text(model.tokenize(texts[i:i + batch])) for i in range(0, len(texts), batch)])
+
+
+def report_prototype_aurocs(model_path: Path, data: Path) -> dict[str, float]:
+    """Per-finding test AUROC of the report-prototype score (module docstring) for a trained checkpoint and a
+    set this benchmark built (`data`: train_reports.csv, train_predicted_labels.csv, valid_volumes.h5,
+    test_predicted_labels.csv). Findings with one class on either side are left out."""
+    model, meta = load_trained_model(model_path)
+    column = ((meta.get("config") or {}).get("text_column")) or "findings_impressions"
+    reports = load_reports(data / "train_reports.csv")
+    train_labels = load_labels(data / "train_predicted_labels.csv")
+    names = [n for n in reports.index if n in train_labels.index]
+    columns = text_columns(column)
+    texts = [report_text(reports.loc[n], columns) for n in names]
+    test_labels = load_labels(data / "test_predicted_labels.csv")
+    with VolumeStore(data / "valid_volumes.h5") as s:
+        have = set(s.names())
+    test_names = [n for n in test_labels.index if n in have]
+    with torch.inference_mode():
+        z_text = _embed_texts(model, texts).float()
+        z_vol = _embed_volumes(model, data / "valid_volumes.h5", test_names).float()
+    y_train = train_labels.loc[names, list(FINDINGS)].to_numpy()
+    y_test = test_labels.loc[test_names, list(FINDINGS)].to_numpy()
+    out: dict[str, float] = {}
+    for k, finding in enumerate(FINDINGS):
+        pos, neg = y_train[:, k] == 1, y_train[:, k] == 0
+        known = ~np.isnan(y_test[:, k])
+        if not pos.any() or not neg.any() or len(np.unique(y_test[known, k])) < 2:
+            continue
+        direction = z_text[torch.from_numpy(pos)].mean(0) - z_text[torch.from_numpy(neg)].mean(0)
+        scores = (z_vol @ direction).numpy()
+        out[finding] = float(roc_auc_score(y_test[known, k], scores[known]))
+    return out
