@@ -483,6 +483,40 @@ def test_trimmed_text_forward_equals_the_full_context():
     assert tower.token_embedding.weight.grad is not None and tower.positional_embedding.grad is not None
 
 
+def test_non_causal_text_sees_the_negation_everywhere_and_never_the_padding():
+    from ctclip.models.text import encode_tokens
+
+    torch.manual_seed(0)
+    tower = build_text_tower(64, 64, 2, 2, 32).eval()
+    pos, neg = tokenize(["Pleural effusion is present.", "Pleural effusion is not present."], 64)
+    n_shared = 4  # start token, "pleural", "effusion", "is"
+    assert torch.equal(pos[:n_shared], neg[:n_shared])
+
+    def token_features(tokens, causal):
+        length = int((tokens != 0).sum())
+        x = tower.token_embedding(tokens[None, :length]) + tower.positional_embedding[:length]
+        mask = tower.attn_mask[:length, :length] if causal else None  # one unpadded text: no padding to hide
+        return tower.transformer(x, attn_mask=mask)[0]
+
+    with torch.no_grad():
+        # causal: the words before "not" are the same features in both sentences; non-causal: they differ
+        torch.testing.assert_close(token_features(pos, True)[:n_shared], token_features(neg, True)[:n_shared])
+        assert (token_features(pos, False)[:n_shared] - token_features(neg, False)[:n_shared]).abs().max() > 1e-3
+        # batched with a longer text (more padding) = alone = the unpadded oracle (mean of the token features)
+        longer = tokenize(["Cardiomegaly is present. " * 8], 64)[0]
+        batched = encode_tokens(tower, torch.stack([neg, longer]), "mean", causal=False)[0]
+        alone = encode_tokens(tower, neg[None], "mean", causal=False)[0]
+        feats = tower.ln_final(token_features(neg, False))
+        oracle = tower.text_projection(feats.mean(0)) if isinstance(tower.text_projection, torch.nn.Linear) \
+            else feats.mean(0) @ tower.text_projection
+        torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(alone, oracle, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs text pool 'mean'"):
+        encode_tokens(tower, neg[None], "eot", causal=False)
+    with pytest.raises(ValueError, match="text_causal false needs text_pool mean"):
+        tiny_cfg(text_causal=False)
+
+
 def test_window_slice_norm_keeps_absolute_density():
     """minmax makes one grey a different value in every slice; window keeps the store's HU window."""
     vol = torch.zeros(1, 1, 2, 8, 8, dtype=torch.uint8)
@@ -584,3 +618,10 @@ def test_embed_center_centres_the_batch_and_is_checked_on_resume(tmp_path):
     old = {k: v for k, v in dataclasses.asdict(tiny_cfg()).items() if k not in ("embed_center", "text_pool")}
     with pytest.raises(CheckpointError, match="text_pool: checkpoint 'eot' vs now 'mean'"):
         check_model_config(old, now, tmp_path / "latest.pt")
+    # a checkpoint from before fusion_pool / text_causal was a CLS, causal model
+    older = {k: v for k, v in old.items() if k not in ("fusion_pool", "text_causal")}
+    check_model_config(older, dataclasses.asdict(tiny_cfg()), tmp_path / "latest.pt")
+    with pytest.raises(CheckpointError, match="fusion_pool: checkpoint 'cls' vs now 'max'.*text_causal: checkpoint "
+                                              "True vs now False"):
+        check_model_config(older, dataclasses.asdict(tiny_cfg(fusion_pool="max", text_pool="mean", text_causal=False)),
+                           tmp_path / "latest.pt")

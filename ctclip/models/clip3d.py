@@ -81,7 +81,8 @@ class CTCLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) ids -> (B, embed_dim), L2-normalised."""
-        return F.normalize(self.text_center(encode_tokens(self.text, tokens, self.cfg.text_pool)), dim=-1)
+        pooled = encode_tokens(self.text, tokens, self.cfg.text_pool, self.cfg.text_causal)
+        return F.normalize(self.text_center(pooled), dim=-1)
 
     def forward(self, volumes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(volume features, text features, logit scale = exp(clamped logit_scale))."""

@@ -52,6 +52,9 @@ class ModelConfig:
     # or "mean" (the mean over the text's tokens: a tower trained from scratch starts from a bag of words,
     # whose random features already follow the report's content, not its length)
     text_pool: str = "eot"
+    # causal attention in the text tower (CLIP's; keep it with OpenAI weights). False, with text_pool mean:
+    # every token sees the whole text, so a finding's own tokens see a negation after them
+    text_causal: bool = True
     # centre each embedding on the batch (BatchNorm1d without affine, running statistics at eval) before
     # the L2 norm: towers trained from scratch start with every volume (and every report) embedded in
     # nearly the same direction (cosine ~0.95), which leaves the contrastive loss almost no gradient
@@ -67,6 +70,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if not isinstance(self.text_causal, bool):
+            raise ValueError(f"ModelConfig: text_causal must be true or false, got {self.text_causal!r}")
+        if not self.text_causal and self.text_pool != "mean":
+            raise ValueError("ModelConfig: text_causal false needs text_pool mean")
         if not isinstance(self.embed_center, bool):
             raise ValueError(f"ModelConfig: embed_center must be true or false, got {self.embed_center!r}")
         if self.fusion_pool not in FUSION_POOLS:

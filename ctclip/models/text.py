@@ -54,10 +54,13 @@ def build_text_tower(context_length: int, width: int, layers: int, heads: int, e
 TEXT_POOLS = ("eot", "mean")
 
 
-def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot") -> torch.Tensor:
+def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot", causal: bool = True) -> torch.Tensor:
     """`tower(tokens)` computed only up to the batch's longest text; `pool` "mean" averages the final
     token features over each text's tokens (start and end tokens included, padding excluded) instead of
-    taking the end-of-text token's.
+    taking the end-of-text token's. `causal` False (with "mean" only) lets every token attend to the whole
+    text instead of to the tokens before it (padding never attended to): in "Pleural effusion is not
+    present." the finding's own tokens then see the negation, where under the causal mask only the words
+    after "not" can.
 
     The tokenizer pads every text to the context length (a long context holds whole CT-RATE reports), but
     with the causal mask nothing after a text's end-of-text token reaches the token the tower pools, so
@@ -66,6 +69,8 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     """
     if pool not in TEXT_POOLS:
         raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
+    if not causal and pool != "mean":
+        raise ValueError("a non-causal text tower needs text pool 'mean' (the end token is the causal summary)")
     if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
         if pool != "eot":
             raise ValueError("text pool 'mean' needs a causal text tower without a CLS token")
@@ -76,7 +81,7 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     cut = tokens[:, :length]
     x = tower.token_embedding(cut).to(tower.transformer.get_cast_dtype())
     x = x + tower.positional_embedding[:length].to(x.dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length] if causal else _padding_mask(cut, tower, x.dtype))
     x = tower.ln_final(x)
     if pool == "mean":
         keep = (cut != 0).unsqueeze(-1).to(x.dtype)
@@ -86,6 +91,14 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     if isinstance(tower.text_projection, torch.nn.Linear):
         return tower.text_projection(pooled)
     return pooled @ tower.text_projection if tower.text_projection is not None else pooled
+
+
+def _padding_mask(cut: torch.Tensor, tower: TextTransformer, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B * heads, L, L) attention mask: every query sees the text's real tokens, never its padding."""
+    pad = (cut == 0)[:, None, :].expand(-1, cut.shape[1], -1)
+    mask = torch.zeros(pad.shape, dtype=dtype, device=cut.device).masked_fill(pad, float("-inf"))
+    heads = tower.transformer.resblocks[0].attn.num_heads
+    return mask.repeat_interleave(heads, dim=0)
 
 
 def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
