@@ -579,3 +579,24 @@ def test_script_runs_in_process(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out_dir", str(tmp_path / "x"), "--prevalence", "Lung nodul=0.5"])
     assert "Lung nodul" in capsys.readouterr().err
+
+
+def test_coarse_grids_with_gaps_in_thin_organs_plant_without_errors(tmp_path):
+    """At 32 x 32 x 16 the sternum and the trachea can vanish from a slice between their ends. Patients 421,
+    435 and 436 of this set once failed there: the sternotomy wires took the maximum of an empty slice
+    (the generator stopped with a bare numpy error) and the lymph-node stations averaged one (a NaN site)."""
+    import warnings
+
+    from ctclip.synthetic.chest import plan_patient
+
+    cfg = ChestSynthConfig(out_dir=tmp_path, n_patients=600, size=(32, 32), slices=16, valid_fraction=0.3,
+                           scans_per_patient=(1, 1), recons_per_scan=(1, 1), seed=0)
+    base = load_chest_base(cfg.size, cfg.slices, cfg.samples_dir)
+    for g in (421, 435, 436):
+        _, scans = plan_patient(cfg, base, g)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            planted = synthesize_scan(base, scans[0].spec, (32, 32, 16))
+        assert planted.masks and np.isfinite(planted.hu).all()
+        for name, mask in planted.masks.items():
+            assert mask.any(), (g, name)

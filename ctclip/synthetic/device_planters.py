@@ -172,6 +172,8 @@ def _sternotomy(cv: Canvas, p: dict) -> np.ndarray | None:
     for z in levels.astype(int):
         k = z - box[2].start
         plane = st[box][:, :, k]
+        if not plane.any():  # a coarse grid can miss the sternum in a slice between its ends
+            continue
         d = ndi.distance_transform_edt(~plane, sampling=cv.spacing[:2])
         ring = (d > 0) & (d <= width) & allowed[:, :, k] & ~cv.claimed[box][:, :, k]
         # the twisted ends, a knot of about 5 mm in front of the sternum's midline

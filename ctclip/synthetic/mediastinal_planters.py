@@ -61,7 +61,7 @@ def _station_point(station: str, level: float, trachea: np.ndarray, sp: np.ndarr
     carina = zs[0]
 
     def centroid(z: float) -> np.ndarray:
-        z = int(np.clip(round(z), zs[0], zs[-1]))
+        z = int(zs[np.argmin(np.abs(zs - z))])  # the nearest slice that shows the trachea (a coarse grid has gaps)
         xy = np.argwhere(trachea[:, :, z]).mean(axis=0)
         return np.array([xy[0], xy[1], z], dtype=float)
 
