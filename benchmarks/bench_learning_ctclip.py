@@ -181,11 +181,6 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         with Timer() as t:
             ev = evaluate_variant(args, data, run_dir, work_dir / f"eval_{variant}", templates)
         timings[f"eval_{variant}"] = t.as_dict()
-        import pandas as pd
-
-        per_finding = pd.read_csv(ev["outputs"]["metrics"])
-        per_finding = {str(r["finding"]): float(r["auroc"]) for _, r in per_finding.iterrows()
-                       if pd.notna(r["auroc"])}
         with Timer() as t:
             prototypes = report_prototype_aurocs(run_dir / "latest.pt", data)
         timings[f"prototypes_{variant}"] = t.as_dict()
@@ -201,12 +196,7 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "train_wall_minutes": round(summary["wall_minutes"], 3),
             "best_valid_mean_auroc": summary["best_metric"],
             "last_valid_mean_auroc": valid[-1]["mean_auroc"] if valid else None,
-            "test": {"mean_auroc": ev["macro"]["auroc"], "n_units": ev["n_units"], "unit": ev["unit"],
-                     "per_finding_auroc": per_finding,
-                     "report_prototype_auroc": {"mean": float(np.mean(list(prototypes.values()))),
-                                                "per_finding": prototypes},
-                     "summary": str(work_dir / f"eval_{variant}" / "summary.json"),
-                     "roc_figure": ev["outputs"]["roc_curves"]},
+            "test": _test_result(ev, prototypes, work_dir / f"eval_{variant}" / "summary.json"),
             "train_log": str(run_dir / "train_log.jsonl"),
         }
     figure = plot_curves(logs, work_dir / "ctclip_learning_curves.png", args.ctclip_budget_minutes)
@@ -235,6 +225,18 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         "timings": timings,
         "figure": str(figure),
     }
+
+
+def _test_result(ev: dict[str, Any], prototypes: dict[str, float], summary: Path) -> dict[str, Any]:
+    """One variant's test-side results: zero-shot (the evaluation's) and the report-prototype diagnostic."""
+    import pandas as pd
+
+    table = pd.read_csv(ev["outputs"]["metrics"])
+    per_finding = {str(r["finding"]): float(r["auroc"]) for _, r in table.iterrows() if pd.notna(r["auroc"])}
+    return {"mean_auroc": ev["macro"]["auroc"], "n_units": ev["n_units"], "unit": ev["unit"],
+            "per_finding_auroc": per_finding,
+            "report_prototype_auroc": {"mean": float(np.mean(list(prototypes.values()))), "per_finding": prototypes},
+            "summary": str(summary), "roc_figure": ev["outputs"]["roc_curves"]}
 
 
 def _count_rows(path: Path) -> int:
