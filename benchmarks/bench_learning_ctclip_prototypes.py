@@ -24,12 +24,11 @@ from ctclip.data.store import VolumeStore
 from ctclip.findings import FINDINGS
 
 
-def _embed_volumes(model, store: Path, names: list[str], batch: int = 32) -> torch.Tensor:
+def _embed_volumes(model, store: VolumeStore, names: list[str], batch: int = 32) -> torch.Tensor:
     out = []
-    with VolumeStore(store) as s:
-        for i in range(0, len(names), batch):
-            x = torch.from_numpy(np.stack([s.read(n) for n in names[i:i + batch]])).unsqueeze(1)
-            out.append(model.encode_volume(x))
+    for i in range(0, len(names), batch):
+        x = torch.from_numpy(np.stack([store.read(n) for n in names[i:i + batch]])).unsqueeze(1)
+        out.append(model.encode_volume(x))
     return torch.cat(out)
 
 
@@ -49,12 +48,11 @@ def report_prototype_aurocs(model_path: Path, data: Path) -> dict[str, float]:
     columns = text_columns(column)
     texts = [report_text(reports.loc[n], columns) for n in names]
     test_labels = load_labels(data / "test_predicted_labels.csv")
-    with VolumeStore(data / "valid_volumes.h5") as s:
-        have = set(s.names())
-    test_names = [n for n in test_labels.index if n in have]
-    with torch.inference_mode():
+    with VolumeStore(data / "valid_volumes.h5") as store, torch.inference_mode():
+        have = set(store.names())
+        test_names = [n for n in test_labels.index if n in have]
+        z_vol = _embed_volumes(model, store, test_names).float()
         z_text = _embed_texts(model, texts).float()
-        z_vol = _embed_volumes(model, data / "valid_volumes.h5", test_names).float()
     y_train = train_labels.loc[names, list(FINDINGS)].to_numpy()
     y_test = test_labels.loc[test_names, list(FINDINGS)].to_numpy()
     out: dict[str, float] = {}

@@ -13,8 +13,9 @@ Arms:
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
   POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
-  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. Trained with BCE on the finding labels for --minutes of process CPU time (one torch
-  thread by default), AdamW, batch --batch_size; scored on the held-out test side.
+  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. Trained with
+  BCE on the finding labels for --minutes of process CPU time (one torch thread by default), AdamW,
+  batch --batch_size; scored on the held-out test side.
 
 Each probe arm also reports the embedding collapse at initialisation: the mean cosine similarity between
 the (untrained) volume embeddings of different test volumes. Near 1 means every volume starts as nearly

@@ -39,18 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class ContiguousCNN(TinySliceCNN):
-    """The reference: the same network with its weights and activations in the default (NCHW) layout."""
-
-    def __init__(self, image_size: int) -> None:
-        super().__init__(image_size=image_size)
-        self.features.to(memory_format=torch.contiguous_format)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x.contiguous())
-        return self.norm(self.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
-
-
 def encode(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([model(part) for part in x.split(chunk)])
 
@@ -68,11 +56,16 @@ def time_steps(model: torch.nn.Module, x: torch.Tensor, chunk: int, steps: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    bad = [f"--{k} {getattr(args, k)}" for k in ("slices", "image_size", "chunk", "threads", "steps", "repeats")
+           if getattr(args, k) < 1]
+    if bad:  # refused before any work
+        parser.error(f"must be at least 1: {', '.join(bad)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = TinySliceCNN(image_size=args.image_size)
-    ref = ContiguousCNN(args.image_size)
+    ref = TinySliceCNN(image_size=args.image_size, channels_last=False)  # the reference: default NCHW layout
     ref.load_state_dict(ours.state_dict())
     x = torch.rand(args.slices, 1, args.image_size, args.image_size) * 2 - 1
     with torch.no_grad():

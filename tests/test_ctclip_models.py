@@ -158,20 +158,29 @@ def test_max_pool_is_the_maximum_over_the_fused_slices_and_loads_a_cls_checkpoin
 
 
 def test_tiny_cnn_channels_last_computes_the_contiguous_network():
-    import copy
-
     from ctclip.models.tiny_cnn import TinySliceCNN
 
     torch.manual_seed(0)
     cnn = TinySliceCNN(image_size=32).eval()
-    assert cnn.features[0].weight.is_contiguous(memory_format=torch.channels_last)
-    ref = copy.deepcopy(cnn.features).to(memory_format=torch.contiguous_format)  # plain NCHW weights
+    ref = TinySliceCNN(image_size=32, channels_last=False).eval()
+    ref.load_state_dict(cnn.state_dict())
+    # the 16 -> 32 convolution (the first one's single input channel is contiguous in both layouts)
+    conv, ref_conv = cnn.features[3].weight, ref.features[3].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert ref_conv.is_contiguous() and not ref_conv.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(6, 1, 32, 32)
     with torch.no_grad():
-        f = ref(x)
-        assert f.is_contiguous()
-        want = cnn.norm(cnn.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
-        torch.testing.assert_close(cnn(x), want, atol=1e-5, rtol=1e-5)
+        assert ref.features(x).is_contiguous()  # the reference really runs in the NCHW layout
+        torch.testing.assert_close(cnn(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_cnn_benchmark_refuses_empty_settings(capsys):
+    from benchmarks.bench_tiny_cnn import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--slices", "0", "--repeats", "0"])
+    assert exc.value.code == 2
+    assert "must be at least 1: --slices 0, --repeats 0" in capsys.readouterr().err
 
 
 def test_freeze_dinov2_leaves_backbone_without_gradients():

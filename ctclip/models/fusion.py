@@ -9,7 +9,7 @@ linear projection.
 "max" (the per-feature maximum over the real slices' outputs). A focal finding (a nodule, a device, a
 strip of fibrosis) shows on a few of the slices; the maximum passes it through wherever it is, while
 the CLS token must first learn to attend to those slices. On the synthetic set's supervised probe, from
-scratch in 3 CPU-minutes: CLS 0.687, max 0.760 macro AUROC (docs/benchmarks.md). Both keep the same
+scratch in 3 CPU-minutes: CLS 0.676, max 0.754 macro AUROC (docs/benchmarks.md). Both keep the same
 parameters (the CLS token still takes part in the attention), so a checkpoint loads under either.
 """
 

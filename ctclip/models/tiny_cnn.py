@@ -20,7 +20,8 @@ map's global max and mean per channel (what, wherever it is), projected and laye
 
 Channels-last memory layout (weights and activations): on a CPU the same convolutions take less time in
 it (a training step over 1024 slices of 64 x 64 in chunks of 64, one thread: 0.31 instead of 0.39 CPU-s,
-`benchmarks/bench_tiny_cnn.py`), and on a GPU it is the layout AMP's kernels want.
+`benchmarks/bench_tiny_cnn.py`), and on a GPU it is the layout AMP's kernels want. `channels_last=False`
+builds the same network in the default layout (the benchmark's reference).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class TinySliceCNN(nn.Module):
     """(N, in_chans, S, S) -> (N, out_dim); `num_features` = out_dim (timm's attribute name)."""
 
     def __init__(self, image_size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 64), out_dim: int = 128,
-                 in_chans: int = 1):
+                 in_chans: int = 1, channels_last: bool = True):
         super().__init__()
         side = image_size
         layers: list[nn.Module] = []
@@ -56,8 +57,9 @@ class TinySliceCNN(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
-        self.features.to(memory_format=torch.channels_last)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.features.to(memory_format=self.memory_format)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x.contiguous(memory_format=torch.channels_last))
+        f = self.features(x.contiguous(memory_format=self.memory_format))
         return self.norm(self.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
