@@ -133,3 +133,13 @@ def test_model_choice_switches_only_turn_on(tmp_path):
     frozen.write_text(config_path("tiny").read_text() + "freeze_dinov2: true\ngrad_checkpointing: true\n")
     cfg = ModelChoice(model_config=str(frozen)).resolve()  # the flags' False means "not given"
     assert cfg.freeze_dinov2 and cfg.grad_checkpointing
+
+
+def test_slice_norm_flag_takes_every_documented_norm():
+    from ctclip.models.slice_encoder import SLICE_NORMS
+    from scripts.ctclip_train import build_parser
+
+    for norm in SLICE_NORMS:  # docs/ctclip.md: minmax, window or ct_windows
+        args = build_parser().parse_args(["--ct_filepath", "a.h5", "--txt_filepath", "r.csv", "--slice_norm", norm])
+        assert args.slice_norm == norm
+    assert set(SLICE_NORMS) == {"minmax", "window", "ct_windows"}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctclip.models.clip3d import CTCLIP
 from ctclip.models.config import ModelConfig, model_config_from_yaml
-from ctclip.models.slice_encoder import REGISTERED_ENCODERS
+from ctclip.models.slice_encoder import REGISTERED_ENCODERS, SLICE_NORMS
 from ctcore.errors import UsageError
 from ctcore.schema import arg
 
@@ -108,9 +108,9 @@ class ModelChoice:
     grad_checkpointing: bool = arg(False, help="recompute each slice chunk in backward (less memory)")
     text_weights: str | None = arg(None, help="local OpenAI CLIP weights to initialise the text tower")
     slice_norm: str | None = arg(
-        None, choices=["minmax", "window"],
-        help="slice intensities: minmax per slice, or window (the store's HU window kept); default from the "
-             "model config")
+        None, choices=list(SLICE_NORMS),
+        help="slice intensities: minmax per slice, window (the store's HU window kept) or ct_windows (lung, "
+             "mediastinal and calcium windows as three channels); default from the model config")
 
     def resolve(self) -> ModelConfig:
         """The architecture's `ModelConfig` with these flags applied."""
