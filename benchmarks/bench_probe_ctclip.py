@@ -5,7 +5,8 @@ pooled voxels beside it, the floor any image model should beat.
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate        # a set bench_learning_ctclip built
     python benchmarks/bench_probe_ctclip.py --work_dir DIR                # builds the set first (~4 min)
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate --arms pooled tiny_vit:minmax:cls \\
-        tiny_cnn:minmax:max tiny_cnn:window:cls tiny_cnn:window:max tiny_cnn:window:mean --minutes 3
+        tiny_cnn:minmax:max tiny_cnn:window:cls tiny_cnn:window:max tiny_cnn:window:mean \\
+        tiny_cnn:window:max:h32 --minutes 3
 
 Arms:
 - `pooled`: the volumes average-pooled 4x4x4 (uint8 / 255, the stored HU window), one logistic
@@ -13,7 +14,9 @@ Arms:
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
   POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
-  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. Trained with
+  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. An optional
+  fourth field `hN` (tiny_cnn only) adds the encoder's intensity-histogram branch with N bins on a 2 x 2
+  grid (`slice_hist_bins`, ctclip/models/tiny_cnn.py). Trained with
   BCE on the finding labels for --minutes of process CPU time (one torch thread by default), AdamW,
   batch --batch_size; scored on the held-out test side.
 
@@ -50,8 +53,23 @@ from ctclip.findings import FINDINGS  # noqa: E402
 from ctclip.models.fusion import SliceFusion  # noqa: E402
 from ctclip.models.slice_encoder import build_slice_encoder  # noqa: E402
 
-DEFAULT_ARMS = ("pooled", "tiny_cnn:window:cls", "tiny_cnn:window:max")
+DEFAULT_ARMS = ("pooled", "tiny_cnn:window:max", "tiny_cnn:window:max:h32")
 PROBE_POOLS = ("cls", "max", "mean")
+
+
+def parse_arm(spec: str) -> tuple[str, str, str, int]:
+    """ENCODER:NORM:POOL[:hN] -> (encoder, slice_norm, pool, histogram bins: N, or 0 without the field)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or parts[2] not in PROBE_POOLS:
+        raise ValueError(f"arm {spec!r}: expected 'pooled' or ENCODER:NORM:POOL[:hN] with POOL one of {PROBE_POOLS}")
+    bins = 0
+    if len(parts) == 4:
+        if not (parts[3][:1] == "h" and parts[3][1:].isdigit() and int(parts[3][1:]) > 0):
+            raise ValueError(f"arm {spec!r}: the fourth field is hN, N > 0 histogram bins (e.g. h32)")
+        if parts[0] != "tiny_cnn":
+            raise ValueError(f"arm {spec!r}: histogram bins (hN) are a tiny_cnn setting")
+        bins = int(parts[3][1:])
+    return parts[0], parts[1], parts[2], bins
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,9 +144,10 @@ def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: 
 class Probe(nn.Module):
     """Slice encoder -> fusion -> (CLS or mean of the fused tokens) -> 18 logits."""
 
-    def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64):
+    def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64, hist_bins: int = 0):
         super().__init__()
-        self.encoder = build_slice_encoder(encoder, image_size=image_size, slice_norm=slice_norm, chunk=chunk)
+        self.encoder = build_slice_encoder(encoder, image_size=image_size, slice_norm=slice_norm, chunk=chunk,
+                                           hist_bins=hist_bins)
         self.fusion = SliceFusion(self.encoder.width, 64, 1, 2, 64, pool="cls" if pool == "mean" else pool)
         self.pool = pool
         self.head = nn.Linear(64, len(FINDINGS))
@@ -155,11 +174,9 @@ def init_collapse(model: Probe, x: torch.Tensor) -> float:
 
 
 def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict[str, Any]:
-    encoder, slice_norm, pool = spec.split(":")
-    if pool not in PROBE_POOLS:
-        raise ValueError(f"arm {spec!r}: pool must be one of {PROBE_POOLS}")
+    encoder, slice_norm, pool, hist_bins = parse_arm(spec)
     torch.manual_seed(args.seed)
-    model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk)
+    model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk, hist_bins)
     model.eval()
     collapse = init_collapse(model, xte[:64])
     model.train()
@@ -225,11 +242,13 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    bad = [a for a in args.arms if a != "pooled" and (len(a.split(":")) != 3 or a.split(":")[2] not in PROBE_POOLS)]
-    if bad:  # refused before any work
-        print(f"error: arm(s) {bad}: expected 'pooled' or ENCODER:NORM:POOL with POOL one of {PROBE_POOLS}",
-              file=sys.stderr)
-        return 2
+    for arm in args.arms:  # refused before any work
+        try:
+            if arm != "pooled":
+                parse_arm(arm)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     torch.set_num_threads(args.threads)
     data = args.data_dir
     if data is None:

@@ -26,11 +26,12 @@ from benchmarks import bench_probe_ctclip as probe
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, SLICES = 32, 16
-# measured at 150 steps (~14 CPU-s) with the fusion's max pooling (tiny_cnn.yaml's fusion_pool): medical
-# material 0.78, aortic wall calcification 0.75, peribronchial thickening 0.73, septal thickening 0.72, all
-# 18 findings 0.59 (80 test patients; chance 0.5 +- ~0.06). With the CLS token instead the easiest were
-# cardiomegaly 0.84, pericardial effusion 0.77, peribronchial thickening 0.77 and bronchiectasis 0.75.
-EASY = ("Medical material", "Arterial wall calcification", "Peribronchial thickening", "Interlobular septal thickening")
+# measured at 150 steps (~15 CPU-s) with tiny_cnn.yaml's fusion pooling (max) and slice histograms (32 bins):
+# mosaic attenuation 0.99, aortic wall calcification 0.97, pleural effusion 0.79, medical material 0.76, all
+# 18 findings 0.62 (80 test patients; chance 0.5 +- ~0.06). Without the histograms the easiest were medical
+# material 0.78, aortic calcification 0.75, peribronchial thickening 0.73, septal thickening 0.72 (mosaic 0.56).
+ARM = "tiny_cnn:window:max:h32"
+EASY = ("Mosaic attenuation pattern", "Arterial wall calcification", "Pleural effusion", "Medical material")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,9 @@ def small_set(tmp_path_factory) -> Path:
 
 def test_image_side_learns_the_easy_findings_on_held_out_patients(small_set, tmp_path):
     out = tmp_path / "probe.json"
-    assert probe.main(["--data_dir", str(small_set), "--arms", "tiny_cnn:window:max", "--image_size", str(SIZE),
+    assert probe.main(["--data_dir", str(small_set), "--arms", ARM, "--image_size", str(SIZE),
                        "--max_steps", "150", "--minutes", "60", "--eval_every", "1000", "--json", str(out)]) == 0
-    per = json.loads(out.read_text())["arms"]["tiny_cnn:window:max"]["per_finding"]
+    per = json.loads(out.read_text())["arms"][ARM]["per_finding"]
     assert min(per[f] for f in EASY) >= 0.65, per
     assert np.mean([per[f] for f in EASY]) >= 0.7, per
     assert np.mean(list(per.values())) >= 0.56, per
@@ -87,6 +88,10 @@ def test_the_3d_clip_leaves_the_uniform_loss(small_set, tmp_path):
 def test_probe_names_bad_inputs_before_training(tmp_path, capsys):
     assert probe.main(["--data_dir", str(tmp_path), "--arms", "tiny_cnn:window"]) == 2
     assert "'tiny_cnn:window'" in capsys.readouterr().err
+    for arm, why in (("tiny_cnn:window:max:32", "the fourth field is hN"), ("tiny_cnn:window:max:h0", "hN, N > 0"),
+                     ("tiny_vit:window:max:h32", "hN) are a tiny_cnn setting")):
+        assert probe.main(["--data_dir", str(tmp_path), "--arms", "pooled", arm]) == 2
+        assert why in capsys.readouterr().err
     assert probe.main(["--data_dir", str(tmp_path / "missing")]) == 2
     assert "train_volumes.h5: no such file" in capsys.readouterr().err
     (tmp_path / "train_volumes.h5").write_bytes(b"")

@@ -52,6 +52,8 @@ class CTCLIP(nn.Module):
             chunk=cfg.slice_chunk,
             grad_checkpointing=cfg.grad_checkpointing,
             slice_norm=cfg.slice_norm,
+            hist_bins=cfg.slice_hist_bins,
+            hist_grid=cfg.slice_hist_grid,
         )
         self.fusion = SliceFusion(self.slice_encoder.width, cfg.fusion_dim, cfg.fusion_depth, cfg.fusion_heads,
                                   cfg.embed_dim, pool=cfg.fusion_pool)

@@ -35,6 +35,11 @@ class ModelConfig:
     image_size: int = 224  # slices are resized to this on the device
     # slice intensities: "minmax" per slice (pretrained RGB backbones) | "window" (the store's HU window kept)
     slice_norm: str = "minmax"
+    # tiny_cnn only: a per-slice intensity histogram beside the convolutions (0: none), `slice_hist_bins` bins
+    # over the encoder's input range in each cell of a `slice_hist_grid` x `slice_hist_grid` split of the
+    # slice (ctclip/models/tiny_cnn.py): how much of each region is air, fat, fluid, soft tissue, calcium
+    slice_hist_bins: int = 0
+    slice_hist_grid: int = 2
     fusion_dim: int = 512
     fusion_depth: int = 4
     fusion_heads: int = 8
@@ -68,6 +73,13 @@ class ModelConfig:
                or getattr(self, n) <= 0]
         if bad:
             raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
+        for name, low in (("slice_hist_bins", 0), ("slice_hist_grid", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"ModelConfig: {name} must be an integer >= {low}, got {value!r}")
+        if self.slice_hist_bins and self.slice_encoder != "tiny_cnn":
+            raise ValueError(f"ModelConfig: slice_hist_bins is a tiny_cnn setting, not one of "
+                             f"{self.slice_encoder!r}")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if not isinstance(self.text_causal, bool):

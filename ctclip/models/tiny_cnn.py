@@ -18,6 +18,16 @@ volumes), not each slice on its own, so a slice's absolute density still reaches
 GroupNorm/LayerNorm would remove it). The slice feature is the flattened last map (where) plus the
 map's global max and mean per channel (what, wherever it is), projected and layer-normalised.
 
+Intensity histograms (`hist_bins` > 0): beside the convolutions, the fraction of each cell of a
+`hist_grid` x `hist_grid` split of the slice that falls in each of `hist_bins` equal intensity bins of the
+input range ([-1, 1]: the store's -1000..1000 HU with `slice_norm: window`), square-rooted and batch-
+normalised. Fixed counts, no weights: how much of the left lung is below -940 HU, how much of the
+mediastinum is fluid or calcium. CT intensities are calibrated, and these first-order statistics are what
+several findings are about (mosaic attenuation, calcified plaques, fluid); strided convolutions from random
+initialisation found them slowly. Supervised probe, 3 CPU-minutes, same hour: 0.747 without, 0.828 with 32
+bins on a 2 x 2 grid (mosaic attenuation 0.58 -> 1.00, coronary calcification 0.63 -> 0.86;
+docs/benchmarks.md). The counts carry no gradient to the input (nothing upstream of them learns).
+
 Channels-last memory layout (weights and activations): on a CPU the same convolutions take less time in
 it (a training step over 1024 slices of 64 x 64 in chunks of 64, one thread: 0.31 instead of 0.39 CPU-s,
 `benchmarks/bench_tiny_cnn.py`), and on a GPU it is the layout AMP's kernels want. `channels_last=False`
@@ -36,8 +46,13 @@ class TinySliceCNN(nn.Module):
     """(N, in_chans, S, S) -> (N, out_dim); `num_features` = out_dim (timm's attribute name)."""
 
     def __init__(self, image_size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 64), out_dim: int = 128,
-                 in_chans: int = 1, channels_last: bool = True):
+                 in_chans: int = 1, channels_last: bool = True, hist_bins: int = 0, hist_grid: int = 2):
         super().__init__()
+        if hist_bins < 0 or hist_grid < 1:
+            raise ValueError(f"TinySliceCNN: hist_bins must be >= 0 and hist_grid >= 1, got {hist_bins}, {hist_grid}")
+        self.hist_bins, self.hist_grid = hist_bins, hist_grid
+        n_hist = hist_bins * hist_grid * hist_grid
+        self.hist_norm = nn.BatchNorm1d(n_hist) if n_hist else None
         side = image_size
         layers: list[nn.Module] = []
         c = in_chans
@@ -48,7 +63,7 @@ class TinySliceCNN(nn.Module):
         # the flattened last map (where), and its global max and mean per channel (what, wherever it is:
         # a calcified plaque or a nodule lands anywhere, and a position-wise weight would have to learn
         # each place separately)
-        self.proj = nn.Linear(c * side * side + 2 * c, out_dim)
+        self.proj = nn.Linear(c * side * side + 2 * c + n_hist, out_dim)
         self.norm = nn.LayerNorm(out_dim)
         self.num_features = out_dim
         for m in self.modules():
@@ -60,6 +75,24 @@ class TinySliceCNN(nn.Module):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.features.to(memory_format=self.memory_format)
 
+    def histograms(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) input in [-1, 1] -> (N, grid * grid * bins): the fraction of each region's pixels in
+        each intensity bin (first channel), square-rooted. Regions: a grid x grid split of the slice."""
+        v = x[:, 0]
+        n, h, w = v.shape
+        bins, g = self.hist_bins, self.hist_grid
+        b = ((v.detach().float().clamp(-1.0, 1.0) + 1.0) * (bins / 2)).long().clamp_(max=bins - 1)
+        rows = torch.arange(h, device=v.device) * g // h
+        cols = torch.arange(w, device=v.device) * g // w
+        region = (rows.view(-1, 1) * g + cols.view(1, -1)) * bins  # (H, W): first bin of the pixel's region
+        counts = torch.zeros(n, g * g * bins, device=v.device)
+        counts.scatter_add_(1, (region + b).flatten(1), torch.ones(n, h * w, device=v.device))
+        per_region = torch.bincount(region.flatten() // bins, minlength=g * g).repeat_interleave(bins)
+        return (counts / per_region.clamp(min=1)).sqrt()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x.contiguous(memory_format=self.memory_format))
-        return self.norm(self.proj(torch.cat([f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))], dim=1)))
+        parts = [f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))]
+        if self.hist_norm is not None:
+            parts.append(self.hist_norm(self.histograms(x)))
+        return self.norm(self.proj(torch.cat(parts, dim=1)))
