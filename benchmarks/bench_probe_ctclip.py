@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ctclip.data.augment import random_shift  # noqa: E402
 from ctclip.data.store import VolumeStore  # noqa: E402
 from ctclip.findings import FINDINGS  # noqa: E402
 from ctclip.models.fusion import SliceFusion  # noqa: E402
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--minutes", type=float, default=3.0, help="CPU minutes of training per probe arm")
     a("--max_steps", type=int, default=None, help="stop each probe arm after this many steps (or the minutes)")
     a("--batch_size", type=int, default=32)
+    a("--shift", type=int, default=0, help="augmentation: move each training volume by up to this many voxels "
+                                          "in the axial plane (ctclip.data.augment; 0: none)")
     a("--lr", type=float, default=1e-3)
     a("--weight_decay", type=float, default=0.05)
     a("--image_size", type=int, default=64)
@@ -183,6 +186,7 @@ def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     known = torch.from_numpy((0 < ytr.sum(0)) & (ytr.sum(0) < len(ytr))).float()
     rng = np.random.default_rng(args.seed)
+    shift_rng = np.random.default_rng([args.seed, 1])  # its own stream: the same batches with or without shifts
     curve: list[dict[str, float]] = []
     step, t0 = 0, time.process_time()
 
@@ -196,7 +200,11 @@ def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict
     while spent < args.minutes * 60 and (args.max_steps is None or step < args.max_steps):
         t_step = time.process_time()
         idx = rng.choice(len(xtr), args.batch_size, replace=False)
-        logits = model(xtr[idx])
+        batch = xtr[idx]  # a copy (fancy indexing): shifting it leaves the training set as it is
+        if args.shift:
+            for v in batch.numpy():
+                random_shift(v, args.shift, shift_rng)
+        logits = model(batch)
         loss = (F.binary_cross_entropy_with_logits(logits, torch.from_numpy(ytr[idx]), reduction="none")
                 * known).sum(1).mean() / known.sum()
         opt.zero_grad(set_to_none=True)

@@ -218,3 +218,103 @@ def test_sentence_sampling_keeps_order_and_is_keyed_by_epoch_and_index(store, tm
     assert CTReportDataset(store, csv_path)[0][1] == a.texts[0]  # default: whole reports
     with pytest.raises(ValueError, match="sentence_keep"):
         CTReportDataset(store, csv_path, sentence_keep=0.0)
+
+
+# ---------------------------------------------------------------- in-plane shift augmentation
+
+
+@pytest.mark.parametrize(("dy", "dx"), [(0, 0), (2, -3), (-1, 4), (5, 0), (0, -7), (9, 1)])
+def test_shift_in_plane_matches_roll_with_air_at_the_edges(dy, dx):
+    from ctclip.data.augment import shift_in_plane
+
+    vol = np.random.default_rng(0).integers(1, 256, size=(3, 9, 8)).astype(np.uint8)
+    # oracle: numpy's roll, then what wrapped round set to air (0)
+    want = np.roll(vol, (dy, dx), axis=(1, 2))
+    if dy > 0:
+        want[:, :dy] = 0
+    elif dy < 0:
+        want[:, dy:] = 0
+    if dx > 0:
+        want[:, :, :dx] = 0
+    elif dx < 0:
+        want[:, :, dx:] = 0
+    got = vol.copy()
+    shift_in_plane(got, dy, dx)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_random_shift_stays_in_range_and_is_seeded():
+    from ctclip.data.augment import random_shift
+
+    seen = set()
+    for seed in range(200):
+        v = np.ones((2, 6, 6), dtype=np.uint8)
+        dy, dx = random_shift(v, 2, np.random.default_rng(seed))
+        assert -2 <= dy <= 2 and -2 <= dx <= 2
+        assert v.sum() == 2 * (6 - abs(dy)) * (6 - abs(dx))
+        seen.add((dy, dx))
+    assert len(seen) == 25  # every shift in the square is drawn
+    a, b = np.ones((1, 5, 5), np.uint8), np.ones((1, 5, 5), np.uint8)
+    assert random_shift(a, 3, np.random.default_rng(7)) == random_shift(b, 3, np.random.default_rng(7))
+    with pytest.raises(ValueError, match="max_shift"):
+        random_shift(a, -1, np.random.default_rng(0))
+
+
+def test_report_dataset_shifts_each_draw_and_leaves_the_store_alone(store, tmp_path):
+    from ctclip.data.augment import shift_in_plane
+
+    rows = [[f"valid_{i}_a_1.nii.gz", "", "", "Heart size is normal.", "Normal."] for i in range(5)]
+    csv_path = _reports(tmp_path, rows)
+    data = CTReportDataset(store, csv_path, seed=3, volume_shift=3)
+    plain = CTReportDataset(store, csv_path)
+
+    def expected(index: int, epoch: int) -> np.ndarray:
+        dy, dx = np.random.default_rng([3, epoch, index, 1]).integers(-3, 4, size=2)
+        v = _vol(data.names[index])
+        shift_in_plane(v, int(dy), int(dx))
+        return v
+
+    batch = data.__getitems__([4, 1, 2])
+    for (vol, _), index in zip(batch, [4, 1, 2], strict=True):
+        np.testing.assert_array_equal(vol[0].numpy(), expected(index, 0))
+        np.testing.assert_array_equal(data[index][0][0].numpy(), expected(index, 0))  # one item = in a batch
+    assert any((data[i][0] == 0).any() for i in range(5))  # some draws uncovered air at an edge
+    data.set_epoch(1)
+    assert [expected(i, 1).tolist() for i in range(5)] != [expected(i, 0).tolist() for i in range(5)]
+    np.testing.assert_array_equal(data[2][0][0].numpy(), expected(2, 1))
+    for i in range(5):  # the store is read fresh each time: nothing shifted stays behind
+        np.testing.assert_array_equal(plain[i][0][0].numpy(), _vol(plain.names[i]))
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match="volume_shift"):
+            CTReportDataset(store, csv_path, volume_shift=bad)
+
+
+def test_single_sentence_views_are_one_sentence_of_the_report(store, tmp_path):
+    from ctclip.data.reports import sample_sentences, split_sentences
+
+    text = "Heart size is normal. No pleural effusion was detected. A 12 mm nodule. Impression: Nodule."
+    rows = [[f"valid_{i}_a_1.nii.gz", "", "", text, ""] for i in range(5)]
+    csv_path = _reports(tmp_path, rows)
+    always = CTReportDataset(store, csv_path, seed=1, single_sentence_rate=1.0)
+    sentences = split_sentences(always.texts[0])
+    views = []
+    for epoch in range(8):
+        always.set_epoch(epoch)
+        views += [always[i][1] for i in range(5)]
+    assert all(v in sentences for v in views) and len(set(views)) == len(sentences)  # each sentence drawn
+    mixed = CTReportDataset(store, csv_path, seed=1, sentence_keep=0.6, single_sentence_rate=0.5)
+    kinds = []
+    for epoch in range(8):
+        mixed.set_epoch(epoch)
+        for i in range(5):
+            t = mixed[i][1]
+            rng = np.random.default_rng([1, epoch, i])  # the oracle: the documented draw, in order
+            single = rng.random() < 0.5
+            full = mixed.texts[i]  # the report as the dataset composes it ("Findings: ... Impression: ...")
+            want = split_sentences(full)[rng.integers(len(sentences))] if single else sample_sentences(full, 0.6, rng)
+            assert t == want
+            kinds.append(single)
+    assert 0 < sum(kinds) < len(kinds)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="single_sentence_rate"):
+            CTReportDataset(store, csv_path, single_sentence_rate=bad)

@@ -117,6 +117,8 @@ def test_bad_inputs_stop_before_training(chest, tmp_path, caplog):
     args[args.index("--ct_filepath") + 1] = str(tmp_path / "small.h5")
     assert train_main(args) == 2 and "trained on [16, 48, 48]" in caplog.text
     assert train_main(_args(chest, tmp_path / "d", "--cache_features")) == 2  # cache needs a frozen backbone
+    assert train_main(_args(chest, tmp_path / "d", "--freeze_dinov2", "--cache_features", "--volume_shift", "2")) == 2
+    assert "--volume_shift moves the volumes, --cache_features encodes each volume once" in caplog.text
     assert train_main(_args(chest, tmp_path / "e", "--do_validate")) == 2
 
 

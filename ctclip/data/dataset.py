@@ -22,7 +22,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ctclip.data.reports import load_labels, load_reports, report_text, sample_sentences, text_columns
+from ctclip.data.augment import random_shift
+from ctclip.data.reports import (
+    load_labels,
+    load_reports,
+    report_text,
+    sample_sentences,
+    split_sentences,
+    text_columns,
+)
 from ctclip.data.store import VolumeStore
 
 log = logging.getLogger(__name__)
@@ -100,14 +108,24 @@ class CTReportDataset(_StoreDataset):
 
     With `sentence_keep` < 1 each item's text is a random subset of its report's sentences
     (`ctclip.data.reports.sample_sentences`), drawn from (seed, epoch, item index): the same texts for any
-    number of processes or workers, and again after a resume. Call `set_epoch` before each epoch."""
+    number of processes or workers, and again after a resume. Call `set_epoch` before each epoch.
+    With `single_sentence_rate` > 0 that share of the draws is one sentence of the report, chosen at random:
+    texts the size of a zero-shot prompt. With `volume_shift` > 0 each draw of a volume is moved by up to
+    that many voxels in the axial plane (`ctclip.data.augment`), drawn from the same (seed, epoch, item
+    index)."""
 
     def __init__(self, store_path: str | Path, reports_csv: str | Path, text_column: str = "findings_impressions",
-                 sentence_keep: float = 1.0, seed: int = 0):
+                 sentence_keep: float = 1.0, seed: int = 0, volume_shift: int = 0,
+                 single_sentence_rate: float = 0.0):
         super().__init__(store_path)
         if not 0.0 < sentence_keep <= 1.0:
             raise ValueError(f"sentence_keep must be in (0, 1], got {sentence_keep}")
+        if not 0.0 <= single_sentence_rate <= 1.0:
+            raise ValueError(f"single_sentence_rate must be in [0, 1], got {single_sentence_rate}")
+        if not isinstance(volume_shift, int) or volume_shift < 0:
+            raise ValueError(f"volume_shift must be an integer >= 0, got {volume_shift!r}")
         self.sentence_keep, self.seed, self.epoch = float(sentence_keep), int(seed), 0
+        self.volume_shift, self.single_sentence_rate = volume_shift, float(single_sentence_rate)
         self.columns = text_columns(text_column)
         reports = load_reports(reports_csv)
         in_store = _list_complete(self.store_path)
@@ -127,10 +145,27 @@ class CTReportDataset(_StoreDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def _shift(self, volume: torch.Tensor, index: int) -> torch.Tensor:
+        if self.volume_shift:
+            random_shift(volume.numpy(), self.volume_shift, np.random.default_rng([self.seed, self.epoch, index, 1]))
+        return volume
+
+    def volume(self, index: int) -> torch.Tensor:
+        return self._shift(super().volume(index), index)
+
+    def volumes(self, indices: list[int]) -> torch.Tensor:
+        batch = super().volumes(indices)
+        for i, index in enumerate(indices):  # per volume, not per slice; nothing to do without shifts
+            self._shift(batch[i], index)
+        return batch
+
     def target(self, index: int) -> str:
-        if self.sentence_keep >= 1.0:
+        if self.sentence_keep >= 1.0 and not self.single_sentence_rate:
             return self.texts[index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.single_sentence_rate and rng.random() < self.single_sentence_rate:
+            sentences = split_sentences(self.texts[index])
+            return sentences[rng.integers(len(sentences))] if sentences else self.texts[index]
         return sample_sentences(self.texts[index], self.sentence_keep, rng)
 
 

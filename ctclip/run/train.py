@@ -114,6 +114,10 @@ class TrainConfig:
     sentence_keep: float = arg(1.0, help="text augmentation: each time a report is drawn, keep each of its "
                                          "sentences with this probability (at least one); 1 = whole reports (seed "
                                          "behaviour). Helps a text tower trained from scratch")
+    single_sentence_rate: float = arg(0.0, help="text augmentation: the share of report draws that show one "
+                                                "sentence of the report, chosen at random (prompt-sized texts)")
+    volume_shift: int = arg(0, help="image augmentation: each time a volume is drawn, move it by up to this many "
+                                    "voxels in the axial plane (edges filled with air; 0 = none)")
     cache_features: bool = arg(False, help="with --freeze_dinov2: compute slice embeddings once")
     max_steps: int | None = arg(None, help="train for this many optimizer steps (sets the schedule)")
     # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -277,7 +281,8 @@ def _setup(cfg: TrainConfig, dist: DistInfo) -> tuple[_Run, TrainState]:
     out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
     data = CTReportDataset(cfg.ct_filepath, cfg.txt_filepath, cfg.text_column, sentence_keep=cfg.sentence_keep,
-                           seed=cfg.seed)
+                           seed=cfg.seed, volume_shift=cfg.volume_shift,
+                           single_sentence_rate=cfg.single_sentence_rate)
     check_inputs(cfg, data)
     store_shape, store_layout = check_stores(cfg)
     resume_path = resolve_resume(cfg.resume, out)

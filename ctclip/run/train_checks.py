@@ -37,6 +37,8 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
         raise SetupError("--do_validate needs --val_ct_filepath and --val_label_path")
     if cfg.cache_features and not cfg.model.freeze_dinov2:
         raise SetupError("--cache_features needs --freeze_dinov2 (a trained backbone changes its features)")
+    if cfg.cache_features and cfg.volume_shift:
+        raise SetupError("--volume_shift moves the volumes, --cache_features encodes each volume once: use one")
     if cfg.do_validate:
         try:
             load_templates(cfg.val_templates)
