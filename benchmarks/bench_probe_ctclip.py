@@ -250,7 +250,10 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for arm in args.arms:  # refused before any work
+    if args.shift < 0:  # refused before any work, as the arms below
+        print(f"error: --shift must be >= 0, got {args.shift}", file=sys.stderr)
+        return 2
+    for arm in args.arms:
         try:
             if arm != "pooled":
                 parse_arm(arm)

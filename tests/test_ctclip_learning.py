@@ -92,6 +92,8 @@ def test_probe_names_bad_inputs_before_training(tmp_path, capsys):
                      ("tiny_vit:window:max:h32", "hN) are a tiny_cnn setting")):
         assert probe.main(["--data_dir", str(tmp_path), "--arms", "pooled", arm]) == 2
         assert why in capsys.readouterr().err
+    assert probe.main(["--data_dir", str(tmp_path), "--shift", "-1"]) == 2
+    assert "--shift must be >= 0, got -1" in capsys.readouterr().err
     assert probe.main(["--data_dir", str(tmp_path / "missing")]) == 2
     assert "train_volumes.h5: no such file" in capsys.readouterr().err
     (tmp_path / "train_volumes.h5").write_bytes(b"")

@@ -155,8 +155,9 @@ class CTReportDataset(_StoreDataset):
 
     def volumes(self, indices: list[int]) -> torch.Tensor:
         batch = super().volumes(indices)
-        for i, index in enumerate(indices):  # per volume, not per slice; nothing to do without shifts
-            self._shift(batch[i], index)
+        if self.volume_shift:
+            for i, index in enumerate(indices):  # per volume, not per slice
+                self._shift(batch[i], index)
         return batch
 
     def target(self, index: int) -> str:
