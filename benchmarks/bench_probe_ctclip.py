@@ -11,6 +11,9 @@ pooled voxels beside it, the floor any image model should beat.
 Arms:
 - `pooled`: the volumes average-pooled 4x4x4 (uint8 / 255, the stored HU window), one logistic
   regression per finding (sklearn, L2, C=0.1). No learning of features: what density and place alone give.
+- `hist`: the share of each octant's voxels in each of 32 intensity bins (log-scaled, standardised), one
+  logistic regression per finding (C=0.05). Also no learning of features: how much of each part of the
+  volume is at each density, which is what a finding must change to be visible without shape.
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
   POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
@@ -54,7 +57,7 @@ from ctclip.findings import FINDINGS  # noqa: E402
 from ctclip.models.fusion import SliceFusion  # noqa: E402
 from ctclip.models.slice_encoder import build_slice_encoder  # noqa: E402
 
-DEFAULT_ARMS = ("pooled", "tiny_cnn:window:max", "tiny_cnn:window:max:h32")
+DEFAULT_ARMS = ("pooled", "hist", "tiny_cnn:window:max", "tiny_cnn:window:max:h32")
 PROBE_POOLS = ("cls", "max", "mean")
 
 
@@ -62,7 +65,8 @@ def parse_arm(spec: str) -> tuple[str, str, str, int]:
     """ENCODER:NORM:POOL[:hN] -> (encoder, slice_norm, pool, histogram bins: N, or 0 without the field)."""
     parts = spec.split(":")
     if len(parts) not in (3, 4) or parts[2] not in PROBE_POOLS:
-        raise ValueError(f"arm {spec!r}: expected 'pooled' or ENCODER:NORM:POOL[:hN] with POOL one of {PROBE_POOLS}")
+        raise ValueError(f"arm {spec!r}: expected 'pooled', 'hist' or ENCODER:NORM:POOL[:hN] with POOL one of "
+                         f"{PROBE_POOLS}")
     bins = 0
     if len(parts) == 4:
         if not (parts[3][:1] == "h" and parts[3][1:].isdigit() and int(parts[3][1:]) > 0):
@@ -130,18 +134,53 @@ def aurocs(y: np.ndarray, scores: np.ndarray) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------- arms
 
 
-def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray) -> dict[str, Any]:
+def regional_histograms(x: torch.Tensor, bins: int = 32, chunk: int = 128) -> np.ndarray:
+    """(N, 1, D, H, W) uint8 -> (N, 8 * bins): the share of each octant's voxels (halves of each axis) in
+    each of `bins` equal bins of the stored window, log(1 + 1000 * share)."""
+    n, _, d, h, w = x.shape
+    octant = ((np.arange(d) >= d // 2)[:, None, None] * 4 + (np.arange(h) >= h // 2)[None, :, None] * 2
+              + (np.arange(w) >= w // 2)[None, None, :]).astype(np.int64) * bins
+    size = np.bincount(octant.ravel() // bins, minlength=8).repeat(bins)
+    out = np.zeros((n, 8 * bins))
+    for i in range(0, n, chunk):
+        v = x[i:i + chunk, 0].numpy().astype(np.int64) * bins // 256 + octant  # (B, D, H, W) cell index
+        k = len(v)
+        flat = (np.arange(k)[:, None] * 8 * bins + v.reshape(k, -1)).ravel()
+        out[i:i + k] = np.bincount(flat, minlength=k * 8 * bins).reshape(k, -1) / size
+    return np.log1p(1000.0 * out)
+
+
+def logistic_baseline(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, c: float,
+                      t0: float) -> dict[str, Any]:
+    """One logistic regression per finding (sklearn, L2, C=`c`) on fixed features; scored on the test side."""
     from sklearn.linear_model import LogisticRegression
 
-    t0 = time.process_time()
-    feats = lambda x: F.avg_pool3d(x.float(), 4).flatten(1).numpy() / 255.0  # noqa: E731
-    ftr, fte = feats(xtr), feats(xte)
-    scores = np.zeros((len(xte), len(FINDINGS)))
+    scores = np.zeros((len(fte), len(FINDINGS)))
     for j in range(len(FINDINGS)):
         if 0 < ytr[:, j].sum() < len(ytr):
-            scores[:, j] = LogisticRegression(C=0.1, max_iter=3000).fit(ftr, ytr[:, j]).decision_function(fte)
+            scores[:, j] = LogisticRegression(C=c, max_iter=3000).fit(ftr, ytr[:, j]).decision_function(fte)
     return {"per_finding": aurocs(yte, scores), "cpu_minutes": (time.process_time() - t0) / 60,
             "features": int(ftr.shape[1])}
+
+
+def histogram_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray) -> dict[str, Any]:
+    """The octants' intensity histograms, standardised (C=0.05): how much of each part of the volume is at
+    each density, where nothing is learned about shape."""
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.process_time()
+    scaler = StandardScaler().fit(ftr := regional_histograms(xtr))
+    return logistic_baseline(scaler.transform(ftr), ytr, scaler.transform(regional_histograms(xte)), yte, 0.05, t0)
+
+
+def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray) -> dict[str, Any]:
+    """The volumes average-pooled 4x4x4 (C=0.1): density and place."""
+    t0 = time.process_time()
+    feats = lambda x: F.avg_pool3d(x.float(), 4).flatten(1).numpy() / 255.0  # noqa: E731
+    return logistic_baseline(feats(xtr), ytr, feats(xte), yte, 0.1, t0)
+
+
+BASELINES = {"pooled": pooled_baseline, "hist": histogram_baseline}
 
 
 class Probe(nn.Module):
@@ -255,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for arm in args.arms:
         try:
-            if arm != "pooled":
+            if arm not in BASELINES:
                 parse_arm(arm)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -281,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train {tuple(xtr.shape)}, test {tuple(xte.shape)}", flush=True)
     arms: dict[str, Any] = {}
     for arm in args.arms:
-        arms[arm] = pooled_baseline(xtr, ytr, xte, yte) if arm == "pooled" else train_probe(arm, xtr, ytr, xte, yte, args)
+        baseline = BASELINES.get(arm)
+        arms[arm] = baseline(xtr, ytr, xte, yte) if baseline else train_probe(arm, xtr, ytr, xte, yte, args)
         print(f"{arm}: macro {np.mean(list(arms[arm]['per_finding'].values())):.3f}", flush=True)
     result = {"benchmark": "ctclip_probe", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "data_dir": str(data), "n_train": len(xtr), "n_test": len(xte), "minutes": args.minutes,

@@ -100,3 +100,18 @@ def test_probe_names_bad_inputs_before_training(tmp_path, capsys):
     (tmp_path / "train_predicted_labels.csv").write_text("Name,Cardiomegaly\nx,1\n")
     assert probe.main(["--data_dir", str(tmp_path)]) == 2
     assert "train_predicted_labels.csv: no column VolumeName" in capsys.readouterr().err
+
+
+def test_regional_histograms_match_numpy_per_octant():
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, size=(3, 1, 5, 7, 6), dtype=np.uint8))
+    got = probe.regional_histograms(x, bins=16, chunk=2)  # chunks of 2: the last one holds a single volume
+    assert got.shape == (3, 8 * 16)
+    for i in range(3):
+        v = x[i, 0].numpy()
+        cells = [v[a, b, c] for a in (slice(0, 2), slice(2, 5)) for b in (slice(0, 3), slice(3, 7))
+                 for c in (slice(0, 3), slice(3, 6))]
+        want = [np.histogram(cell, bins=16, range=(0, 256))[0] / cell.size for cell in cells]
+        np.testing.assert_allclose(got[i], np.log1p(1000.0 * np.concatenate(want)))
