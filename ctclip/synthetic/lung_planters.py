@@ -137,15 +137,19 @@ def plant_consolidation(cv: Canvas, p: dict, rng):
 
 
 def draw_nodule(rng, sites):
-    # solid nodules of 10-30 mm (log-uniform), usually several: at 5.6 x 5.6 x 9.4 mm voxels a nodule must
-    # span a few voxels to be seen (radiology calls the largest ones masses; the report keeps "nodule")
-    n = int(rng.choice([1, 2, 3, 4], p=[0.25, 0.35, 0.25, 0.15]))
+    # solid nodules of 15-30 mm (log-uniform), usually several (the metastatic pattern): at 5.6 x 5.6 x 9.4
+    # mm voxels a nodule must span a few voxels to be seen (radiology calls the largest ones masses; the
+    # report keeps "nodule"). They sit in the outer lung, where the vessels are thin: a nodule in the
+    # inner lung looks like the enhanced hilar vessels around it at this grid
+    n = int(rng.choice([2, 3, 4, 5], p=[0.3, 0.3, 0.25, 0.15]))
     nodules = []
     for _ in range(n):
-        diameter = float(np.exp(rng.uniform(np.log(10.0), np.log(30.0))))
+        diameter = float(np.exp(rng.uniform(np.log(15.0), np.log(30.0))))
         lobe = str(rng.choice(LOBES, p=[0.25, 0.17, 0.28, 0.1, 0.2]))
         cand = sites[lobe]  # (N, 4): base voxel x, y, z and depth inside the lung in mm
-        deep = cand[cand[:, 3] >= diameter / 2 + 3.0]
+        inside = cand[:, 3] >= diameter / 2 + 3.0
+        outer = inside & (cand[:, 3] <= diameter / 2 + 20.0)
+        deep = cand[outer] if outer.any() else cand[inside]
         if len(deep) == 0:
             deep = cand[np.argsort(cand[:, 3])[-20:]]
         site = deep[rng.integers(len(deep))]
@@ -192,8 +196,12 @@ def plant_nodule(cv: Canvas, p: dict, rng):
 
 
 def draw_opacity(rng, sites):
-    lobes = rng.choice(LOBES, size=int(rng.integers(1, 3)), replace=False).tolist()
-    return {"lobes": lobes, "radius_mm": rng.uniform(15.0, 35.0), "hu": rng.uniform(-620.0, -450.0)}
+    # multifocal ground glass, often in both lungs (the commonest opacity of CT-RATE's years, viral
+    # pneumonia), in patches of 4-8 cm: smaller or fainter ones are a few voxels at 5.6 mm that the
+    # partial volume of vessels and fissures hides. Denser than mosaic's brighter lobules (-740..-700),
+    # fainter than consolidation
+    lobes = rng.choice(LOBES, size=int(rng.integers(2, 5)), replace=False).tolist()
+    return {"lobes": lobes, "radius_mm": rng.uniform(20.0, 40.0), "hu": rng.uniform(-600.0, -420.0)}
 
 
 def plant_opacity(cv: Canvas, p: dict, rng):
@@ -219,7 +227,18 @@ def plant_opacity(cv: Canvas, p: dict, rng):
 
 
 def draw_emphysema(rng, sites):
-    return {"fraction": rng.uniform(0.04, 0.14), "radius_mm": (1.5, 5.0), "hu": rng.uniform(-990.0, -965.0)}
+    # confluent low attenuation, upper-zone predominant, with bullae: at 5.6 x 5.6 x 9.4 mm voxels single
+    # centrilobular holes are one voxel at the density of the air outside the body and a model cannot tell
+    # them from noise; the destroyed lung between them is what shows (mean lung density falls from about
+    # -860 to -930 HU in moderate to severe emphysema)
+    return {
+        "fraction": rng.uniform(0.25, 0.55),  # share of the upper-zone parenchyma that is destroyed
+        "patch_mm": rng.uniform(12.0, 20.0),
+        "low_hu": rng.uniform(-955.0, -925.0),
+        "bulla_fraction": rng.uniform(0.04, 0.1),
+        "radius_mm": (3.0, 6.0),
+        "hu": rng.uniform(-990.0, -965.0),
+    }
 
 
 def plant_emphysema(cv: Canvas, p: dict, rng):
@@ -228,30 +247,25 @@ def plant_emphysema(cv: Canvas, p: dict, rng):
     if box is None:
         return None
     paren = lung[box] & (cv.hu[box] < -700)  # vessels and lesions are spared
-    pool = np.flatnonzero(paren)
-    if pool.size == 0:
+    if paren.sum() < 10:
         return None
-    # centrilobular emphysema: many small round lucencies, most of them in the upper zones
-    z = np.unravel_index(pool, paren.shape)[2]
-    upper = (z - z.min()) / max(z.max() - z.min(), 1)
-    keep = 0.15 + 0.85 * upper**1.5
+    # upper-zone predominance: the share of destroyed lung grows from the bases to the apices
+    z = np.nonzero(paren)[2]
+    zz = np.arange(paren.shape[2], dtype=np.float32)
+    upper = np.clip((zz - z.min()) / max(z.max() - z.min(), 1), 0.0, 1.0)
+    field = smooth_field(paren.shape, cv.spacing, max(p["patch_mm"], 2.0 * cv.spacing[:2].max()), rng)
+    field = field + 2.5 * (upper[None, None, :] - 0.5)
+    low = paren & (field >= np.quantile(field[paren], 1.0 - p["fraction"]))
+    if not low.any():
+        return None
+    # bullae: rounded air spaces inside the destroyed lung
     ball = max(4 / 3 * np.pi * np.mean(np.array(p["radius_mm"]) ** 3), np.prod(cv.spacing))
-    n = int(np.clip(p["fraction"] * (keep.sum() * np.prod(cv.spacing)) / ball, 1, 6000))
-    cand = rng.integers(0, pool.size, size=4 * n)
-    cand = cand[rng.random(cand.size) < keep[cand]][:n]
-    holes = seeded_specks(
-        paren, cv.spacing, n, p["radius_mm"], rng, candidates=_flat_mask(cand, pool, paren.shape)
-    )
-    if not holes.any():
-        return None
-    cv.commit(holes, p["hu"], box)
+    n = int(np.clip(p["bulla_fraction"] * low.sum() * np.prod(cv.spacing) / ball, 1, 2000))
+    holes = seeded_specks(low, cv.spacing, n, p["radius_mm"], rng)
+    # the destroyed lung keeps a little of the parenchyma's texture
+    values = np.where(holes, p["hu"], p["low_hu"] + 0.3 * (cv.hu[box] + 860.0)).astype(np.float32)
+    cv.commit(low, values, box)
     mask = np.zeros(cv.hu.shape, dtype=bool)
-    mask[box] = holes
-    severity = "mild" if p["fraction"] < 0.08 else "moderate"
+    mask[box] = low
+    severity = "moderate" if p["fraction"] < 0.4 else "severe"
     return mask, {"kind": "centrilobular", "zone": "upper lobe predominant", "severity": severity}
-
-
-def _flat_mask(chosen: np.ndarray, pool: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    m = np.zeros(int(np.prod(shape)), dtype=bool)
-    m[pool[chosen]] = True
-    return m.reshape(shape)

@@ -30,18 +30,19 @@ STATIONS = (
     "left paratracheal",
     "prevascular",
 )
-STATION_WEIGHTS = (0.2, 0.2, 0.17, 0.17, 0.1, 0.08, 0.08)
+STATION_WEIGHTS = (0.17, 0.15, 0.22, 0.22, 0.08, 0.08, 0.08)  # hilar nodes show best against the lung
 HILAR = ("right hilar", "left hilar")
 
 
 def draw_lymph(rng, sites):
-    # bulky nodes (short axis 15-30 mm), at one to five stations, some of them conglomerates of two or three
-    # nodes; the hilar and subcarinal ones border the lung, so they show against air even at 5.6 mm voxels
-    n = int(rng.choice([1, 2, 3, 4, 5], p=[0.1, 0.3, 0.3, 0.2, 0.1]))
+    # bulky nodes (short axis 20-35 mm, as in lymphoma or sarcoidosis), at two to five stations, some of
+    # them conglomerates of two or three nodes; the hilar and subcarinal ones border the lung, so they show
+    # against air even at 5.6 mm voxels (smaller nodes there look like the enhanced vessels beside them)
+    n = int(rng.choice([2, 3, 4, 5], p=[0.3, 0.3, 0.25, 0.15]))
     stations = rng.choice(STATIONS, size=n, replace=False, p=STATION_WEIGHTS).tolist()
     return {
         "stations": stations,
-        "short_mm": rng.uniform(15.0, 30.0, n).tolist(),
+        "short_mm": rng.uniform(20.0, 35.0, n).tolist(),
         "elong": rng.uniform(1.1, 1.5, n).tolist(),
         "level_mm": rng.uniform(0.0, 1.0, n).tolist(),
         # a conglomerate: extra nodes (0-2) beside the first, as (direction (3,), size factor) pairs
