@@ -520,10 +520,56 @@ def test_non_causal_text_sees_the_negation_everywhere_and_never_the_padding():
             else feats.mean(0) @ tower.text_projection
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(alone, oracle, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="needs text pool 'mean'"):
+    with pytest.raises(ValueError, match="needs text pool 'mean' or 'sentence'"):
         encode_tokens(tower, neg[None], "eot", causal=False)
-    with pytest.raises(ValueError, match="text_causal false needs text_pool mean"):
+    with pytest.raises(ValueError, match="text_causal false needs text_pool mean or sentence"):
         tiny_cfg(text_causal=False)
+
+
+def test_sentence_layout_splits_at_periods_but_not_at_decimal_points():
+    from ctclip.models.text import sentence_layout
+
+    tokens = tokenize(["No effusion. Node of 4.5 mm. Mild", ""], 32)
+    # <sot> no ef fusion . node of 4 . 5 mm . mild <eot>
+    sentence, position, word = sentence_layout(tokens)
+    n = 14
+    assert sentence[0, 1:n - 1].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2]
+    assert position[0, 1:n - 1].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 0]
+    assert word[0].tolist() == [False] + [True] * (n - 2) + [False] * (32 - n + 1)
+    assert not word[1].any()  # an empty text: the start and end tokens only
+
+
+def test_sentence_pooling_embeds_a_report_as_the_mean_of_its_sentences_each_alone():
+    """text_pool 'sentence': every sentence of a report is encoded exactly as it would be on its own (a prompt
+    is one sentence), and the report is their mean: the oracle encodes each sentence as its own text."""
+    from ctclip.models.text import encode_tokens
+
+    torch.manual_seed(0)
+    tower = build_text_tower(96, 64, 2, 2, 32).eval()
+    sentences = ["No pleural effusion was detected.", "A node of 4.5 mm is seen.", "Cardiomegaly is present.",
+                 "Emphysema is not present"]  # the last one truncated: no period
+    report = " ".join(sentences)
+    with torch.no_grad():
+        batch = encode_tokens(tower, tokenize([report, "Heart size is normal. " * 3, ""], 96), "sentence",
+                              causal=False)
+        alone = encode_tokens(tower, tokenize(sentences, 96), "sentence", causal=False)
+        torch.testing.assert_close(batch[0], alone.mean(0), atol=1e-5, rtol=1e-5)
+        # the order of the sentences does not matter, the order of the words does
+        shuffled = encode_tokens(tower, tokenize([" ".join(sentences[2::-1] + sentences[3:])], 96), "sentence",
+                                 causal=False)
+        torch.testing.assert_close(shuffled[0], batch[0], atol=1e-5, rtol=1e-5)
+        swapped = encode_tokens(tower, tokenize(["Present is cardiomegaly."], 96), "sentence", causal=False)
+        assert (swapped[0] - alone[2]).abs().max() > 1e-3
+        assert batch[2].abs().max() == 0  # no words, no embedding (the centring layer handles the rest)
+    grads = encode_tokens(tower, tokenize([report], 96), "sentence", causal=False)
+    grads.sum().backward()
+    assert tower.token_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="text pool 'sentence' needs a non-causal"):
+        encode_tokens(tower, tokenize([report], 96), "sentence", causal=True)
+    with pytest.raises(ValueError, match="text_pool sentence needs text_causal false"):
+        tiny_cfg(text_pool="sentence")
+    model = CTCLIP(tiny_cfg(text_pool="sentence", text_causal=False)).eval()
+    assert model.encode_text(model.tokenize([report])).shape == (1, model.cfg.embed_dim)
 
 
 def test_window_slice_norm_keeps_absolute_density():

@@ -55,7 +55,10 @@ class ModelConfig:
     init_temperature: float = 0.07
     # how the text tower pools its tokens: "eot" (CLIP: the end-of-text token; keep it with OpenAI weights)
     # or "mean" (the mean over the text's tokens: a tower trained from scratch starts from a bag of words,
-    # whose random features already follow the report's content, not its length)
+    # whose random features already follow the report's content, not its length) or "sentence" (each
+    # sentence encoded on its own, with positions counted from its start, and the text the mean of its
+    # sentences: a one-sentence prompt is embedded exactly as the same sentence inside a report; needs
+    # text_causal false)
     text_pool: str = "eot"
     # causal attention in the text tower (CLIP's; keep it with OpenAI weights). False, with text_pool mean:
     # every token sees the whole text, so a finding's own tokens see a negation after them
@@ -84,8 +87,10 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if not isinstance(self.text_causal, bool):
             raise ValueError(f"ModelConfig: text_causal must be true or false, got {self.text_causal!r}")
-        if not self.text_causal and self.text_pool != "mean":
-            raise ValueError("ModelConfig: text_causal false needs text_pool mean")
+        if not self.text_causal and self.text_pool == "eot":
+            raise ValueError("ModelConfig: text_causal false needs text_pool mean or sentence")
+        if self.text_causal and self.text_pool == "sentence":
+            raise ValueError("ModelConfig: text_pool sentence needs text_causal false")
         if not isinstance(self.embed_center, bool):
             raise ValueError(f"ModelConfig: embed_center must be true or false, got {self.embed_center!r}")
         if self.fusion_pool not in FUSION_POOLS:

@@ -51,7 +51,37 @@ def build_text_tower(context_length: int, width: int, layers: int, heads: int, e
     )
 
 
-TEXT_POOLS = ("eot", "mean")
+TEXT_POOLS = ("eot", "mean", "sentence")
+PERIOD_ID = 269  # "." in CLIP's BPE vocabulary (".</w>")
+SOT_ID, EOT_ID = VOCAB_SIZE - 2, VOCAB_SIZE - 1
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_ids() -> torch.Tensor:
+    """(VOCAB_SIZE,) bool: the token is a number ("4</w>", "12"): a period between two of them is a decimal point."""
+    table = torch.zeros(VOCAB_SIZE, dtype=torch.bool)
+    for text, i in get_tokenizer().encoder.items():
+        table[i] = text.removesuffix("</w>").isdigit()
+    return table
+
+
+def sentence_layout(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, L) ids -> (sentence index, position within the sentence, is a word token), each (B, L).
+
+    A sentence ends with its period (a period between two numbers, "4.5 mm", is a decimal point and
+    does not end one); the start and end tokens and the padding are not word tokens. The last sentence
+    may lack its period (a truncated report)."""
+    n, length = tokens.shape
+    word = (tokens != 0) & (tokens != SOT_ID) & (tokens != EOT_ID)
+    digit = _digit_ids().to(tokens.device)[tokens.clamp(0, VOCAB_SIZE - 1)]
+    before = F.pad(digit[:, :-1], (1, 0))
+    after = F.pad(digit[:, 1:], (0, 1))
+    end = (tokens == PERIOD_ID) & ~(before & after)
+    sentence = torch.cumsum(end.long(), dim=1) - end.long()  # the period belongs to its own sentence
+    idx = torch.arange(length, device=tokens.device).expand(n, -1)
+    starts = F.pad(end[:, :-1] | (tokens[:, :-1] == SOT_ID), (1, 0), value=True)
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return sentence, idx - first, word
 
 
 def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot", causal: bool = True) -> torch.Tensor:
@@ -69,21 +99,31 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     """
     if pool not in TEXT_POOLS:
         raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r}")
-    if not causal and pool != "mean":
-        raise ValueError("a non-causal text tower needs text pool 'mean' (the end token is the causal summary)")
+    if not causal and pool == "eot":
+        raise ValueError("a non-causal text tower needs text pool 'mean' or 'sentence' (the end token is the causal "
+                         "summary)")
+    if causal and pool == "sentence":
+        raise ValueError("text pool 'sentence' needs a non-causal text tower (text_causal false)")
     if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
         if pool != "eot":
-            raise ValueError("text pool 'mean' needs a causal text tower without a CLS token")
+            raise ValueError(f"text pool {pool!r} needs a text tower without a CLS token")
         return tower(tokens)  # layouts this shortcut does not cover
     length = max(int((tokens != 0).sum(dim=1).max()), 1)
     if length >= tokens.shape[1] and pool == "eot":
         return tower(tokens)
     cut = tokens[:, :length]
     x = tower.token_embedding(cut).to(tower.transformer.get_cast_dtype())
-    x = x + tower.positional_embedding[:length].to(x.dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length] if causal else _padding_mask(cut, tower, x.dtype))
-    x = tower.ln_final(x)
-    if pool == "mean":
+    if pool == "sentence":
+        sentence, position, word = sentence_layout(cut)
+        x = x + tower.positional_embedding[position].to(x.dtype)
+        mask = _sentence_mask(sentence, word, tower, x.dtype)
+    else:
+        x = x + tower.positional_embedding[:length].to(x.dtype)
+        mask = tower.attn_mask[:length, :length] if causal else _padding_mask(cut, tower, x.dtype)
+    x = tower.ln_final(tower.transformer(x, attn_mask=mask))
+    if pool == "sentence":
+        pooled = _mean_of_sentences(x, sentence, word)
+    elif pool == "mean":
         keep = (cut != 0).unsqueeze(-1).to(x.dtype)
         pooled = (x * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
     else:
@@ -99,6 +139,29 @@ def _padding_mask(cut: torch.Tensor, tower: TextTransformer, dtype: torch.dtype)
     mask = torch.zeros(pad.shape, dtype=dtype, device=cut.device).masked_fill(pad, float("-inf"))
     heads = tower.transformer.resblocks[0].attn.num_heads
     return mask.repeat_interleave(heads, dim=0)
+
+
+def _sentence_mask(sentence: torch.Tensor, word: torch.Tensor, tower: TextTransformer,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B * heads, L, L) attention mask: a word token sees the word tokens of its own sentence; the
+    start, end and padding tokens see only themselves (they are not pooled)."""
+    same = (sentence[:, :, None] == sentence[:, None, :]) & word[:, :, None] & word[:, None, :]
+    same |= torch.eye(sentence.shape[1], dtype=torch.bool, device=sentence.device)
+    mask = torch.zeros(same.shape, dtype=dtype, device=sentence.device).masked_fill(~same, float("-inf"))
+    return mask.repeat_interleave(tower.transformer.resblocks[0].attn.num_heads, dim=0)
+
+
+def _mean_of_sentences(x: torch.Tensor, sentence: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+    """(B, L, W) token features -> (B, W): the mean over the text's sentences of each sentence's mean over its
+    word tokens (a text without words gives zeros)."""
+    n, length, width = x.shape
+    w = word.to(x.dtype)
+    sums = torch.zeros(n, length, width, dtype=x.dtype, device=x.device)
+    sums.scatter_add_(1, sentence.unsqueeze(-1).expand(-1, -1, width), x * w.unsqueeze(-1))
+    counts = torch.zeros(n, length, dtype=x.dtype, device=x.device).scatter_add_(1, sentence, w)
+    present = (counts > 0).to(x.dtype)
+    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    return means.sum(dim=1) / present.sum(dim=1, keepdim=True).clamp_min(1)
 
 
 def read_clip_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
