@@ -87,10 +87,13 @@ def sentence_layout(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot", causal: bool = True) -> torch.Tensor:
     """`tower(tokens)` computed only up to the batch's longest text; `pool` "mean" averages the final
     token features over each text's tokens (start and end tokens included, padding excluded) instead of
-    taking the end-of-text token's. `causal` False (with "mean" only) lets every token attend to the whole
+    taking the end-of-text token's. `causal` False (with "mean" or "sentence") lets every token attend to the whole
     text instead of to the tokens before it (padding never attended to): in "Pleural effusion is not
     present." the finding's own tokens then see the negation, where under the causal mask only the words
-    after "not" can.
+    after "not" can. `pool` "sentence" (non-causal only) encodes each sentence on its own: a token attends
+    to the tokens of its sentence, positions count from the sentence's start, and the text is the mean of
+    its sentences' token means (`sentence_layout` says where sentences end), so a one-sentence prompt is
+    embedded exactly as the same sentence inside a report.
 
     The tokenizer pads every text to the context length (a long context holds whole CT-RATE reports), but
     with the causal mask nothing after a text's end-of-text token reaches the token the tower pools, so
