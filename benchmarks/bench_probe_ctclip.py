@@ -3,7 +3,7 @@ encoder + fusion learn the 18 findings at all, from scratch, within a CPU budget
 pooled voxels beside it, the floor any image model should beat.
 
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate        # a set bench_learning_ctclip built
-    python benchmarks/bench_probe_ctclip.py --work_dir DIR                # builds the set first (~4 min)
+    python benchmarks/bench_probe_ctclip.py --work_dir DIR                # builds the set first (~8 min)
     python benchmarks/bench_probe_ctclip.py --data_dir DIR/ct_rate --arms pooled tiny_vit:minmax:cls \\
         tiny_cnn:minmax:max tiny_cnn:window:cls tiny_cnn:window:max tiny_cnn:window:mean \\
         tiny_cnn:window:max:h32 --minutes 3
