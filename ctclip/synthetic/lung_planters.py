@@ -232,7 +232,7 @@ def draw_emphysema(rng, sites):
     # them from noise; the destroyed lung between them is what shows (mean lung density falls from about
     # -860 to -930 HU in moderate to severe emphysema)
     return {
-        "fraction": rng.uniform(0.25, 0.55),  # share of the upper-zone parenchyma that is destroyed
+        "fraction": rng.uniform(0.25, 0.55),  # share of the parenchyma destroyed, weighted to the upper zones
         "patch_mm": rng.uniform(12.0, 20.0),
         "low_hu": rng.uniform(-955.0, -925.0),
         "bulla_fraction": rng.uniform(0.04, 0.1),
