@@ -91,13 +91,13 @@ def test_the_3d_clip_reads_the_easy_findings_zero_shot_on_held_out_patients(smal
     # ln(32) = 3.47 is where both towers stay when they cannot start to agree (an old set-up: 3.46-3.48 for
     # 400 steps); here it is ~1.6-1.9 around step 100 (and ~0.2 at 300: the 420 volumes are memorised)
     assert np.mean(losses[90:100]) < math.log(32) - 1.0, losses[90:100]
-    summary = evaluate(EvalConfig(model_path=tmp_path / "run" / "latest.pt", test_data=small_set / "valid_volumes.h5",
+    result = evaluate(EvalConfig(model_path=tmp_path / "run" / "latest.pt", test_data=small_set / "valid_volumes.h5",
                                  test_labels=small_set / "test_predicted_labels.csv", output_dir=tmp_path / "eval",
                                  templates="ctclip", n_bootstrap=200, num_workers=0, device="cpu"))
-    per = {f: v["values"]["auroc"] for f, v in summary["findings"].items()}
+    per = {f: v["values"]["auroc"] for f, v in result["findings"].items()}
     easy = [per[f] for f in ZERO_SHOT_EASY]
     assert min(easy) >= 0.62 and np.mean(easy) >= 0.72, per
-    macro = summary["macro"]["auroc"]
+    macro = result["macro"]["auroc"]
     assert macro["value"] >= 0.58 and macro["lower"] > 0.55, macro
 
 
