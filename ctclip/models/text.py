@@ -136,22 +136,24 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     return pooled @ tower.text_projection if tower.text_projection is not None else pooled
 
 
+def _additive_mask(allowed: torch.Tensor, tower: TextTransformer, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L, L) bool, True where a query may attend -> additive (B * heads, L, L) mask for the tower's blocks."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+    return mask.repeat_interleave(tower.transformer.resblocks[0].attn.num_heads, dim=0)
+
+
 def _padding_mask(cut: torch.Tensor, tower: TextTransformer, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (B * heads, L, L) attention mask: every query sees the text's real tokens, never its padding."""
-    pad = (cut == 0)[:, None, :].expand(-1, cut.shape[1], -1)
-    mask = torch.zeros(pad.shape, dtype=dtype, device=cut.device).masked_fill(pad, float("-inf"))
-    heads = tower.transformer.resblocks[0].attn.num_heads
-    return mask.repeat_interleave(heads, dim=0)
+    """Every query sees the text's real tokens, never its padding."""
+    return _additive_mask((cut != 0)[:, None, :].expand(-1, cut.shape[1], -1), tower, dtype)
 
 
 def _sentence_mask(sentence: torch.Tensor, word: torch.Tensor, tower: TextTransformer,
                    dtype: torch.dtype) -> torch.Tensor:
-    """Additive (B * heads, L, L) attention mask: a word token sees the word tokens of its own sentence; the
-    start, end and padding tokens see only themselves (they are not pooled)."""
+    """A word token sees the word tokens of its own sentence; the start, end and padding tokens see only
+    themselves (they are not pooled)."""
     same = (sentence[:, :, None] == sentence[:, None, :]) & word[:, :, None] & word[:, None, :]
     same |= torch.eye(sentence.shape[1], dtype=torch.bool, device=sentence.device)
-    mask = torch.zeros(same.shape, dtype=dtype, device=sentence.device).masked_fill(~same, float("-inf"))
-    return mask.repeat_interleave(tower.transformer.resblocks[0].attn.num_heads, dim=0)
+    return _additive_mask(same, tower, dtype)
 
 
 def _mean_of_sentences(x: torch.Tensor, sentence: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
