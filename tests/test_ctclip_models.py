@@ -572,6 +572,48 @@ def test_sentence_pooling_embeds_a_report_as_the_mean_of_its_sentences_each_alon
     assert model.encode_text(model.tokenize([report])).shape == (1, model.cfg.embed_dim)
 
 
+def test_packed_sentences_equal_the_whole_report_sentence_mask_forward_and_backward():
+    """The packed sentence pool (rows of several short sentences) against the reference that runs the tower
+    over whole reports under a (B, L, L) sentence mask (benchmarks/bench_text_pool.py): the same embeddings
+    and the same gradients, on synthetic CT-RATE reports with an empty text and a report cut by the context."""
+    from benchmarks.bench_text_pool import masked_sentence_pool, synthetic_reports
+    from ctclip.models.text import encode_tokens
+
+    torch.manual_seed(0)
+    tower = build_text_tower(128, 32, 2, 2, 16)
+    texts = synthetic_reports(5, seed=3) + ["", "Heart size is normal. A node of 4.5 mm is seen."]
+    tokens = tokenize(texts, 128)  # the synthetic reports run past 128 tokens: truncated mid-sentence
+    assert (tokens != 0).sum(dim=1).max() == 128
+    grads = []
+    for pool in (lambda t: encode_tokens(tower, t, "sentence", causal=False), lambda t: masked_sentence_pool(tower, t)):
+        tower.zero_grad()
+        out = pool(tokens)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}))
+    (packed, g_packed), (masked, g_masked) = grads
+    torch.testing.assert_close(packed, masked, atol=1e-5, rtol=1e-4)
+    assert packed[5].abs().max() == 0  # the empty text
+    assert g_packed.keys() == g_masked.keys()
+    for name in g_packed:
+        torch.testing.assert_close(g_packed[name], g_masked[name], atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_pack_sentences_places_every_sentence_once_without_overlap():
+    from ctclip.models.text import pack_sentences
+
+    rng = np.random.default_rng(0)
+    for lengths in (np.array([5]), np.array([3, 3, 3, 3]), rng.integers(1, 40, size=200)):
+        row, offset, capacity = pack_sentences(lengths)
+        assert capacity == lengths.max()
+        assert (offset >= 0).all() and (offset + lengths <= capacity).all()
+        cells = np.zeros((row.max() + 1, capacity), dtype=int)
+        for r, o, n in zip(row, offset, lengths):
+            cells[r, o:o + n] += 1
+        assert cells.max() == 1 and cells.sum() == lengths.sum()
+        # first-fit decreasing is within 11/9 OPT + 1 rows; OPT >= total / capacity
+        assert row.max() + 1 <= 11 / 9 * np.ceil(lengths.sum() / capacity) + 1
+
+
 def test_window_slice_norm_keeps_absolute_density():
     """minmax makes one grey a different value in every slice; window keeps the store's HU window."""
     vol = torch.zeros(1, 1, 2, 8, 8, dtype=torch.uint8)
