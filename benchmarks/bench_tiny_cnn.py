@@ -17,14 +17,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ctclip.models.tiny_cnn import TinySliceCNN
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.step_timer import interleaved, print_table, time_steps  # noqa: E402
+from ctclip.models.tiny_cnn import TinySliceCNN  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,18 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def encode(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
     return torch.cat([model(part) for part in x.split(chunk)])
-
-
-def time_steps(model: torch.nn.Module, x: torch.Tensor, chunk: int, steps: int) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) per training step, after one untimed step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for i in range(steps + 1):
-        if i == 1:
-            cpu, wall = time.process_time(), time.perf_counter()
-        encode(model, x, chunk).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return (time.process_time() - cpu) / steps, (time.perf_counter() - wall) / steps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     if diff > 1e-3:
         print("error: the two layouts compute different features", file=sys.stderr)
         return 1
-    runs: dict[str, list[tuple[float, float]]] = {"channels_last (ours)": [], "contiguous (reference)": []}
-    for _ in range(args.repeats):
-        for name, model in (("channels_last (ours)", ours), ("contiguous (reference)", ref)):
-            runs[name].append(time_steps(copy.deepcopy(model), x, args.chunk, args.steps))
-    med = {n: (statistics.median(c for c, _ in r), statistics.median(w for _, w in r)) for n, r in runs.items()}
+    def one_round(model: TinySliceCNN):
+        def run() -> tuple[float, float]:
+            m = copy.deepcopy(model)
+            return time_steps(m.parameters(), lambda: encode(m, x, args.chunk).pow(2).mean(), args.steps)
+        return run
+
+    runs, med = interleaved({"channels_last (ours)": one_round(ours), "contiguous (reference)": one_round(ref)},
+                            args.repeats)
     print(f"\n{args.slices} slices of {args.image_size} px per step, chunks of {args.chunk}, {args.threads} thread(s), "
           f"torch {torch.__version__}; median of {args.repeats} x {args.steps} steps\n")
-    print("| layout | CPU s / step | wall s / step |\n|---|---|---|")
-    for name, (c, w) in med.items():
-        print(f"| {name} | {c:.3f} | {w:.3f} |")
+    print_table("layout", med)
     speedup = med["contiguous (reference)"][0] / med["channels_last (ours)"][0]
     print(f"\nchannels_last needs {speedup:.2f}x less CPU time per step")
     if args.json:
