@@ -91,10 +91,11 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 def check_model_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """A checkpoint of another architecture is refused before any weight is touched."""
     # checkpoints older than these settings were trained with min-max slices, EOT pooling, no centring, the
-    # CLS volume token, a causal text tower and no slice histograms
+    # CLS volume token, a causal text tower and no slice histograms or granulometry
     saved = {"slice_norm": "minmax", "text_pool": "eot", "embed_center": False, "fusion_pool": "cls",
-             "text_causal": True, "slice_hist_bins": 0, "slice_hist_grid": 2, **saved}
-    keys = ("slice_encoder", "image_size", "slice_norm", "slice_hist_bins", "slice_hist_grid", "fusion_dim",
+             "text_causal": True, "slice_hist_bins": 0, "slice_hist_grid": 2, "slice_gran_levels": 0, **saved}
+    keys = ("slice_encoder", "image_size", "slice_norm", "slice_hist_bins", "slice_hist_grid", "slice_gran_levels",
+            "fusion_dim",
             "fusion_depth", "fusion_heads", "fusion_pool", "embed_dim", "context_length", "text_width", "text_layers",
             "text_heads", "text_pool", "text_causal", "embed_center")
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

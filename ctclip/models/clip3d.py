@@ -54,6 +54,7 @@ class CTCLIP(nn.Module):
             slice_norm=cfg.slice_norm,
             hist_bins=cfg.slice_hist_bins,
             hist_grid=cfg.slice_hist_grid,
+            gran_levels=cfg.slice_gran_levels,
         )
         self.fusion = SliceFusion(self.slice_encoder.width, cfg.fusion_dim, cfg.fusion_depth, cfg.fusion_heads,
                                   cfg.embed_dim, pool=cfg.fusion_pool)

@@ -40,6 +40,10 @@ class ModelConfig:
     # slice (ctclip/models/tiny_cnn.py): how much of each region is air, fat, fluid, soft tissue, calcium
     slice_hist_bins: int = 0
     slice_hist_grid: int = 2
+    # tiny_cnn only: granulometry beside the histograms (0: none): for the residues of `slice_gran_levels`
+    # openings (3 x 3, 5 x 5, ... squares) in each cell of the same grid, the share of pixels above 100, 200,
+    # 400 and 800 HU (ctclip/models/morphology.py): how much bright structure of each size (nodules, nodes)
+    slice_gran_levels: int = 0
     fusion_dim: int = 512
     fusion_depth: int = 4
     fusion_heads: int = 8
@@ -76,13 +80,16 @@ class ModelConfig:
                or getattr(self, n) <= 0]
         if bad:
             raise ValueError(f"ModelConfig: these must be positive integers: {', '.join(bad)}")
-        for name, low in (("slice_hist_bins", 0), ("slice_hist_grid", 1)):
+        for name, low in (("slice_hist_bins", 0), ("slice_hist_grid", 1), ("slice_gran_levels", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"ModelConfig: {name} must be an integer >= {low}, got {value!r}")
-        if self.slice_hist_bins and self.slice_encoder != "tiny_cnn":
-            raise ValueError(f"ModelConfig: slice_hist_bins is a tiny_cnn setting, not one of "
-                             f"{self.slice_encoder!r}")
+        for name in ("slice_hist_bins", "slice_gran_levels"):
+            if getattr(self, name) and self.slice_encoder != "tiny_cnn":
+                raise ValueError(f"ModelConfig: {name} is a tiny_cnn setting, not one of {self.slice_encoder!r}")
+        if self.slice_gran_levels and self.image_size % self.slice_hist_grid:
+            raise ValueError(f"ModelConfig: slice_gran_levels needs image_size ({self.image_size}) divisible by "
+                             f"slice_hist_grid ({self.slice_hist_grid})")
         if self.text_pool not in TEXT_POOLS:
             raise ValueError(f"ModelConfig: text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
         if not isinstance(self.text_causal, bool):

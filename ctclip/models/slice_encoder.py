@@ -140,18 +140,20 @@ class SliceEncoder(nn.Module):
 def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path | None = None,
                         source: str = "file", freeze: bool = False, chunk: int = 64,
                         grad_checkpointing: bool = False, slice_norm: str = "minmax", hist_bins: int = 0,
-                        hist_grid: int = 2) -> SliceEncoder:
+                        hist_grid: int = 2, gran_levels: int = 0) -> SliceEncoder:
     """Build a registered (`list_slice_encoders()`), `timm:<name>` or `openclip:<name>` slice encoder.
-    `hist_bins` > 0 (tiny_cnn only) adds its intensity-histogram branch (`TinySliceCNN`)."""
-    if hist_bins and name != TINY_CNN:
-        raise ValueError(f"slice encoder {name!r}: hist_bins is a {TINY_CNN} setting")
+    `hist_bins` > 0 and `gran_levels` > 0 (tiny_cnn only) add its intensity-histogram and granulometry
+    branches (`TinySliceCNN`)."""
+    for setting, value in (("hist_bins", hist_bins), ("gran_levels", gran_levels)):
+        if value and name != TINY_CNN:
+            raise ValueError(f"slice encoder {name!r}: {setting} is a {TINY_CNN} setting")
     if name in DINOV2_ARCHS:
         backbone, width, mean, std = _build_dinov2(name, image_size, weights, source)
     elif name == TINY_VIT:
         backbone, width, mean, std = _build_tiny(image_size)
     elif name == TINY_CNN:
         backbone, width, mean, std = _build_tiny_cnn(image_size, 3 if slice_norm == "ct_windows" else 1,
-                                                     hist_bins, hist_grid)
+                                                     hist_bins, hist_grid, gran_levels)
     elif name.startswith("timm:"):
         backbone, width, mean, std = _build_timm(name[len("timm:"):], image_size, weights)
     elif name.startswith("openclip:"):
@@ -188,10 +190,11 @@ def _build_tiny(image_size: int):
     return (model, model.num_features, *_timm_mean_std(model))
 
 
-def _build_tiny_cnn(image_size: int, in_chans: int, hist_bins: int = 0, hist_grid: int = 2):
+def _build_tiny_cnn(image_size: int, in_chans: int, hist_bins: int = 0, hist_grid: int = 2, gran_levels: int = 0):
     from ctclip.models.tiny_cnn import TinySliceCNN
 
-    model = TinySliceCNN(image_size=image_size, in_chans=in_chans, hist_bins=hist_bins, hist_grid=hist_grid)
+    model = TinySliceCNN(image_size=image_size, in_chans=in_chans, hist_bins=hist_bins, hist_grid=hist_grid,
+                         gran_levels=gran_levels)
     # grey channels centred: [0, 1] -> [-1, 1]
     return model, model.num_features, (0.5,) * in_chans, (0.5,) * in_chans
 
