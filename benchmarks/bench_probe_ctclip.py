@@ -17,9 +17,10 @@ Arms:
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
   POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
-  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. An optional
-  fourth field `hN` (tiny_cnn only) adds the encoder's intensity-histogram branch with N bins on a 2 x 2
-  grid (`slice_hist_bins`, ctclip/models/tiny_cnn.py). Trained with
+  the maximum over the fused slice tokens; `mean` averages the fused slice tokens instead. Optional
+  fields after POOL (tiny_cnn only): `hN` adds the encoder's intensity-histogram branch with N bins on a
+  2 x 2 grid (`slice_hist_bins`, ctclip/models/tiny_cnn.py), `gM` its granulometry branch with M opening
+  levels (`slice_gran_levels`, ctclip/models/morphology.py), e.g. `tiny_cnn:window:max:h32:g3`. Trained with
   BCE on the finding labels for --minutes of process CPU time (one torch thread by default), AdamW,
   batch --batch_size; scored on the held-out test side.
 
@@ -61,20 +62,23 @@ DEFAULT_ARMS = ("pooled", "hist", "tiny_cnn:window:max", "tiny_cnn:window:max:h3
 PROBE_POOLS = ("cls", "max", "mean")
 
 
-def parse_arm(spec: str) -> tuple[str, str, str, int]:
-    """ENCODER:NORM:POOL[:hN] -> (encoder, slice_norm, pool, histogram bins: N, or 0 without the field)."""
+def parse_arm(spec: str) -> tuple[str, str, str, int, int]:
+    """ENCODER:NORM:POOL[:hN][:gM] -> (encoder, slice_norm, pool, histogram bins N, granulometry levels M; 0
+    for a field not given)."""
     parts = spec.split(":")
-    if len(parts) not in (3, 4) or parts[2] not in PROBE_POOLS:
-        raise ValueError(f"arm {spec!r}: expected 'pooled', 'hist' or ENCODER:NORM:POOL[:hN] with POOL one of "
+    if len(parts) not in (3, 4, 5) or parts[2] not in PROBE_POOLS:
+        raise ValueError(f"arm {spec!r}: expected 'pooled', 'hist' or ENCODER:NORM:POOL[:hN][:gM] with POOL one of "
                          f"{PROBE_POOLS}")
-    bins = 0
-    if len(parts) == 4:
-        if not (parts[3][:1] == "h" and parts[3][1:].isdigit() and int(parts[3][1:]) > 0):
-            raise ValueError(f"arm {spec!r}: the fourth field is hN, N > 0 histogram bins (e.g. h32)")
+    extra = {"h": 0, "g": 0}
+    for field in parts[3:]:
+        key = field[:1]
+        if key not in extra or extra[key] or not (field[1:].isdigit() and int(field[1:]) > 0):
+            raise ValueError(f"arm {spec!r}: the fields after POOL are hN (N > 0 histogram bins, e.g. h32) and gM "
+                             "(M > 0 granulometry levels, e.g. g3), each at most once")
         if parts[0] != "tiny_cnn":
-            raise ValueError(f"arm {spec!r}: histogram bins (hN) are a tiny_cnn setting")
-        bins = int(parts[3][1:])
-    return parts[0], parts[1], parts[2], bins
+            raise ValueError(f"arm {spec!r}: histogram bins (hN) and granulometry (gM) are tiny_cnn settings")
+        extra[key] = int(field[1:])
+    return parts[0], parts[1], parts[2], extra["h"], extra["g"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,10 +190,11 @@ BASELINES = {"pooled": pooled_baseline, "hist": histogram_baseline}
 class Probe(nn.Module):
     """Slice encoder -> fusion -> (CLS or mean of the fused tokens) -> 18 logits."""
 
-    def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64, hist_bins: int = 0):
+    def __init__(self, encoder: str, slice_norm: str, pool: str, image_size: int, chunk: int = 64, hist_bins: int = 0,
+                 gran_levels: int = 0):
         super().__init__()
         self.encoder = build_slice_encoder(encoder, image_size=image_size, slice_norm=slice_norm, chunk=chunk,
-                                           hist_bins=hist_bins)
+                                           hist_bins=hist_bins, gran_levels=gran_levels)
         self.fusion = SliceFusion(self.encoder.width, 64, 1, 2, 64, pool="cls" if pool == "mean" else pool)
         self.pool = pool
         self.head = nn.Linear(64, len(FINDINGS))
@@ -216,9 +221,9 @@ def init_collapse(model: Probe, x: torch.Tensor) -> float:
 
 
 def train_probe(spec: str, xtr, ytr, xte, yte, args: argparse.Namespace) -> dict[str, Any]:
-    encoder, slice_norm, pool, hist_bins = parse_arm(spec)
+    encoder, slice_norm, pool, hist_bins, gran_levels = parse_arm(spec)
     torch.manual_seed(args.seed)
-    model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk, hist_bins)
+    model = Probe(encoder, slice_norm, pool, args.image_size, args.slice_chunk, hist_bins, gran_levels)
     model.eval()
     collapse = init_collapse(model, xte[:64])
     model.train()

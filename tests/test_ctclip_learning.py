@@ -104,8 +104,11 @@ def test_the_3d_clip_reads_the_easy_findings_zero_shot_on_held_out_patients(smal
 def test_probe_names_bad_inputs_before_training(tmp_path, capsys):
     assert probe.main(["--data_dir", str(tmp_path), "--arms", "tiny_cnn:window"]) == 2
     assert "'tiny_cnn:window'" in capsys.readouterr().err
-    for arm, why in (("tiny_cnn:window:max:32", "the fourth field is hN"), ("tiny_cnn:window:max:h0", "hN, N > 0"),
-                     ("tiny_vit:window:max:h32", "hN) are a tiny_cnn setting")):
+    for arm, why in (("tiny_cnn:window:max:32", "the fields after POOL are hN"), ("tiny_cnn:window:max:h0", "N > 0"),
+                     ("tiny_cnn:window:max:h32:h32", "each at most once"), ("tiny_cnn:window:max:g0", "M > 0"),
+                     ("tiny_cnn:window:max:h32:g3:g3", "expected 'pooled', 'hist' or"),
+                     ("tiny_vit:window:max:h32", "(gM) are tiny_cnn settings"),
+                     ("tiny_vit:window:max:g3", "(gM) are tiny_cnn settings")):
         assert probe.main(["--data_dir", str(tmp_path), "--arms", "pooled", arm]) == 2
         assert why in capsys.readouterr().err
     assert probe.main(["--data_dir", str(tmp_path), "--shift", "-1"]) == 2
