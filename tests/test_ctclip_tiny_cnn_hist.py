@@ -57,7 +57,8 @@ def test_histograms_see_how_much_not_where_within_a_region():
 
 def test_histogram_branch_feeds_the_slice_feature_and_trains():
     torch.manual_seed(0)
-    cfg = dataclasses.replace(get_model_config("tiny_cnn"), image_size=16, slice_hist_bins=8, slice_hist_grid=2)
+    cfg = dataclasses.replace(get_model_config("tiny_cnn"), image_size=16, slice_hist_bins=8, slice_hist_grid=2,
+                              slice_gran_levels=0)  # the histograms alone
     model = create_model(cfg)
     cnn = model.slice_encoder.backbone
     assert cnn.proj.in_features == 64 * 1 * 1 + 2 * 64 + 2 * 2 * 8
