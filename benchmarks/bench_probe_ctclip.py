@@ -14,6 +14,10 @@ Arms:
 - `hist`: the share of each octant's voxels in each of 32 intensity bins (log-scaled, standardised), one
   logistic regression per finding (C=0.05). Also no learning of features: how much of each part of the
   volume is at each density, which is what a finding must change to be visible without shape.
+- `hist_gran`: `hist`'s features and, per octant, the tiny_cnn granulometry shares (how much of each quadrant
+  of a slice each grey opening by a 3x3, 5x5, 7x7 square removes by more than 100, 200, 400, 800 HU,
+  averaged over the octant's slices; ctclip/models/morphology.py), one logistic regression per finding
+  (C=0.05): density and the sizes of bright structures, still nothing learned.
 - `ENCODER:NORM:POOL`: the project's own SliceEncoder (`tiny_cnn`, `tiny_vit`, any registered name) with
   `slice_norm` NORM (`window` | `minmax`), the project's SliceFusion, and a linear head of 18 logits;
   POOL is the fusion's pooling as the CLIP configures it (`fusion_pool`): `cls` its CLS token, `max`
@@ -56,6 +60,7 @@ from ctclip.data.augment import random_shift  # noqa: E402
 from ctclip.data.store import VolumeStore  # noqa: E402
 from ctclip.findings import FINDINGS  # noqa: E402
 from ctclip.models.fusion import SliceFusion  # noqa: E402
+from ctclip.models.morphology import residue_fractions  # noqa: E402
 from ctclip.models.slice_encoder import build_slice_encoder  # noqa: E402
 
 DEFAULT_ARMS = ("pooled", "hist", "tiny_cnn:window:max", "tiny_cnn:window:max:h32")
@@ -154,6 +159,21 @@ def regional_histograms(x: torch.Tensor, bins: int = 32, chunk: int = 128) -> np
     return np.log1p(1000.0 * out)
 
 
+def regional_granulometry(x: torch.Tensor, levels: int = 3, chunk: int = 64) -> np.ndarray:
+    """(N, 1, D, H, W) uint8 -> (N, 2 * levels * thresholds * 4): the tiny_cnn granulometry shares
+    (`ctclip.models.morphology.residue_fractions`, quadrants of each slice) averaged over each half of the
+    slices, so per octant; log(1 + 1000 * share)."""
+    n, _, d, h, w = x.shape
+    out = []
+    for i in range(0, n, chunk):
+        v = x[i:i + chunk, 0].float() / 127.5 - 1.0  # the encoder's input for slice_norm "window"
+        k = len(v)
+        shares = residue_fractions(v.reshape(k * d, h, w), levels, 2).view(k, d, -1)
+        halves = torch.stack([shares[:, :d // 2].mean(1), shares[:, d // 2:].mean(1)], dim=1)
+        out.append(halves.flatten(1).numpy())
+    return np.log1p(1000.0 * np.concatenate(out))
+
+
 def logistic_baseline(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray, c: float,
                       t0: float) -> dict[str, Any]:
     """One logistic regression per finding (sklearn, L2, C=`c`) on fixed features; scored on the test side."""
@@ -177,6 +197,18 @@ def histogram_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yt
     return logistic_baseline(scaler.transform(ftr), ytr, scaler.transform(regional_histograms(xte)), yte, 0.05, t0)
 
 
+def histogram_granulometry_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray
+                                    ) -> dict[str, Any]:
+    """The octants' intensity histograms and granulometry shares, standardised (C=0.05): how much of each part
+    of the volume is at each density, and how much bright structure of each size it holds."""
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.process_time()
+    feats = lambda x: np.hstack([regional_histograms(x), regional_granulometry(x)])  # noqa: E731
+    scaler = StandardScaler().fit(ftr := feats(xtr))
+    return logistic_baseline(scaler.transform(ftr), ytr, scaler.transform(feats(xte)), yte, 0.05, t0)
+
+
 def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: np.ndarray) -> dict[str, Any]:
     """The volumes average-pooled 4x4x4 (C=0.1): density and place."""
     t0 = time.process_time()
@@ -184,7 +216,7 @@ def pooled_baseline(xtr: torch.Tensor, ytr: np.ndarray, xte: torch.Tensor, yte: 
     return logistic_baseline(feats(xtr), ytr, feats(xte), yte, 0.1, t0)
 
 
-BASELINES = {"pooled": pooled_baseline, "hist": histogram_baseline}
+BASELINES = {"pooled": pooled_baseline, "hist": histogram_baseline, "hist_gran": histogram_granulometry_baseline}
 
 
 class Probe(nn.Module):

@@ -134,3 +134,28 @@ def test_regional_histograms_match_numpy_per_octant():
                  for c in (slice(0, 3), slice(3, 6))]
         want = [np.histogram(cell, bins=16, range=(0, 256))[0] / cell.size for cell in cells]
         np.testing.assert_allclose(got[i], np.log1p(1000.0 * np.concatenate(want)))
+
+
+def test_regional_granulometry_averages_the_slice_shares_per_octant():
+    """The probe's `hist_gran` features: per octant, the share of pixels that the grey openings (3x3, 5x5, 7x7
+    squares, scipy.ndimage here) remove by more than each threshold, over the octant's slices."""
+    import torch
+    from scipy import ndimage as ndi
+
+    from ctclip.models.morphology import RESIDUE_THRESHOLDS
+
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.choice([10, 30, 128, 140, 250], size=(3, 1, 4, 8, 8)).astype(np.uint8))
+    got = probe.regional_granulometry(x, chunk=2)
+    assert got.shape == (3, 2 * 3 * len(RESIDUE_THRESHOLDS) * 4)
+    for i in range(3):
+        v = x[i, 0].numpy().astype(np.int32)
+        layers = [v] + [ndi.grey_opening(v, size=(1, k, k), mode="nearest") for k in (3, 5, 7)]
+        want = []
+        for half in (slice(0, 2), slice(2, 4)):
+            for upper, lower in zip(layers[:-1], layers[1:]):
+                residue = (upper - lower)[half]
+                for t in RESIDUE_THRESHOLDS:
+                    above = residue > round(t * 127.5)
+                    want += [above[:, r:r + 4, c:c + 4].mean() for r in (0, 4) for c in (0, 4)]
+        np.testing.assert_allclose(got[i], np.log1p(1000.0 * np.array(want)), rtol=1e-5)
