@@ -154,8 +154,8 @@ def _encode_sentences(tower: TextTransformer, cut: torch.Tensor) -> torch.Tensor
     sentence, several short ones to a row (`pack_sentences`), each at positions from 0, with a mask that
     lets a token attend to the tokens of its own sentence only. A token then sees exactly what it would
     under a (B, L, L) sentence mask over the reports, but the attention costs ~(tokens x longest sentence)
-    instead of (tokens x longest report), and padding is nearly gone (a batch of 32 reports of ~310 tokens:
-    text tower forward + backward ~2x less CPU, `benchmarks/bench_text_pool.py`). Token features are
+    instead of (tokens x longest report), and padding is nearly gone (32 synthetic reports of 266 tokens on
+    average: a text tower training step 1.77x less CPU, `benchmarks/bench_text_pool.py`). Token features are
     averaged per sentence over its words, then per text over its sentences; a text without words gives
     zeros."""
     n, length = cut.shape
@@ -189,7 +189,8 @@ def _encode_sentences(tower: TextTransformer, cut: torch.Tensor) -> torch.Tensor
 
 def pack_sentences(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Sentence lengths (S,) -> (row, offset within the row) of each sentence and the row length (the longest
-    sentence): first-fit decreasing, so rows are nearly full and no sentence is split."""
+    sentence): first-fit decreasing, so rows are nearly full and no sentence is split. One numpy step per
+    sentence (~850 for 32 reports: a few ms, against ~0.5 s for a training step)."""
     capacity = int(lengths.max())
     row = np.empty(len(lengths), dtype=np.int64)
     offset = np.empty(len(lengths), dtype=np.int64)
