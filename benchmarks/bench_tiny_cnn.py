@@ -4,6 +4,9 @@ network in the default contiguous layout (the reference), measured in the same r
     python benchmarks/bench_tiny_cnn.py                   # 1024 slices of 64 x 64 (a batch of 32 volumes x 32
                                                           # slices, the learning benchmark's), one thread, ~1 min
     python benchmarks/bench_tiny_cnn.py --slices 256 --threads 2 --repeats 5 --json tiny_cnn.json
+    python benchmarks/bench_tiny_cnn.py --hist_bins 32 --gran_levels 3  # with tiny_cnn.yaml's fixed branches
+
+Run it with and without the branches to see what the histograms and the granulometry cost a step.
 
 A step is what training does to the slice encoder: forward over all slices in chunks of --chunk (BatchNorm
 statistics per chunk, as `SliceEncoder` runs it), a scalar loss, backward and an AdamW step. Both layouts
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--hist_bins", type=int, default=0, help="the histogram branch in both networks (tiny_cnn.yaml: 32)")
+    p.add_argument("--gran_levels", type=int, default=0,
+                   help="the granulometry branch in both networks (tiny_cnn.yaml: 3)")
     p.add_argument("--json", type=Path)
     return p
 
@@ -51,12 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     bad = [f"--{k} {getattr(args, k)}" for k in ("slices", "image_size", "chunk", "threads", "steps", "repeats")
            if getattr(args, k) < 1]
+    bad += [f"--{k} {getattr(args, k)}" for k in ("hist_bins", "gran_levels") if getattr(args, k) < 0]
     if bad:  # refused before any work
-        parser.error(f"must be at least 1: {', '.join(bad)}")
+        parser.error(f"out of range (at least 1; the branches at least 0): {', '.join(bad)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    ours = TinySliceCNN(image_size=args.image_size)
-    ref = TinySliceCNN(image_size=args.image_size, channels_last=False)  # the reference: default NCHW layout
+    branches = {"hist_bins": args.hist_bins, "gran_levels": args.gran_levels}
+    ours = TinySliceCNN(image_size=args.image_size, **branches)
+    ref = TinySliceCNN(image_size=args.image_size, channels_last=False, **branches)  # the reference: NCHW layout
     ref.load_state_dict(ours.state_dict())
     x = torch.rand(args.slices, 1, args.image_size, args.image_size) * 2 - 1
     with torch.no_grad():
@@ -74,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     runs, med = interleaved({"channels_last (ours)": one_round(ours), "contiguous (reference)": one_round(ref)},
                             args.repeats)
     print(f"\n{args.slices} slices of {args.image_size} px per step, chunks of {args.chunk}, {args.threads} thread(s), "
-          f"torch {torch.__version__}; median of {args.repeats} x {args.steps} steps\n")
+          f"histogram bins {args.hist_bins}, granulometry levels {args.gran_levels}, torch {torch.__version__}; "
+          f"median of {args.repeats} x {args.steps} steps\n")
     print_table("layout", med)
     speedup = med["contiguous (reference)"][0] / med["channels_last (ours)"][0]
     print(f"\nchannels_last needs {speedup:.2f}x less CPU time per step")

@@ -180,7 +180,10 @@ def test_tiny_cnn_benchmark_refuses_empty_settings(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--slices", "0", "--repeats", "0"])
     assert exc.value.code == 2
-    assert "must be at least 1: --slices 0, --repeats 0" in capsys.readouterr().err
+    assert "(at least 1; the branches at least 0): --slices 0, --repeats 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--gran_levels", "-1"])
+    assert "--gran_levels -1" in capsys.readouterr().err
 
 
 def test_freeze_dinov2_leaves_backbone_without_gradients():
