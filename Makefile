@@ -36,7 +36,7 @@ $(STAMP): uv.lock pyproject.toml | $(UV)
 
 venv: $(STAMP)
 
-# make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 9
+# make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 7
 # minutes on 2 cores; `make -n demo` lists the calls). The chest and the head pipelines run
 # side by side, one core each: the chest's output streams, the head's goes to $(DEMO_DIR)/head.log and is
 # printed when both are done. Outputs go to $(DEMO_DIR)/; the last step prints the key numbers and the
