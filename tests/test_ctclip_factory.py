@@ -139,7 +139,7 @@ def test_slice_norm_flag_takes_every_documented_norm():
     from ctclip.models.slice_encoder import SLICE_NORMS
     from scripts.ctclip_train import build_parser
 
-    for norm in SLICE_NORMS:  # docs/ctclip.md: minmax, window or ct_windows
+    for norm in SLICE_NORMS:  # docs/ctclip.md: minmax, window, ct_windows or window_mediastinal
         args = build_parser().parse_args(["--ct_filepath", "a.h5", "--txt_filepath", "r.csv", "--slice_norm", norm])
         assert args.slice_norm == norm
-    assert set(SLICE_NORMS) == {"minmax", "window", "ct_windows"}
+    assert set(SLICE_NORMS) == {"minmax", "window", "ct_windows", "window_mediastinal"}

@@ -90,3 +90,46 @@ def test_checkpoints_without_histograms_read_as_none(tmp_path):
     check_model_config(older, {**now, "slice_hist_bins": 0}, tmp_path / "latest.pt")
     with pytest.raises(CheckpointError, match="slice_hist_bins: checkpoint 0 vs now 32"):
         check_model_config(older, now, tmp_path / "latest.pt")
+
+
+def test_window_mediastinal_gives_the_whole_window_and_a_mediastinal_window_with_histograms_of_both():
+    """slice_norm window_mediastinal: channel 0 is `window`'s input, channel 1 the W400/L40 window of the same
+    HU; the histogram branch counts both channels, each against its own HU range (numpy oracle)."""
+    from ctclip.models.slice_encoder import MEDIASTINAL_WINDOW_HU
+
+    lo, hi = MEDIASTINAL_WINDOW_HU
+    assert (lo, hi) == (-160.0, 240.0)
+    enc = build_slice_encoder("tiny_cnn", image_size=16, slice_norm="window_mediastinal", hist_bins=8, hist_grid=2)
+    plain = build_slice_encoder("tiny_cnn", image_size=16, slice_norm="window", hist_bins=8, hist_grid=2)
+    assert enc.backbone.features[0].in_channels == 2
+    g = np.random.default_rng(3)
+    u8 = g.choice([0, 25, 100, 110, 115, 120, 130, 133, 140, 145, 160, 255], size=(4, 16, 16)).astype(np.uint8)
+    x = enc.preprocess(torch.from_numpy(u8).unsqueeze(1))
+    assert x.shape == (4, 2, 16, 16)
+    torch.testing.assert_close(x[:, :1], plain.preprocess(torch.from_numpy(u8).unsqueeze(1)))
+    hu = -1000.0 + u8.astype(np.float64) * (2000.0 / 255.0)
+    np.testing.assert_allclose((x[:, 1].numpy() + 1) / 2, np.clip((hu - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # fat (-100 HU) and a node (+40 HU): 0.14 apart in the whole window, 0.70 in the mediastinal one
+    got = enc.backbone.histograms(x).numpy()
+    assert got.shape == (4, 2 * 4 * 8)
+    want_whole = np.stack([oracle(s, 8, 2) for s in u8])
+    np.testing.assert_allclose(got[:, : 4 * 8], want_whole, atol=1e-6)
+    for s, h in zip(hu, got[:, 4 * 8:], strict=True):
+        cells = [s[r][:, c] for r in (slice(0, 8), slice(8, 16)) for c in (slice(0, 8), slice(8, 16))]
+        want = [np.sqrt(np.histogram(np.clip(cell, lo, hi), bins=8, range=(lo, hi))[0] / cell.size) for cell in cells]
+        np.testing.assert_allclose(h, np.concatenate(want), atol=1e-6)
+
+
+def test_window_mediastinal_model_trains_and_other_encoders_refuse_it():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(get_model_config("tiny_cnn"), image_size=16, slice_norm="window_mediastinal",
+                              slice_hist_bins=8, slice_hist_grid=2, slice_gran_levels=1)
+    model = create_model(cfg)
+    cnn = model.slice_encoder.backbone
+    assert cnn.features[0].in_channels == 2 and cnn.hist_norm.num_features == 2 * 2 * 2 * 8
+    vol = torch.randint(0, 256, (2, 1, 3, 16, 16), dtype=torch.uint8)
+    v, t, scale = model(vol, model.tokenize(["a b", "c d"]))
+    (scale * v @ t.T).logsumexp(-1).sum().backward()
+    assert cnn.features[0].weight.grad[:, 1].abs().sum() > 0  # the mediastinal channel is learned from
+    with pytest.raises(ValueError, match="slice_norm window_mediastinal is a tiny_cnn setting"):
+        build_slice_encoder("tiny_vit", image_size=28, slice_norm="window_mediastinal")

@@ -47,12 +47,25 @@ DINOV2_ARCHS = _dinov2_archs()
 TINY_VIT = "tiny_vit"
 TINY_CNN = "tiny_cnn"
 REGISTERED_ENCODERS: tuple[str, ...] = (*DINOV2_ARCHS, TINY_VIT, TINY_CNN)
-SLICE_NORMS = ("minmax", "window", "ct_windows")
+SLICE_NORMS = ("minmax", "window", "ct_windows", "window_mediastinal")
 # "ct_windows": three display windows of the stored HU range, one per channel (the radiologist's lung,
-# mediastinal and calcium/bone settings; RSNA 2019's winners fed their CNNs three brain windows the same way)
+# mediastinal and calcium/bone settings; RSNA 2019's winners fed their CNNs three brain windows the same way).
+# "window_mediastinal" (tiny_cnn only): two channels, the store's whole window as "window" gives it and the
+# mediastinal window (W 400, L 40) beside it, where fat, fluid, soft tissue and enhanced blood are 5x further
+# apart than in the whole window and the aerated lung is flat black around anything solid in it
 STORE_HU_RANGE = (-1000.0, 1000.0)  # what uint8 0 and 255 mean (ctclip_preprocess.py's default --hu_range)
 CT_WINDOWS_HU = ((-1000.0, 200.0), (-160.0, 240.0), (100.0, 1000.0))
+MEDIASTINAL_WINDOW_HU = (-160.0, 240.0)
+SLICE_NORM_CHANNELS = {"ct_windows": 3, "window_mediastinal": 2}  # input channels a tiny_cnn gets; else 1
 DINOV2_HUB_REPO = "facebookresearch/dinov2"
+
+
+def _hu_windows(x: torch.Tensor, windows) -> torch.Tensor:
+    """(N, 1, H, W) store grey levels (float) -> (N, len(windows), H, W): each (low, high) HU window to [0, 1]."""
+    hu = STORE_HU_RANGE[0] + x * ((STORE_HU_RANGE[1] - STORE_HU_RANGE[0]) / 255.0)
+    lo = torch.tensor([w[0] for w in windows], device=x.device).view(1, -1, 1, 1)
+    hi = torch.tensor([w[1] for w in windows], device=x.device).view(1, -1, 1, 1)
+    return ((hu - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
 class SliceEncoder(nn.Module):
@@ -94,10 +107,9 @@ class SliceEncoder(nn.Module):
         if self.slice_norm == "window":
             x = x / 255.0
         elif self.slice_norm == "ct_windows":
-            hu = STORE_HU_RANGE[0] + x * ((STORE_HU_RANGE[1] - STORE_HU_RANGE[0]) / 255.0)
-            lo = torch.tensor([w[0] for w in CT_WINDOWS_HU], device=x.device).view(1, -1, 1, 1)
-            hi = torch.tensor([w[1] for w in CT_WINDOWS_HU], device=x.device).view(1, -1, 1, 1)
-            x = ((hu - lo) / (hi - lo)).clamp(0.0, 1.0)
+            x = _hu_windows(x, CT_WINDOWS_HU)
+        elif self.slice_norm == "window_mediastinal":
+            x = torch.cat([x / 255.0, _hu_windows(x, (MEDIASTINAL_WINDOW_HU,))], dim=1)
         else:
             lo = x.amin(dim=(-2, -1), keepdim=True)
             span = x.amax(dim=(-2, -1), keepdim=True) - lo
@@ -144,7 +156,8 @@ def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path
     """Build a registered (`list_slice_encoders()`), `timm:<name>` or `openclip:<name>` slice encoder.
     `hist_bins` > 0 and `gran_levels` > 0 (tiny_cnn only) add its intensity-histogram and granulometry
     branches (`TinySliceCNN`)."""
-    for setting, value in (("hist_bins", hist_bins), ("gran_levels", gran_levels)):
+    for setting, value in (("hist_bins", hist_bins), ("gran_levels", gran_levels),
+                           ("slice_norm window_mediastinal", slice_norm == "window_mediastinal")):
         if value and name != TINY_CNN:
             raise ValueError(f"slice encoder {name!r}: {setting} is a {TINY_CNN} setting")
     if name in DINOV2_ARCHS:
@@ -152,8 +165,9 @@ def build_slice_encoder(name: str, *, image_size: int = 224, weights: str | Path
     elif name == TINY_VIT:
         backbone, width, mean, std = _build_tiny(image_size)
     elif name == TINY_CNN:
-        backbone, width, mean, std = _build_tiny_cnn(image_size, 3 if slice_norm == "ct_windows" else 1,
-                                                     hist_bins, hist_grid, gran_levels)
+        backbone, width, mean, std = _build_tiny_cnn(image_size, SLICE_NORM_CHANNELS.get(slice_norm, 1), hist_bins,
+                                                     hist_grid, gran_levels,
+                                                     hist_channels=2 if slice_norm == "window_mediastinal" else 1)
     elif name.startswith("timm:"):
         backbone, width, mean, std = _build_timm(name[len("timm:"):], image_size, weights)
     elif name.startswith("openclip:"):
@@ -190,11 +204,12 @@ def _build_tiny(image_size: int):
     return (model, model.num_features, *_timm_mean_std(model))
 
 
-def _build_tiny_cnn(image_size: int, in_chans: int, hist_bins: int = 0, hist_grid: int = 2, gran_levels: int = 0):
+def _build_tiny_cnn(image_size: int, in_chans: int, hist_bins: int = 0, hist_grid: int = 2, gran_levels: int = 0,
+                    hist_channels: int = 1):
     from ctclip.models.tiny_cnn import TinySliceCNN
 
     model = TinySliceCNN(image_size=image_size, in_chans=in_chans, hist_bins=hist_bins, hist_grid=hist_grid,
-                         gran_levels=gran_levels)
+                         gran_levels=gran_levels, hist_channels=hist_channels)
     # grey channels centred: [0, 1] -> [-1, 1]
     return model, model.num_features, (0.5,) * in_chans, (0.5,) * in_chans
 

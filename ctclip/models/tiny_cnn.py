@@ -58,16 +58,19 @@ class TinySliceCNN(nn.Module):
 
     def __init__(self, image_size: int = 64, widths: tuple[int, ...] = (16, 32, 64, 64), out_dim: int = 128,
                  in_chans: int = 1, channels_last: bool = True, hist_bins: int = 0, hist_grid: int = 2,
-                 gran_levels: int = 0):
+                 gran_levels: int = 0, hist_channels: int = 1):
         super().__init__()
         if hist_bins < 0 or hist_grid < 1 or gran_levels < 0:
             raise ValueError(f"TinySliceCNN: hist_bins and gran_levels must be >= 0 and hist_grid >= 1, got "
                              f"{hist_bins}, {gran_levels}, {hist_grid}")
+        if not 1 <= hist_channels <= in_chans:
+            raise ValueError(f"TinySliceCNN: hist_channels must be in 1..in_chans ({in_chans}), got {hist_channels}")
         if gran_levels and image_size % hist_grid:
             raise ValueError(f"TinySliceCNN: granulometry needs image_size ({image_size}) divisible by hist_grid "
                              f"({hist_grid})")
         self.hist_bins, self.hist_grid, self.gran_levels = hist_bins, hist_grid, gran_levels
-        n_hist = hist_bins * hist_grid * hist_grid
+        self.hist_channels = hist_channels
+        n_hist = hist_bins * hist_grid * hist_grid * hist_channels
         self.hist_norm = nn.BatchNorm1d(n_hist) if n_hist else None
         n_gran = gran_levels * len(RESIDUE_THRESHOLDS) * hist_grid * hist_grid
         self.gran_norm = nn.BatchNorm1d(n_gran) if n_gran else None
@@ -94,8 +97,16 @@ class TinySliceCNN(nn.Module):
         self.features.to(memory_format=self.memory_format)
 
     def histograms(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, S, S) input in [-1, 1] -> (N, grid * grid * bins): the fraction of each region's pixels in
-        each intensity bin (first channel), square-rooted. Regions: a grid x grid split of the slice."""
+        """(N, C, S, S) input in [-1, 1] -> (N, hist_channels * grid * grid * bins): the fraction of each
+        region's pixels in each intensity bin of each of the first `hist_channels` channels, square-rooted.
+        Regions: a grid x grid split of the slice."""
+        if self.hist_channels > 1:  # the channels as more slices: (N, C, S, S) -> (N * C, 1, S, S)
+            n = x.shape[0]
+            one = x[:, : self.hist_channels].reshape(n * self.hist_channels, 1, *x.shape[2:])
+            return self._histograms(one).reshape(n, -1)
+        return self._histograms(x)
+
+    def _histograms(self, x: torch.Tensor) -> torch.Tensor:
         v = x[:, 0]
         n, h, w = v.shape
         bins, g = self.hist_bins, self.hist_grid
