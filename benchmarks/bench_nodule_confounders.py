@@ -145,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(result))
-    if args.json:
+    if args.json:  # the JSON first: the table is what stays on screen
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
+    print(report(result))
     return 0
 
 
