@@ -109,8 +109,9 @@ class ModelChoice:
     text_weights: str | None = arg(None, help="local OpenAI CLIP weights to initialise the text tower")
     slice_norm: str | None = arg(
         None, choices=list(SLICE_NORMS),
-        help="slice intensities: minmax per slice, window (the store's HU window kept) or ct_windows (lung, "
-             "mediastinal and calcium windows as three channels); default from the model config")
+        help="slice intensities: minmax per slice, window (the store's HU window kept), ct_windows (lung, "
+             "mediastinal and calcium windows as three channels) or window_mediastinal (tiny_cnn: the store's "
+             "window and the mediastinal window as two channels); default from the model config")
 
     def resolve(self) -> ModelConfig:
         """The architecture's `ModelConfig` with these flags applied."""

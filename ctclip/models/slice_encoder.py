@@ -2,13 +2,14 @@
 
 `SliceEncoder` takes uint8 volumes (B, 1, D, H, W) and returns per-slice features (B, D, C). All slice
 preprocessing runs on the model's device: intensities to [0, 1] (`slice_norm`), bilinear resize, the
-backbone's channels (3 for RGB backbones, 1 for `tiny_cnn`) and its own mean/std.
+backbone's channels (3 for RGB backbones; for `tiny_cnn` 1, or one per display window) and its own mean/std.
 
 `slice_norm`: "minmax" stretches each slice to [0, 1] (what an RGB backbone pretrained on photographs
 expects; the default for DINOv2), "window" keeps the store's HU window (uint8 / 255: 0 = -1000 HU,
 255 = +1000 HU by default), so that a slice's absolute density (fluid, consolidation, calcium) reaches
 the model. Min-max makes the same tissue a different grey in every slice: the brightest voxel (bone or
-calcium) sets the scale. Slices go through the backbone in chunks of `chunk` (bounded memory),
+calcium) sets the scale. "ct_windows" and "window_mediastinal" (below) give display windows of the HU as
+channels. Slices go through the backbone in chunks of `chunk` (bounded memory),
 optionally with gradient checkpointing per chunk.
 
 Official DINOv2 weight files (`dinov2_vitb14_pretrain.pth`, `..._reg4_pretrain.pth`) are checked
