@@ -57,7 +57,7 @@ from benchmarks.bench_learning_ctclip_data import (  # noqa: E402
     check_split,
     import_scripts,
 )
-from benchmarks.bench_learning_ctclip_prototypes import report_prototype_aurocs  # noqa: E402
+from benchmarks.bench_learning_ctclip_prototypes import prototype_aurocs  # noqa: E402
 from benchmarks.bench_learning_ctclip_report import VARIANT_NAMES, machine, plot_curves, read_log, report  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "ctclip"
@@ -182,7 +182,7 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             ev = evaluate_variant(args, data, run_dir, work_dir / f"eval_{variant}", templates)
         timings[f"eval_{variant}"] = t.as_dict()
         with Timer() as t:
-            prototypes = report_prototype_aurocs(run_dir / "latest.pt", data)
+            prototypes = prototype_aurocs(run_dir / "latest.pt", data)
         timings[f"prototypes_{variant}"] = t.as_dict()
         logs[variant] = read_log(run_dir / "train_log.jsonl")
         valid = [r for r in logs[variant] if r["kind"] == "valid"]
@@ -227,15 +227,18 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     }
 
 
-def _test_result(ev: dict[str, Any], prototypes: dict[str, float], summary: Path) -> dict[str, Any]:
-    """One variant's test-side results: zero-shot (the evaluation's) and the report-prototype diagnostic."""
+def _test_result(ev: dict[str, Any], prototypes: dict[str, dict[str, float]], summary: Path) -> dict[str, Any]:
+    """One variant's test-side results: zero-shot (the evaluation's) and the report-prototype diagnostic, on the
+    test volumes and on the test reports' own text embeddings."""
     import pandas as pd
 
     table = pd.read_csv(ev["outputs"]["metrics"])
     per_finding = {str(r["finding"]): float(r["auroc"]) for _, r in table.iterrows() if pd.notna(r["auroc"])}
     return {"mean_auroc": ev["macro"]["auroc"], "n_units": ev["n_units"], "unit": ev["unit"],
             "per_finding_auroc": per_finding,
-            "report_prototype_auroc": {"mean": float(np.mean(list(prototypes.values()))), "per_finding": prototypes},
+            **{key: {"mean": float(np.mean(list(p.values()))), "per_finding": p}
+               for key, p in (("report_prototype_auroc", prototypes["volumes"]),
+                              ("report_text_auroc", prototypes["reports"])) if p},
             "summary": str(summary), "roc_figure": ev["outputs"]["roc_curves"]}
 
 

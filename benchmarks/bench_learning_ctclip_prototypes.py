@@ -8,6 +8,11 @@ that do not (the reports as training saw them, whole), and a test volume's score
 projection on that direction. Its AUROC is the same joint space read without prompts; the gap to zero-shot
 is what the prompts lose. It uses the training labels, so it is a diagnostic beside the zero-shot result,
 never a substitute for it.
+
+The same direction read on the text side (`prototype_aurocs(...)["reports"]`, when the set has
+test_reports.csv): the test reports' own embeddings projected on it. A finding low there is one the text
+tower does not tell apart in the reports themselves, whatever the images hold; a finding high there and low
+for the volumes is one the image side has not matched.
 """
 
 from __future__ import annotations
@@ -37,31 +42,45 @@ def _embed_texts(model, texts: list[str], batch: int = 64) -> torch.Tensor:
 
 
 def report_prototype_aurocs(model_path: Path, data: Path) -> dict[str, float]:
-    """Per-finding test AUROC of the report-prototype score (module docstring) for a trained checkpoint and a
+    """Per-finding test AUROC of the report-prototype score of the test volumes (module docstring)."""
+    return prototype_aurocs(model_path, data)["volumes"]
+
+
+def prototype_aurocs(model_path: Path, data: Path) -> dict[str, dict[str, float]]:
+    """Per-finding test AUROCs of the report-prototype direction (module docstring) for a trained checkpoint and a
     set this benchmark built (`data`: train_reports.csv, train_predicted_labels.csv, valid_volumes.h5,
-    test_predicted_labels.csv). Findings with one class on either side are left out."""
+    test_predicted_labels.csv; test_reports.csv for "reports"): "volumes" scores the test volumes' embeddings,
+    "reports" the test reports' ({} without test_reports.csv). Findings with one class on either side are left
+    out."""
     model, meta = load_trained_model(model_path)
     column = ((meta.get("config") or {}).get("text_column")) or "findings_impressions"
+    columns = text_columns(column)
     reports = load_reports(data / "train_reports.csv")
     train_labels = load_labels(data / "train_predicted_labels.csv")
     names = [n for n in reports.index if n in train_labels.index]
-    columns = text_columns(column)
     texts = [report_text(reports.loc[n], columns) for n in names]
     test_labels = load_labels(data / "test_predicted_labels.csv")
+    test_reports = load_reports(data / "test_reports.csv") if (data / "test_reports.csv").is_file() else None
     with VolumeStore(data / "valid_volumes.h5") as store, torch.inference_mode():
         have = set(store.names())
         test_names = [n for n in test_labels.index if n in have]
         z_vol = _embed_volumes(model, store, test_names).float()
         z_text = _embed_texts(model, texts).float()
+        report_names = [n for n in test_labels.index if test_reports is not None and n in test_reports.index]
+        z_test_text = (_embed_texts(model, [report_text(test_reports.loc[n], columns) for n in report_names]).float()
+                       if report_names else None)
     y_train = train_labels.loc[names, list(FINDINGS)].to_numpy()
-    y_test = test_labels.loc[test_names, list(FINDINGS)].to_numpy()
-    out: dict[str, float] = {}
-    for k, finding in enumerate(FINDINGS):
-        pos, neg = y_train[:, k] == 1, y_train[:, k] == 0
-        known = ~np.isnan(y_test[:, k])
-        if not pos.any() or not neg.any() or len(np.unique(y_test[known, k])) < 2:
+    out: dict[str, dict[str, float]] = {"volumes": {}, "reports": {}}
+    for key, z, side in (("volumes", z_vol, test_names), ("reports", z_test_text, report_names)):
+        if z is None:
             continue
-        direction = z_text[torch.from_numpy(pos)].mean(0) - z_text[torch.from_numpy(neg)].mean(0)
-        scores = (z_vol @ direction).numpy()
-        out[finding] = float(roc_auc_score(y_test[known, k], scores[known]))
+        y_test = test_labels.loc[side, list(FINDINGS)].to_numpy()
+        for k, finding in enumerate(FINDINGS):
+            pos, neg = y_train[:, k] == 1, y_train[:, k] == 0
+            known = ~np.isnan(y_test[:, k])
+            if not pos.any() or not neg.any() or len(np.unique(y_test[known, k])) < 2:
+                continue
+            direction = z_text[torch.from_numpy(pos)].mean(0) - z_text[torch.from_numpy(neg)].mean(0)
+            scores = (z @ direction).numpy()
+            out[key][finding] = float(roc_auc_score(y_test[known, k], scores[known]))
     return out

@@ -90,6 +90,11 @@ def report(result: dict) -> str:
             lines.append(f"- {v['name']}, the same embeddings scored by report prototypes instead of prompts "
                          f"(bench_learning_ctclip_prototypes.py; a diagnostic, it uses the training labels): mean "
                          f"{proto['mean']:.3f}; {per}")
+        text = v["test"].get("report_text_auroc")
+        if text:
+            per = ", ".join(f"{k} {x:.2f}" for k, x in text["per_finding"].items())
+            lines.append(f"- {v['name']}, the test reports' own text embeddings along the same directions (what the "
+                         f"text tower tells apart): mean {text['mean']:.3f}; {per}")
     g = result["goal"]
     worst = "; ".join(f"{v['name']} {v['test']['min_finding']} {v['test']['per_finding_auroc'][v['test']['min_finding']]:.2f}"
                       for v in result["variants"].values() if v["test"].get("min_finding"))

@@ -106,6 +106,8 @@ def test_benchmark_run_at_toy_size(tmp_path):
         proto = v["test"]["report_prototype_auroc"]
         assert set(proto["per_finding"]) <= set(bench_findings())
         assert all(0.0 <= x <= 1.0 for x in proto["per_finding"].values())
+        text_side = v["test"]["report_text_auroc"]  # the split writes test_reports.csv
+        assert set(text_side["per_finding"]) <= set(bench_findings()) and 0.0 <= text_side["mean"] <= 1.0
     figure = Path(result["figure"])
     assert figure.is_file() and figure.stat().st_size > 10_000
     met = [v["test"]["mean_auroc"]["value"] >= 0.85 and min(v["test"]["per_finding_auroc"].values()) >= 0.7
@@ -113,7 +115,7 @@ def test_benchmark_run_at_toy_size(tmp_path):
     assert result["goal"]["met"] == any(met) and result["goal"]["min_finding_auroc"] == 0.7
     text = bench.report(result)
     assert "| end-to-end |" in text and "frozen backbone" in text and ("met" in text)
-    assert "scored by report prototypes instead of prompts" in text
+    assert "scored by report prototypes instead of prompts" in text and "what the text tower tells apart" in text
     assert result["machine"]["torch_threads"] == 1
 
 
@@ -172,6 +174,14 @@ def test_report_prototypes_read_the_joint_space_without_prompts(monkeypatch, tmp
                         lambda model, store, names: volume_embeddings[torch.randperm(40, generator=torch.Generator().manual_seed(0))])
     shuffled = proto.report_prototype_aurocs(tmp_path / "latest.pt", tmp_path)
     assert 0.35 < np.mean(list(shuffled.values())) < 0.65, shuffled
+    # the text side: without test_reports.csv nothing; with it, the test reports' own (here perfect) embeddings
+    assert proto.prototype_aurocs(tmp_path / "latest.pt", tmp_path)["reports"] == {}
+    pd.DataFrame([[n, "", "", f"Report of {n}.", ""] for n in test.VolumeName], columns=cols).to_csv(
+        tmp_path / "test_reports.csv", index=False)
+    text_labels.update({n: row for n, row in zip(test.VolumeName, test[list(FINDINGS)].to_numpy(np.float32))})
+    both = proto.prototype_aurocs(tmp_path / "latest.pt", tmp_path)
+    assert set(both["reports"]) == set(FINDINGS) and min(both["reports"].values()) > 0.95, both["reports"]
+    assert 0.35 < np.mean(list(both["volumes"].values())) < 0.65  # the volumes are still shuffled
 
 
 def bench_findings() -> tuple[str, ...]:
