@@ -198,3 +198,32 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(chest, tmp_path):
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_text_view_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_path, caplog):
+    """--text_view_weight adds a text-to-text contrastive term: the first step's logged loss (the CLIP term alone,
+    same weights and batch) is unchanged, the updates differ from then on; bad settings stop before training."""
+    plain, views = tmp_path / "plain", tmp_path / "views"
+    assert train_main(_args(chest, plain, "--max_steps", "4", "--sentence_keep", "0.6")) == 0
+    assert train_main(_args(chest, views, "--max_steps", "4", "--sentence_keep", "0.6", "--text_view_weight", "1.0")) == 0
+    a, b = _losses(plain), _losses(views)
+    assert a[1] == pytest.approx(b[1], abs=1e-6)
+    assert any(abs(a[k] - b[k]) > 1e-4 for k in (2, 3, 4))
+    assert train_main(_args(chest, tmp_path / "x", "--max_steps", "1", "--text_view_weight", "-1")) == 2
+    assert train_main(_args(chest, tmp_path / "y", "--max_steps", "1", "--text_view_weight", "1",
+                            "--grad_accum", "2")) == 2
+    assert "--text_view_weight needs --grad_accum 1" in caplog.text
+
+
+def test_text_views_keep_a_subset_of_each_reports_sentences():
+    from ctclip.data.reports import split_sentences
+    from ctclip.run.train_step import TextView
+
+    texts = ["Heart size is normal. No pleural effusion. A 4.5 mm nodule in the right upper lobe. Emphysema.",
+             "Not given."]
+    first, again = TextView(1.0, 0.5, seed=3).views(texts), TextView(1.0, 0.5, seed=3).views(texts)
+    assert first == again  # seeded by (seed, rank)
+    for text, view in zip(texts, first, strict=True):
+        kept = split_sentences(view)
+        assert kept and set(kept) <= set(split_sentences(text))
+    assert TextView(1.0, 1.0, seed=3).views(texts) == texts

@@ -53,7 +53,7 @@ from ctclip.models.config import ModelConfig
 from ctclip.models.factory import create_model as build_model
 from ctclip.run.train_checks import SetupError, check_inputs, check_resume, check_stores
 from ctclip.run.train_state import TrainState, global_steps, stop_reason
-from ctclip.run.train_step import Learner, TrainingStep, train_step
+from ctclip.run.train_step import Learner, TextView, TrainingStep, train_step
 from ctclip.run.train_utils import (
     BudgetClock,
     GlobalBatchSampler,
@@ -118,6 +118,11 @@ class TrainConfig:
                                                 "sentence of the report, chosen at random (prompt-sized texts)")
     volume_shift: int = arg(0, help="image augmentation: each time a volume is drawn, move it by up to this many "
                                     "voxels in the axial plane (edges filled with air; 0 = none)")
+    text_view_weight: float = arg(0.0, help="weight of a text-to-text contrastive term: each report of the batch "
+                                            "against a second view of it (each of its drawn sentences kept with "
+                                            "probability --text_view_keep), the other reports as negatives; makes a "
+                                            "text tower trained from scratch read every sentence (0 = off)")
+    text_view_keep: float = arg(0.6, help="sentence keep probability of the second text view (--text_view_weight)")
     cache_features: bool = arg(False, help="with --freeze_dinov2: compute slice embeddings once")
     max_steps: int | None = arg(None, help="train for this many optimizer steps (sets the schedule)")
     # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -322,7 +327,9 @@ def _learner(cfg: TrainConfig, dist: DistInfo, model: nn.Module, autocast, scale
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     return Learner(model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                   autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed)
+                   autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed,
+                   text_view=TextView(cfg.text_view_weight, cfg.text_view_keep, cfg.seed, dist.rank)
+                   if cfg.text_view_weight else None)
 
 
 def _resume(learner: Learner, ckpt: dict[str, Any], path: Path) -> TrainState:

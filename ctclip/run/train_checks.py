@@ -37,6 +37,11 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
         raise SetupError("--do_validate needs --val_ct_filepath and --val_label_path")
     if cfg.cache_features and not cfg.model.freeze_dinov2:
         raise SetupError("--cache_features needs --freeze_dinov2 (a trained backbone changes its features)")
+    if cfg.text_view_weight < 0 or not 0.0 < cfg.text_view_keep <= 1.0:
+        raise SetupError(f"--text_view_weight must be >= 0 and --text_view_keep in (0, 1], got {cfg.text_view_weight} "
+                         f"and {cfg.text_view_keep}")
+    if cfg.text_view_weight and cfg.grad_accum != 1:
+        raise SetupError("--text_view_weight needs --grad_accum 1 (the second view is not accumulated)")
     if cfg.cache_features and cfg.volume_shift:
         raise SetupError("--volume_shift moves the volumes, --cache_features encodes each volume once: use one")
     if cfg.do_validate:
