@@ -11,8 +11,8 @@ probability `keep`): the text tower must tell every report from the others by it
 those the image side already matches. Two towers trained from scratch otherwise never start on findings
 that neither reads early: after 30 CPU-minutes the reports' own embeddings did not separate lymph nodes,
 nodules, lung opacity, consolidation or coronary calcification (0.56-0.68); with w = 1 the text side reads
-them at 0.80-1.00 and the 15-CPU-minute benchmark rose from 0.809 to 0.869 (docs/benchmarks.md). The
-returned and logged loss is the CLIP term alone.
+them at 0.75-1.00 and the 15-CPU-minute benchmark rose from 0.809 to 0.869 and 0.863 (two seeds;
+docs/benchmarks.md). The returned and logged loss is the CLIP term alone.
 """
 
 from __future__ import annotations
