@@ -202,7 +202,8 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(chest, tmp_path):
 
 def test_text_view_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_path, caplog):
     """--text_view_weight adds a text-to-text contrastive term: the first step's logged loss (the CLIP term alone,
-    same weights and batch) is unchanged, the updates differ from then on; bad settings stop before training."""
+    same weights and batch; the tiny model does not centre its embeddings on the batch, where both views would
+    be centred together) is unchanged, the updates differ from then on; bad settings stop before training."""
     plain, views = tmp_path / "plain", tmp_path / "views"
     assert train_main(_args(chest, plain, "--max_steps", "4", "--sentence_keep", "0.6")) == 0
     assert train_main(_args(chest, views, "--max_steps", "4", "--sentence_keep", "0.6", "--text_view_weight", "1.0")) == 0
