@@ -55,15 +55,16 @@ class TrainingStep(nn.Module):
 
 
 class TextView:
-    """The second view of each report for the text-to-text term (module docstring): weight, keep probability and
-    a generator seeded by (seed, rank)."""
+    """The second view of each report for the text-to-text term (module docstring): weight and keep probability.
+    The views of a step are drawn from (seed, rank, step), so a resumed run draws the views an uninterrupted one
+    would have, with no generator state to checkpoint."""
 
     def __init__(self, weight: float, keep: float, seed: int, rank: int = 0):
-        self.weight, self.keep = float(weight), float(keep)
-        self.rng = np.random.default_rng([int(seed), int(rank), 20261204])
+        self.weight, self.keep, self.seed, self.rank = float(weight), float(keep), int(seed), int(rank)
 
-    def views(self, texts: Sequence[str]) -> list[str]:
-        return [sample_sentences(t, self.keep, self.rng) for t in texts]
+    def views(self, texts: Sequence[str], step: int) -> list[str]:
+        rng = np.random.default_rng([self.seed, self.rank, int(step), 20261204])
+        return [sample_sentences(t, self.keep, rng) for t in texts]
 
 
 @dataclass
@@ -104,7 +105,9 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     if learner.text_view is not None:
         if len(micro) != 1:
             raise ValueError("the text-view term needs one micro-batch per step")
-        value = _text_view_backward(learner, *tokenized[0], learner.model.tokenize(learner.text_view.views(micro[0][1])))
+        step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
+        views = learner.text_view.views(micro[0][1], step)
+        value = _text_view_backward(learner, *tokenized[0], learner.model.tokenize(views))
     elif len(tokenized) == 1:
         value = _plain_backward(learner, *tokenized[0])
     else:
