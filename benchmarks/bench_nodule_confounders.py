@@ -13,7 +13,8 @@ nodule" label is what the simplest detector of such blobs (no shape beyond size,
 finding masks (`masks/`, bits in synthetic_info.json) then say which planted finding each blob belongs to:
 a nodule, another finding (airway walls, fibrotic bands, ...), or the base anatomy. Everything is read from
 the NIfTI volumes and masks the generator wrote (HU = stored + RescaleIntercept), not from the model's store.
-Prints a markdown table; --json writes everything.
+A volume or mask that cannot be read (or whose shapes differ) is skipped and named in the output. Prints a
+markdown table; --json writes everything.
 """
 
 from __future__ import annotations
@@ -98,12 +99,19 @@ def scan(args: argparse.Namespace) -> dict[str, Any]:
     if not paths:
         raise FileNotFoundError(f"{args.data_dir / 'volumes' / args.side}: no .nii.gz volume")
     counts, labels, blob_owner, blob_hu = [], [], Counter(), {NODULE: [], "other": []}
+    skipped: list[dict[str, str]] = []
     for path in paths:
         meta = volumes.get(path.name)
-        if meta is None:
-            raise ValueError(f"{path.name}: not in synthetic_info.json")
-        hu = np.asarray(nib.load(path).dataobj, dtype=np.float32) + float(meta["RescaleIntercept"])
-        mask = np.asarray(nib.load(args.data_dir / "masks" / path.name).dataobj)
+        try:
+            if meta is None:
+                raise ValueError("not in synthetic_info.json")
+            hu = np.asarray(nib.load(path).dataobj, dtype=np.float32) + float(meta["RescaleIntercept"])
+            mask = np.asarray(nib.load(args.data_dir / "masks" / path.name).dataobj)
+            if mask.shape != hu.shape:
+                raise ValueError(f"mask shape {mask.shape} is not the volume's {hu.shape}")
+        except (OSError, ValueError, EOFError, nib.filebasedimages.ImageFileError) as e:
+            skipped.append({"file": str(path), "error": f"{type(e).__name__}: {e}"})  # reported, the rest goes on
+            continue
         lab, ids = find_blobs(hu, args.solid_hu, args.aerated, args.min_voxels, args.max_voxels)
         who = owners(lab, ids, mask, bits)
         for i, w in zip(ids, who, strict=True):
@@ -113,11 +121,12 @@ def scan(args: argparse.Namespace) -> dict[str, Any]:
         labels.append(NODULE in meta["planted"])
     counts_a, labels_a = np.array(counts), np.array(labels)
     if labels_a.all() or not labels_a.any():
-        raise ValueError(f"{len(paths)} volumes: the nodule label has one value only; use more (--limit)")
+        raise ValueError(f"{len(counts)} readable volumes ({len(skipped)} skipped): the nodule label has one value "
+                         "only; use more (--limit)")
     q = lambda a: [round(float(x), 1) for x in np.quantile(a, [0.1, 0.5, 0.9])] if len(a) else []  # noqa: E731
     return {
         "benchmark": "ctclip_nodule_confounders", "data_dir": str(args.data_dir), "side": args.side,
-        "volumes": len(paths), "with_nodules": int(labels_a.sum()),
+        "volumes": len(counts), "with_nodules": int(labels_a.sum()), "skipped": skipped,
         "settings": {k: getattr(args, k) for k in ("solid_hu", "aerated", "min_voxels", "max_voxels")},
         "count_auroc": float(roc_auc_score(labels_a, counts_a)),
         "count_quantiles": {"with": q(counts_a[labels_a]), "without": q(counts_a[~labels_a])},
@@ -135,6 +144,9 @@ def report(r: dict[str, Any]) -> str:
              f"mean HU of the blobs (10/50/90 %): nodules {r['blob_hu_quantiles'][NODULE]}, others "
              f"{r['blob_hu_quantiles']['other']}", "", "| blobs made by | count | share |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {v / max(total, 1):.0%} |" for k, v in r["blob_owners"].items()]
+    if r["skipped"]:
+        lines += ["", f"skipped {len(r['skipped'])} unreadable volume(s):"]
+        lines += [f"- {x['file']}: {x['error']}" for x in r["skipped"]]
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ and its AUROC on a hand-built set with one volume of each kind."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -67,6 +68,19 @@ def test_main_reports_the_count_auroc_and_the_owners(tmp_path, capsys):
     assert r["count_auroc"] == 1.0  # two blobs with a nodule, one without
     assert r["blob_owners"] == {"Peribronchial thickening": 4, NODULE: 2}
     assert "AUROC for nodules: **1.000**" in capsys.readouterr().out
+
+
+def test_unreadable_volumes_are_skipped_and_named(tmp_path, capsys):
+    write_set(tmp_path, [True, False, True, False, True])
+    broken = next((tmp_path / "volumes").rglob("train_4_a_1.nii.gz"))
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated
+    (tmp_path / "masks" / "train_3_a_1.nii.gz").unlink()  # no mask
+    assert main(["--data_dir", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["volumes"] == 3 and r["count_auroc"] == 1.0
+    assert sorted(Path(x["file"]).name for x in r["skipped"]) == ["train_3_a_1.nii.gz", "train_4_a_1.nii.gz"]
+    out = capsys.readouterr().out
+    assert "skipped 2 unreadable volume(s)" in out and "train_4_a_1.nii.gz" in out
 
 
 def test_main_refuses_sets_it_cannot_score(tmp_path, capsys):
