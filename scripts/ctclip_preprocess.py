@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import version
 
 from ctclip.run.preprocess import PreprocessConfig, PreprocessSummary, run_preprocess
-from ctcore import schema
+from ctcore import schema, toolkit_version
 from ctcore.errors import UsageError
 
 
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
-    return run_preprocess(cfg, version=version("ct-toolkit"))
+    return run_preprocess(cfg, version=toolkit_version())
 
 
 def report(summary: PreprocessSummary, cfg: PreprocessConfig) -> int:

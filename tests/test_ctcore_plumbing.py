@@ -73,3 +73,19 @@ def test_job_errors_share_one_usage_error_base():
     assert PreprocessUsageError is UsageError and issubclass(UsageError, ValueError)
     for cls in (TableError, MergeError, SplitError, EvalError, ImpressionError, SetupError):
         assert issubclass(cls, UsageError), cls
+
+
+def test_toolkit_version_from_a_source_tree(monkeypatch):
+    """Run from a source checkout on PYTHONPATH (no install), the scripts that stamp the version in their
+    outputs must not crash: ctclip_preprocess did, on a GPU machine with its own Python."""
+    from importlib import metadata
+
+    from ctcore import toolkit_version
+
+    assert toolkit_version() == metadata.version("ct-toolkit")
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", missing)
+    assert toolkit_version() == "unknown (not installed)"
