@@ -223,3 +223,30 @@ def contrastive_loss_with_cached(
         frozen = logit_scale.detach()
         logit_scale = frozen + (logit_scale - frozen) / k_chunks
     return _symmetric_ce(local_v, local_t, all_v, all_t, logit_scale, rank * local_v.shape[0])
+
+
+def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torch.Tensor, volume_feats: torch.Tensor,
+                        logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Each sentence of the batch's reports against the batch's volumes (this rank's only).
+
+    `sentences` (S, D) are the sentences' own embeddings, `text` (S,) the report (= volume row) each comes
+    from, `group` (S,) shared by identical sentences. A sentence's target is uniform over the volumes whose
+    report holds the same sentence: "No pleural effusion was detected." belongs to every volume whose report
+    says it, "Bilateral pleural effusion." to those whose report says that. The loss is the cross-entropy of
+    the softmax over the volumes against that target, averaged over the sentences; a sentence that every
+    report of the batch holds tells no volume apart and is left out (0 when none is left). Where the report
+    loss sees a finding only through the whole report, this gives every sentence its own gradient, in the
+    form zero-shot scoring reads the model: one sentence against a volume.
+    """
+    n = volume_feats.shape[0]
+    if sentences.shape[0] == 0:
+        return volume_feats.sum() * 0.0
+    holds = torch.zeros(int(group.max()) + 1, n, dtype=torch.bool, device=volume_feats.device)
+    holds[group, text] = True
+    target = holds[group]  # (S, n): the volumes whose report holds this sentence
+    informative = ~target.all(dim=1)
+    if not bool(informative.any()):
+        return volume_feats.sum() * 0.0
+    target = target[informative].to(volume_feats.dtype)
+    logp = (logit_scale * sentences[informative] @ volume_feats.T).log_softmax(dim=-1)
+    return -((logp * target).sum(dim=1) / target.sum(dim=1)).mean()

@@ -16,7 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ctclip.losses import ClipLoss, clip_logits, contrastive_loss_with_cached, gather_features
+from ctclip.losses import (
+    ClipLoss,
+    clip_logits,
+    contrastive_loss_with_cached,
+    gather_features,
+    sentence_image_loss,
+)
 from ctcore.distributed import (
     DistInfo,
     all_reduce_mean,
@@ -126,6 +132,36 @@ def test_clip_loss_matches_reference_and_is_symmetric():
     loss.backward()
     for grad in (v.grad, t.grad, scale.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_sentence_image_loss_matches_a_loop_over_the_sentences():
+    """Each sentence's cross-entropy over the volumes against a uniform target on the volumes whose report holds the
+    same sentence; a sentence every report holds is left out."""
+    torch.manual_seed(0)
+    v = F.normalize(torch.randn(4, 8), dim=-1)
+    # (report, group): group 0 is in every report (left out), group 1 in reports 0 and 2, 2 in 1, 3 in 3
+    pairs = [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (2, 1), (1, 2), (3, 3)]
+    text = torch.tensor([r for r, _ in pairs])
+    group = torch.tensor([g for _, g in pairs])
+    s = F.normalize(torch.randn(len(pairs), 8), dim=-1).requires_grad_()
+    scale = 12.0
+    expected = []
+    for i, (_, g) in enumerate(pairs):
+        holders = sorted({r for r, h in pairs if h == g})
+        if len(holders) == 4:
+            continue
+        logits = [scale * float(s[i].detach() @ v[k]) for k in range(4)]
+        log_z = math.log(sum(math.exp(x) for x in logits))
+        expected.append(-sum(logits[k] - log_z for k in holders) / len(holders))
+    loss = sentence_image_loss(s, text, group, v, scale)
+    assert float(loss) == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    loss.backward()
+    assert s.grad[:4].abs().sum() == 0 and s.grad[4:].abs().sum() > 0  # group 0 tells nothing apart
+    # nothing informative, or no sentences at all: 0, still differentiable
+    for keep in (slice(0, 4), slice(0, 0)):
+        zero = sentence_image_loss(s[keep], text[keep], group[keep], v.requires_grad_(), scale)
+        assert float(zero) == 0.0
+        zero.backward()
 
 
 def test_clip_loss_rejects_mismatched_features():

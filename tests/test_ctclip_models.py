@@ -335,6 +335,32 @@ def test_dinov2_without_weights_warns_loudly(monkeypatch):
 # ---------------------------------------------------------------- text
 
 
+def test_sentence_embeddings_make_the_report_and_match_a_one_sentence_prompt():
+    """`encode_text_sentences` (the sentence-image term): the reports' embeddings are `encode_text`'s, identical
+    sentences share a group across reports, and at evaluation a sentence inside a report is embedded exactly as the
+    same sentence given alone (a zero-shot prompt)."""
+    from ctclip.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny_cnn").train()
+    texts = ["No pleural effusion was detected. Cardiomegaly is present.",
+             "Heart size is normal. No pleural effusion was detected.",
+             "Bilateral pleural effusion. Heart size is normal. A 4.5 mm nodule is present."]
+    tokens = model.tokenize(texts)
+    reports, sent = model.encode_text_sentences(tokens)
+    torch.testing.assert_close(reports, model.encode_text(tokens))
+    assert sent.text.tolist() == [0, 0, 1, 1, 2, 2, 2]  # "4.5 mm": a decimal point, not a sentence end
+    g = sent.group.tolist()
+    assert g[0] == g[3] and g[2] == g[5] and len({g[0], g[1], g[2], g[4], g[6]}) == 5
+    torch.testing.assert_close(sent.features.norm(dim=-1), torch.ones(7))
+    model.eval()
+    _, sent = model.encode_text_sentences(tokens)
+    alone = model.encode_text(model.tokenize(["Cardiomegaly is present.", "Bilateral pleural effusion."]))
+    torch.testing.assert_close(alone, sent.features[[1, 4]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="text_pool 'sentence'"):
+        tiny_model().encode_text_sentences(tokens)
+
+
 def test_tokenizer_context_length_and_truncation():
     tokens = tokenize(["Small hiatal hernia.", "word " * 200])
     assert tokens.shape == (2, 77) and tokens.dtype == torch.long

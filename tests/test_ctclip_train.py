@@ -4,6 +4,7 @@ accumulation do not change the result, the feature cache gives the same loss, ba
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -159,6 +160,23 @@ def test_torchrun_two_processes_matches_one(chest, tmp_path):
         assert abs(a[step] - b[step]) < 1e-4, (step, a[step], b[step])
 
 
+@pytest.mark.ddp
+def test_torchrun_with_the_text_view_and_sentence_terms(chest, tmp_path):
+    """Both extra terms under DDP (tiny_cnn): the second text view is encoded inside DDP's forward and the sentence
+    term reads this rank's volumes; two processes train, log once per step and write one checkpoint."""
+    two = tmp_path / "two"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "scripts" / "ctclip_train.py"), "--use_ddp",
+           *_args(chest, two, "--max_steps", "3", "--model_config", "tiny_cnn", "--sentence_keep", "0.6",
+                  "--text_view_weight", "1.0", "--sentence_weight", "1.0")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in two.glob("*.pt")) == ["latest.pt"]
+    losses = _losses(two)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.slow  # ~30 s; the resume itself: test_resume_mid_epoch_is_exact and test_preemption.py
 def test_sigkill_mid_epoch_then_resume_gives_the_same_losses(chest, tmp_path):
     """A real kill: the run dies between checkpoints; resuming from latest.pt redoes the lost steps
@@ -214,6 +232,24 @@ def test_text_view_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_
     assert train_main(_args(chest, tmp_path / "y", "--max_steps", "1", "--text_view_weight", "1",
                             "--grad_accum", "2")) == 2
     assert "--text_view_weight needs --grad_accum 1" in caplog.text
+
+
+def test_sentence_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_path, caplog):
+    """--sentence_weight adds the sentence-image term: the first step's logged loss (the CLIP term alone, same weights
+    and batch) is unchanged, the updates differ from then on; bad settings stop before training."""
+    plain, sent = tmp_path / "plain", tmp_path / "sent"
+    cnn = ("--model_config", "tiny_cnn", "--sentence_keep", "0.6")
+    assert train_main(_args(chest, plain, "--max_steps", "3", *cnn)) == 0
+    assert train_main(_args(chest, sent, "--max_steps", "3", *cnn, "--sentence_weight", "1.0")) == 0
+    a, b = _losses(plain), _losses(sent)
+    assert a[1] == pytest.approx(b[1], abs=1e-6)
+    assert any(abs(a[k] - b[k]) > 1e-4 for k in (2, 3))
+    assert train_main(_args(chest, tmp_path / "x", "--max_steps", "1", *cnn, "--sentence_weight", "-1")) == 2
+    assert train_main(_args(chest, tmp_path / "y", "--max_steps", "1", *cnn, "--sentence_weight", "1",
+                            "--grad_accum", "2")) == 2
+    assert "--sentence_weight needs --grad_accum 1" in caplog.text
+    assert train_main(_args(chest, tmp_path / "z", "--max_steps", "1", "--sentence_weight", "1")) == 2  # tiny: eot
+    assert "--sentence_weight needs a model with text_pool 'sentence'" in caplog.text
 
 
 def test_text_views_keep_a_subset_of_each_reports_sentences():

@@ -19,7 +19,14 @@ from torch import nn
 from ctclip.models.config import ModelConfig
 from ctclip.models.fusion import SliceFusion
 from ctclip.models.slice_encoder import build_slice_encoder
-from ctclip.models.text import build_text_tower, encode_tokens, load_openai_text_weights, tokenize
+from ctclip.models.text import (
+    Sentences,
+    build_text_tower,
+    encode_sentences,
+    encode_tokens,
+    load_openai_text_weights,
+    tokenize,
+)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned inverse temperature
 # parameters that are positions/tokens rather than weights: no weight decay
@@ -37,6 +44,14 @@ class BatchCenter(nn.BatchNorm1d):
         if self.training and x.shape[0] < 2:
             return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
         return super().forward(x)
+
+    def like(self, reference: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`x` centred and scaled with the statistics `forward(reference)` uses (the batch's in training, the
+        running ones at eval), without updating the running statistics."""
+        if self.training and reference.shape[0] >= 2:
+            mean, var = reference.mean(dim=0), reference.var(dim=0, unbiased=False)
+            return (x - mean) / torch.sqrt(var + self.eps)
+        return F.batch_norm(x, self.running_mean, self.running_var, training=False, eps=self.eps)
 
 
 class CTCLIP(nn.Module):
@@ -86,6 +101,17 @@ class CTCLIP(nn.Module):
         """(B, context_length) ids -> (B, embed_dim), L2-normalised."""
         pooled = encode_tokens(self.text, tokens, self.cfg.text_pool, self.cfg.text_causal)
         return F.normalize(self.text_center(pooled), dim=-1)
+
+    def encode_text_sentences(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Sentences]:
+        """`encode_text`, and each sentence's embedding (L2-normalised, centred with the reports' statistics, as a
+        one-sentence prompt is at evaluation): the sentence-image term of training. Text pool "sentence" only."""
+        if self.cfg.text_pool != "sentence":
+            raise ValueError(f"sentence embeddings need text_pool 'sentence', the model has {self.cfg.text_pool!r}")
+        pooled, sentences = encode_sentences(self.text, tokens)
+        if isinstance(self.text_center, BatchCenter):
+            sentences.features = self.text_center.like(pooled, sentences.features)
+        sentences.features = F.normalize(sentences.features, dim=-1)
+        return F.normalize(self.text_center(pooled), dim=-1), sentences
 
     def forward(self, volumes: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(volume features, text features, logit scale = exp(clamped logit_scale))."""

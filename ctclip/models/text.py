@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,20 @@ def sentence_layout(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return sentence, idx - first, word
 
 
+@dataclass
+class Sentences:
+    """The sentences of a text batch, each encoded on its own (text pool "sentence"): `features` (S, D), the text
+    each belongs to (`text`, S), and `group` (S): identical sentences (the same word tokens) anywhere in the batch
+    share one, so that "No pleural effusion was detected." in ten reports is known as one sentence."""
+
+    features: torch.Tensor
+    text: torch.Tensor
+    group: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> Sentences:
+        return Sentences(self.features[keep], self.text[keep], self.group[keep])
+
+
 def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot", causal: bool = True) -> torch.Tensor:
     """`tower(tokens)` computed only up to the batch's longest text; `pool` "mean" averages the final
     token features over each text's tokens (start and end tokens included, padding excluded) instead of
@@ -117,7 +132,7 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
         return tower(tokens)
     cut = tokens[:, :length]
     if pool == "sentence":
-        return _project(tower, _encode_sentences(tower, cut))
+        return _project(tower, _encode_sentences(tower, cut)[0])
     x = tower.token_embedding(cut).to(tower.transformer.get_cast_dtype())
     x = x + tower.positional_embedding[:length].to(x.dtype)
     mask = tower.attn_mask[:length, :length] if causal else _padding_mask(cut, tower, x.dtype)
@@ -128,6 +143,17 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
     else:
         pooled = x[torch.arange(x.shape[0], device=x.device), cut.argmax(dim=-1)]
     return _project(tower, pooled)
+
+
+def encode_sentences(tower: TextTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, Sentences]:
+    """`encode_tokens` with pool "sentence" (non-causal), and each sentence's own projected features: the report
+    embedding is the mean of these, and a one-sentence prompt is embedded as the same sentence in a report."""
+    if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
+        raise ValueError("sentence features need a text tower without a CLS token")
+    length = max(int((tokens != 0).sum(dim=1).max()), 1)
+    per_text, sentences = _encode_sentences(tower, tokens[:, :length], with_sentences=True)
+    sentences.features = _project(tower, sentences.features)
+    return _project(tower, per_text), sentences
 
 
 def _project(tower: TextTransformer, pooled: torch.Tensor) -> torch.Tensor:
@@ -147,8 +173,10 @@ def _padding_mask(cut: torch.Tensor, tower: TextTransformer, dtype: torch.dtype)
     return _additive_mask((cut != 0)[:, None, :].expand(-1, cut.shape[1], -1), tower, dtype)
 
 
-def _encode_sentences(tower: TextTransformer, cut: torch.Tensor) -> torch.Tensor:
-    """(B, L) ids -> (B, W) pooled features of the "sentence" pool, before the projection.
+def _encode_sentences(tower: TextTransformer, cut: torch.Tensor, with_sentences: bool = False
+                      ) -> tuple[torch.Tensor, Sentences | None]:
+    """(B, L) ids -> (B, W) pooled features of the "sentence" pool, before the projection, and with
+    `with_sentences` each sentence's (S, W) features, text and group of identical sentences.
 
     The sentences of the whole batch (their word tokens only) are packed into rows as long as the longest
     sentence, several short ones to a row (`pack_sentences`), each at positions from 0, with a mask that
@@ -163,7 +191,10 @@ def _encode_sentences(tower: TextTransformer, cut: torch.Tensor) -> torch.Tensor
     width = tower.ln_final.normalized_shape[0]
     key = (torch.arange(n, device=cut.device).unsqueeze(1) * length + sentence)[word]
     if key.numel() == 0:
-        return torch.zeros(n, width, device=cut.device, dtype=tower.transformer.get_cast_dtype())
+        dtype = tower.transformer.get_cast_dtype()
+        none = torch.zeros(0, dtype=torch.long, device=cut.device)
+        return (torch.zeros(n, width, device=cut.device, dtype=dtype),
+                Sentences(torch.zeros(0, width, device=cut.device, dtype=dtype), none, none) if with_sentences else None)
     first_keys, sid = torch.unique(key, sorted=True, return_inverse=True)  # sid: each word token's sentence
     lengths = torch.bincount(sid)
     row, offset, capacity = (torch.as_tensor(a, device=cut.device) for a in pack_sentences(lengths.cpu().numpy()))
@@ -184,7 +215,13 @@ def _encode_sentences(tower: TextTransformer, cut: torch.Tensor) -> torch.Tensor
     means = sums / lengths.unsqueeze(-1).to(x.dtype)
     text = first_keys // length
     per_text = torch.zeros(n, width, dtype=x.dtype, device=x.device).index_add_(0, text, means)
-    return per_text / torch.bincount(text, minlength=n).clamp_min(1).unsqueeze(-1).to(x.dtype)
+    per_text = per_text / torch.bincount(text, minlength=n).clamp_min(1).unsqueeze(-1).to(x.dtype)
+    if not with_sentences:
+        return per_text, None
+    words = torch.zeros(len(lengths), int(capacity), dtype=cut.dtype, device=cut.device)
+    words[sid, pos] = cut[word]  # each sentence's word tokens from position 0, zero-padded
+    group = torch.unique(words, dim=0, return_inverse=True)[1]
+    return per_text, Sentences(means, text, group)
 
 
 def pack_sentences(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -123,6 +123,9 @@ class TrainConfig:
                                             "probability --text_view_keep), the other reports as negatives; makes a "
                                             "text tower trained from scratch read every sentence (0 = off)")
     text_view_keep: float = arg(0.6, help="sentence keep probability of the second text view (--text_view_weight)")
+    sentence_weight: float = arg(0.0, help="weight of a sentence-image term: each sentence of the batch's reports "
+                                           "against the batch's volumes, its targets the volumes whose report holds "
+                                           "the same sentence (text_pool sentence; 0 = off)")
     cache_features: bool = arg(False, help="with --freeze_dinov2: compute slice embeddings once")
     max_steps: int | None = arg(None, help="train for this many optimizer steps (sets the schedule)")
     # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -329,7 +332,7 @@ def _learner(cfg: TrainConfig, dist: DistInfo, model: nn.Module, autocast, scale
     return Learner(model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                    autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed,
                    text_view=TextView(cfg.text_view_weight, cfg.text_view_keep, cfg.seed, dist.rank)
-                   if cfg.text_view_weight else None)
+                   if cfg.text_view_weight else None, sentence_weight=cfg.sentence_weight)
 
 
 def _resume(learner: Learner, ckpt: dict[str, Any], path: Path) -> TrainState:

@@ -42,6 +42,13 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
                          f"and {cfg.text_view_keep}")
     if cfg.text_view_weight and cfg.grad_accum != 1:
         raise SetupError("--text_view_weight needs --grad_accum 1 (the second view is not accumulated)")
+    if cfg.sentence_weight < 0:
+        raise SetupError(f"--sentence_weight must be >= 0, got {cfg.sentence_weight}")
+    if cfg.sentence_weight and cfg.grad_accum != 1:
+        raise SetupError("--sentence_weight needs --grad_accum 1 (the sentence term is not accumulated)")
+    if cfg.sentence_weight and cfg.model.text_pool != "sentence":
+        raise SetupError(f"--sentence_weight needs a model with text_pool 'sentence' (this one has "
+                         f"{cfg.model.text_pool!r}): only then is a report the mean of its sentences' embeddings")
     if cfg.cache_features and cfg.volume_shift:
         raise SetupError("--volume_shift moves the volumes, --cache_features encodes each volume once: use one")
     if cfg.do_validate:

@@ -12,7 +12,16 @@ those the image side already matches. Two towers trained from scratch otherwise 
 that neither reads early: after 30 CPU-minutes the reports' own embeddings did not separate lymph nodes,
 nodules, lung opacity, consolidation or coronary calcification (0.56-0.68); with w = 1 the text side reads
 them at 0.75-1.00 and the 15-CPU-minute benchmark rose from 0.809 to 0.869 and 0.863 (two seeds;
-docs/benchmarks.md). The returned and logged loss is the CLIP term alone.
+docs/benchmarks.md).
+
+With `sentence_weight` s > 0 (`--sentence_weight`, text pool "sentence", one micro-batch per step) the loss adds
+s times `ctclip.losses.sentence_image_loss`: every sentence of the batch's reports against the batch's volumes,
+its target the volumes whose report holds the same sentence. The report loss sees a finding only through the
+mean of a report's ~25 sentences, mostly the easy findings' (in a batch of 32 they already tell the reports
+apart); this term gives each sentence its own gradient, in the form zero-shot scoring reads the model (one
+sentence against a volume). It is local to the rank (its volumes only) under DDP.
+
+The returned and logged loss is the CLIP term alone.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ctclip.data.reports import sample_sentences
-from ctclip.losses import ClipLoss, contrastive_loss_with_cached
+from ctclip.losses import ClipLoss, contrastive_loss_with_cached, sentence_image_loss
+from ctclip.models.text import Sentences
 from ctcore.distributed import all_reduce_mean
 
 MicroBatch = tuple[torch.Tensor, Sequence[str]]  # (volumes or cached slice embeddings, report texts)
@@ -42,16 +52,24 @@ class TrainingStep(nn.Module):
         super().__init__()
         self.model, self.from_slices = model, from_slices
 
-    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, view_tokens: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, ...]:
-        """(volume, text, logit scale), and the second text view's embeddings when `view_tokens` is given (both
-        views in one text batch, so that they are centred together)."""
+    def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, view_tokens: torch.Tensor | None = None,
+                sentences: bool = False) -> tuple[Any, ...]:
+        """(volume, text, logit scale); with `view_tokens` or `sentences` also the second text view's embeddings
+        (or None) and the reports' sentences (`Sentences`, or None). Both views go through one text batch, so
+        that they are centred together; the sentences are those of `tokens`, not of the views."""
         m = self.model
         v = m.encode_volume_from_slices(inputs) if self.from_slices else m.encode_volume(inputs)
-        if view_tokens is None:
+        if view_tokens is None and not sentences:
             return v, m.encode_text(tokens), m.temperature_scale()
-        t = m.encode_text(torch.cat([tokens, view_tokens]))
-        return v, t[: len(tokens)], m.temperature_scale(), t[len(tokens):]
+        both = tokens if view_tokens is None else torch.cat([tokens, view_tokens])
+        sent: Sentences | None = None
+        if sentences:
+            t, sent = m.encode_text_sentences(both)
+            sent = sent.select(sent.text < len(tokens))
+        else:
+            t = m.encode_text(both)
+        views = t[len(tokens):] if view_tokens is not None else None
+        return v, t[: len(tokens)], m.temperature_scale(), views, sent
 
 
 class TextView:
@@ -82,6 +100,7 @@ class Learner:
     distributed: bool
     loss_fn: nn.Module = field(default_factory=ClipLoss)
     text_view: TextView | None = None
+    sentence_weight: float = 0.0
 
     def state_dicts(self) -> dict[str, Any]:
         """The checkpoint entries model, optimizer, scheduler and scaler ({} without a scaler)."""
@@ -102,12 +121,14 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
     optimizer, scaler = learner.optimizer, learner.scaler
     optimizer.zero_grad(set_to_none=True)
-    if learner.text_view is not None:
+    if learner.text_view is not None or learner.sentence_weight:
         if len(micro) != 1:
-            raise ValueError("the text-view term needs one micro-batch per step")
-        step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
-        views = learner.text_view.views(micro[0][1], step)
-        value = _text_view_backward(learner, *tokenized[0], learner.model.tokenize(views))
+            raise ValueError("the text-view and sentence terms need one micro-batch per step")
+        views = None
+        if learner.text_view is not None:
+            step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
+            views = learner.model.tokenize(learner.text_view.views(micro[0][1], step))
+        value = _extra_terms_backward(learner, *tokenized[0], views)
     elif len(tokenized) == 1:
         value = _plain_backward(learner, *tokenized[0])
     else:
@@ -142,13 +163,21 @@ def _plain_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor
     return float(loss.detach())
 
 
-def _text_view_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor, view_tokens: torch.Tensor
-                        ) -> float:
+def _extra_terms_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor,
+                          view_tokens: torch.Tensor | None) -> float:
+    """CLIP's loss plus the text-view and sentence terms that are on (module docstring); returns CLIP's."""
     with learner.autocast():
-        v, t, scale, t2 = learner.step_module(inputs.to(learner.device, non_blocking=True), tokens.to(learner.device),
-                                              view_tokens.to(learner.device))
-        clip = learner.loss_fn(v.float(), t.float(), scale.float())
-        loss = clip + learner.text_view.weight * learner.loss_fn(t.float(), t2.float(), scale.float())
+        v, t, scale, t2, sent = learner.step_module(
+            inputs.to(learner.device, non_blocking=True), tokens.to(learner.device),
+            view_tokens.to(learner.device) if view_tokens is not None else None, bool(learner.sentence_weight))
+        v, t, scale = v.float(), t.float(), scale.float()
+        clip = learner.loss_fn(v, t, scale)
+        loss = clip
+        if t2 is not None:
+            loss = loss + learner.text_view.weight * learner.loss_fn(t, t2.float(), scale)
+        if sent is not None:
+            loss = loss + learner.sentence_weight * sentence_image_loss(sent.features.float(), sent.text, sent.group,
+                                                                        v, scale)
     _backward(loss, learner.scaler)
     return float(clip.detach())
 
