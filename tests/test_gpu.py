@@ -21,8 +21,7 @@ from hemorrhage.models.checkpoint import save_random_weights
 from scripts.ctclip_eval import main as eval_main
 from scripts.ctclip_train import main as train_main
 from scripts.hemorrhage_infer import main as infer_main
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_ctclip_train import ROOT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")]
 

@@ -123,11 +123,11 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
                          "summary)")
     if causal and pool == "sentence":
         raise ValueError("text pool 'sentence' needs a non-causal text tower (text_causal false)")
-    if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
+    if not _plain_layout(tower):
         if pool != "eot":
             raise ValueError(f"text pool {pool!r} needs a text tower without a CLS token")
         return tower(tokens)  # layouts this shortcut does not cover
-    length = max(int((tokens != 0).sum(dim=1).max()), 1)
+    length = _longest(tokens)
     if length >= tokens.shape[1] and pool == "eot":
         return tower(tokens)
     cut = tokens[:, :length]
@@ -148,12 +148,21 @@ def encode_tokens(tower: TextTransformer, tokens: torch.Tensor, pool: str = "eot
 def encode_sentences(tower: TextTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, Sentences]:
     """`encode_tokens` with pool "sentence" (non-causal), and each sentence's own projected features: the report
     embedding is the mean of these, and a one-sentence prompt is embedded as the same sentence in a report."""
-    if tower.cls_emb is not None or tower.pool_type != "argmax" or tower.attn_mask is None:
+    if not _plain_layout(tower):
         raise ValueError("sentence features need a text tower without a CLS token")
-    length = max(int((tokens != 0).sum(dim=1).max()), 1)
-    per_text, sentences = _encode_sentences(tower, tokens[:, :length], with_sentences=True)
+    per_text, sentences = _encode_sentences(tower, tokens[:, :_longest(tokens)], with_sentences=True)
     sentences.features = _project(tower, sentences.features)
     return _project(tower, per_text), sentences
+
+
+def _plain_layout(tower: TextTransformer) -> bool:
+    """No CLS token, argmax pooling and a causal mask buffer: the layout the shortcuts here are written for."""
+    return tower.cls_emb is None and tower.pool_type == "argmax" and tower.attn_mask is not None
+
+
+def _longest(tokens: torch.Tensor) -> int:
+    """The batch's longest text in tokens (at least 1): the columns after it are padding for every text."""
+    return max(int((tokens != 0).sum(dim=1).max()), 1)
 
 
 def _project(tower: TextTransformer, pooled: torch.Tensor) -> torch.Tensor:
