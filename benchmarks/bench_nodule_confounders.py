@@ -5,10 +5,10 @@ the lungs of every volume, and which planted findings made them.
                                                                                     # benchmark built
     python benchmarks/bench_nodule_confounders.py --data_dir DIR/ct_rate --limit 0 --json blobs.json
 
-A blob is a connected component (face connectivity) of 3 to 40 voxels above --solid_hu (-50 HU: soft tissue,
+A blob is a connected component (face connectivity) of 3 to 80 voxels above --solid_hu (-50 HU: soft tissue,
 not the partial volume of aerated lung), at least --aerated of whose in-plane neighbours (the 3 x 3 ring
-around it in its slices) are aerated lung (< -500 HU): what a solid nodule of 15-30 mm is at the learning
-set's 5.6 x 5.6 x 9.4 mm voxels. Per volume the script counts the blobs. The count's AUROC for the "Lung
+around it in its slices) are aerated lung (< -500 HU): what a solid nodule of 20-32 mm (~8-60 voxels) is at
+the learning set's 5.6 x 5.6 x 9.4 mm voxels. Per volume the script counts the blobs. The count's AUROC for the "Lung
 nodule" label is what the simplest detector of such blobs (no shape beyond size, no place) reaches; the
 finding masks (`masks/`, bits in synthetic_info.json) then say which planted finding each blob belongs to:
 a nodule, another finding (airway walls, fibrotic bands, ...), or the base anatomy. Everything is read from
@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solid_hu", type=float, default=-50.0)
     p.add_argument("--aerated", type=float, default=0.8, help="share of the in-plane ring that must be aerated lung")
     p.add_argument("--min_voxels", type=int, default=3)
-    p.add_argument("--max_voxels", type=int, default=40)
+    p.add_argument("--max_voxels", type=int, default=80)
     p.add_argument("--json", type=Path)
     return p
 
 
 def find_blobs(hu: np.ndarray, solid_hu: float = -50.0, aerated: float = 0.8, min_voxels: int = 3,
-               max_voxels: int = 40) -> tuple[np.ndarray, np.ndarray]:
+               max_voxels: int = 80) -> tuple[np.ndarray, np.ndarray]:
     """(X, Y, Z) HU -> (labels of the blobs (0 elsewhere), their label ids): components of `min_voxels` to
     `max_voxels` voxels above `solid_hu` whose in-plane 3 x 3 ring is at least `aerated` aerated lung."""
     solid = hu > solid_hu

@@ -80,6 +80,10 @@ def _cfg(out: Path, **kw) -> ChestSynthConfig:
         "default_prevalence": 0.5,
         "empty_impression_rate": 0.4,
         "intercept_8192_rate": 0.5,
+        # every patient two scans (a follow-up), 1-3 reconstructions each: the layout tests need both
+        # kinds of sibling volumes, whatever the planters draw from the patient's stream
+        "scans_per_patient": (2, 2),
+        "recons_per_scan": (1, 3),
         **SMALL,
     }
     base.update(kw)
