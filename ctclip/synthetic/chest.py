@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import multiprocessing as mp
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,7 @@ __all__ = [
     "generate_chest_dataset",
     "load_finding_masks",
     "plan_patient",
+    "write_patient",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,6 +163,72 @@ def plan_patient(cfg: ChestSynthConfig, base: ChestBase, g: int) -> tuple[dict, 
     return patient, scans
 
 
+VolumeRows = tuple[str, dict, dict, dict, dict]  # split, metadata row, report row, label row, info entry
+
+
+def write_patient(cfg: ChestSynthConfig, base: ChestBase, g: int, split: str, pid: int) -> list[VolumeRows]:
+    """Synthesize patient `g` (0-based over the set; `pid` within its split), write its volumes and masks,
+    and return their table rows. Everything comes from the patient's own random streams, so the result
+    does not depend on which process runs it or in what order."""
+    shape = (cfg.size[1], cfg.size[0], cfg.slices)
+    patient, scans = plan_patient(cfg, base, g)
+    out: list[VolumeRows] = []
+    for sp in scans:
+        planted = synthesize_scan(base, sp.spec, shape)
+        report = compose_report(
+            planted.details,
+            keyed_rng(cfg.seed, 4, g, ord(sp.letter)),
+            z_spacing=float(planted.grid.spacing[2]),
+            empty_impression_rate=cfg.empty_impression_rate,
+        )
+        for ri in range(sp.n_recons):
+            tv = time.perf_counter()
+            vrng = keyed_rng(cfg.seed, 3, g, ord(sp.letter), ri)
+            code = str(vrng.choice(cfg.orientations))
+            vol = reconstruct(planted, draw_recon(cfg, ri, vrng), vrng)
+            name = f"{split}_{pid}_{sp.letter}_{ri + 1}.nii.gz"
+            affine, disk_shape = write_volume(cfg, name, vol, sp.intercept, code)
+            meta = metadata_row(
+                name, patient, sp.scanner, vol.recon.kernel, affine, disk_shape, sp.intercept, sp.study_date
+            )
+            info = {
+                "VolumeName": name,
+                "orientation": code,
+                "RescaleIntercept": sp.intercept,
+                "planted": vol.details,
+                "recon": vol.recon.__dict__,
+                "seconds": round(time.perf_counter() - tv, 3),
+            }
+            out.append((split, meta, {"VolumeName": name, **report}, {"VolumeName": name, **vol.labels}, info))
+    return out
+
+
+# a worker process's copy of the set's settings and base CT (set once by _worker_init)
+_WORKER: dict = {}
+
+
+def _worker_init(cfg: ChestSynthConfig, base: ChestBase) -> None:
+    _WORKER.update(cfg=cfg, base=base)
+
+
+def _worker_patient(item: tuple[int, str, int]) -> list[VolumeRows]:
+    return write_patient(_WORKER["cfg"], _WORKER["base"], *item)
+
+
+def _patients(cfg: ChestSynthConfig, base: ChestBase, plan: list[tuple[str, int]]) -> Iterator[list[VolumeRows]]:
+    """write_patient over the plan, in plan order, in this process or in cfg.num_workers processes."""
+    items = [(g, split, pid) for g, (split, pid) in enumerate(plan)]
+    if cfg.num_workers <= 0 or len(items) < 2:
+        yield from (write_patient(cfg, base, *it) for it in items)
+        return
+    # spawn-like start (no fork of a process that may hold threads); each worker gets the base CT once
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    workers = min(cfg.num_workers, len(items))
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_worker_init,
+                             initargs=(cfg, base)) as pool:
+        yield from pool.map(_worker_patient, items, chunksize=max(1, min(8, len(items) // (4 * workers))))
+
+
 def generate_chest_dataset(cfg: ChestSynthConfig) -> SynthSummary:
     """Write the whole synthetic CT-RATE set described by `cfg` and return a summary."""
     from tqdm import tqdm
@@ -167,52 +237,17 @@ def generate_chest_dataset(cfg: ChestSynthConfig) -> SynthSummary:
     t0 = time.perf_counter()
     prepare_out_dir(cfg)
     base = load_chest_base(cfg.size, cfg.slices, cfg.samples_dir)
-    shape = (cfg.size[1], cfg.size[0], cfg.slices)
     tables: dict[str, dict[str, list]] = {s: {"metadata": [], "reports": [], "labels": []} for s in SPLITS}
     info_volumes: list[dict] = []
     plan = assign_splits(cfg)
-    for g, (split, pid) in enumerate(tqdm(plan, desc="patients", unit="patient", disable=len(plan) < 4)):
-        patient, scans = plan_patient(cfg, base, g)
-        for sp in scans:
-            planted = synthesize_scan(base, sp.spec, shape)
-            report = compose_report(
-                planted.details,
-                keyed_rng(cfg.seed, 4, g, ord(sp.letter)),
-                z_spacing=float(planted.grid.spacing[2]),
-                empty_impression_rate=cfg.empty_impression_rate,
-            )
-            for ri in range(sp.n_recons):
-                tv = time.perf_counter()
-                vrng = keyed_rng(cfg.seed, 3, g, ord(sp.letter), ri)
-                code = str(vrng.choice(cfg.orientations))
-                vol = reconstruct(planted, draw_recon(cfg, ri, vrng), vrng)
-                name = f"{split}_{pid}_{sp.letter}_{ri + 1}.nii.gz"
-                affine, disk_shape = write_volume(cfg, name, vol, sp.intercept, code)
-                t = tables[split]
-                t["metadata"].append(
-                    metadata_row(
-                        name,
-                        patient,
-                        sp.scanner,
-                        vol.recon.kernel,
-                        affine,
-                        disk_shape,
-                        sp.intercept,
-                        sp.study_date,
-                    )
-                )
-                t["reports"].append({"VolumeName": name, **report})
-                t["labels"].append({"VolumeName": name, **vol.labels})
-                info_volumes.append(
-                    {
-                        "VolumeName": name,
-                        "orientation": code,
-                        "RescaleIntercept": sp.intercept,
-                        "planted": vol.details,
-                        "recon": vol.recon.__dict__,
-                        "seconds": round(time.perf_counter() - tv, 3),
-                    }
-                )
+    for rows in tqdm(_patients(cfg, base, plan), total=len(plan), desc="patients", unit="patient",
+                     disable=len(plan) < 4):
+        for split, meta, report, labels, info in rows:
+            t = tables[split]
+            t["metadata"].append(meta)
+            t["reports"].append(report)
+            t["labels"].append(labels)
+            info_volumes.append(info)
     for split, (meta_f, rep_f, lab_f) in SPLITS.items():
         t = tables[split]
         write_csv(pd.DataFrame(t["metadata"], columns=list(METADATA_COLUMNS)), cfg.out_dir / meta_f)

@@ -49,6 +49,8 @@ class ChestSynthConfig:
     orientations: tuple[str, ...] = arg(ORIENTATIONS, choices=ORIENTATIONS,
                                         help="on-disk axis orientations to draw from (the affine is always correct)")
     overwrite: bool = arg(False, help="replace the synthetic data in a non-empty out_dir")
+    num_workers: int = arg(0, help="worker processes writing patients (0 = in the main process); the set is the "
+                                   "same for any number")
     samples_dir: Path | None = arg(None, help="sample data cache (default: ctcore's)")
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class ChestSynthConfig:
         ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if int(self.num_workers) != self.num_workers or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers}")
         if not 0 <= self.noise_hu[0] <= self.noise_hu[1]:
             raise ValueError(f"noise_hu must be MIN MAX with 0 <= MIN <= MAX, got {self.noise_hu}")
         bad = [o for o in self.orientations if o not in ORIENTATIONS]
