@@ -80,8 +80,11 @@ def test_relative_links_resolve(path):
 
 
 def test_demo_steps_use_existing_scripts_and_flags():
-    lines = [line for target in ("demo", "demo-chest", "demo-head") for line in makefile_recipe(target)]
-    assert any("$(MAKE)" in line and "demo-head" in line and "demo-chest" in line for line in makefile_recipe("demo"))
+    lines = [line for target in ("demo", "demo-chest", "demo-chest-data", "demo-chest-model", "demo-head")
+             for line in makefile_recipe(target)]
+    assert any("$(MAKE)" in line and "demo-head" in line and "demo-chest-model" in line
+               for line in makefile_recipe("demo"))
+    assert any("demo-chest-data" in line for line in makefile_recipe("demo"))
     called = {target for line in lines for kind, target, _, _ in invocations(line) if kind == "script"}
     assert {"fetch_samples", "ctclip_make_synthetic", "ctclip_preprocess", "ctclip_split", "ctclip_train",
             "ctclip_eval", "hemorrhage_make_synthetic", "hemorrhage_train", "hemorrhage_extract_features",
