@@ -39,8 +39,8 @@ venv: $(STAMP)
 # make demo: both pipelines end to end on CPU, every step a script call that can be copied (about 9
 # minutes on 2 cores; `make -n demo` lists the calls). The chest's synthetic set is built first on both
 # cores; then the chest's training and the head pipeline run side by side, one core each: the chest's
-# output streams, the head's goes to $(DEMO_DIR)/head.log and is printed when both are done. Outputs go to $(DEMO_DIR)/; the last step prints the key numbers and the
-# path of every output.
+# output streams, the head's goes to $(DEMO_DIR)/head.log and is printed when both are done. Outputs go
+# to $(DEMO_DIR)/; the last step prints the key numbers and the path of every output.
 # one torch/OpenMP thread per process: the tiny models run many small ops, and on a shared 2-core
 # machine two threads wait on each other at every one of them (2-8x slower); alone, one thread
 # costs ~25%. Override with `make demo OMP_NUM_THREADS=2`.
