@@ -7,12 +7,13 @@ the lungs of every volume, and which planted findings made them.
 
 A blob is a connected component (face connectivity) of 3 to 80 voxels above --solid_hu (-50 HU: soft tissue,
 not the partial volume of aerated lung), at least --aerated of whose in-plane neighbours (the 3 x 3 ring
-around it in its slices) are aerated lung (< -500 HU): what a solid nodule of 20-32 mm (~8-60 voxels) is at
-the learning set's 5.6 x 5.6 x 9.4 mm voxels. Per volume the script counts the blobs. The count's AUROC for the "Lung
-nodule" label is what the simplest detector of such blobs (no shape beyond size, no place) reaches; the
-finding masks (`masks/`, bits in synthetic_info.json) then say which planted finding each blob belongs to:
-a nodule, another finding (airway walls, fibrotic bands, ...), or the base anatomy. Everything is read from
-the NIfTI volumes and masks the generator wrote (HU = stored + RescaleIntercept), not from the model's store.
+around it in its slices) are aerated lung (< -500 HU): what a solid nodule of 20-32 mm (~8-60 voxels) is
+at the learning set's 5.6 x 5.6 x 9.4 mm voxels. Per volume the script counts the blobs. The count's AUROC
+for the "Lung nodule" label is what the simplest detector of such blobs (no shape beyond size, no place)
+reaches; the finding masks (`masks/`, bits in synthetic_info.json) then say which planted finding each blob
+belongs to: a nodule, another finding (airway walls, fibrotic bands, ...), or the base anatomy. Everything is
+read from the NIfTI volumes and masks the generator wrote (HU = stored + RescaleIntercept), not from the
+model's store.
 A volume or mask that cannot be read (or whose shapes differ) is skipped and named in the output. Prints a
 markdown table; --json writes everything.
 """

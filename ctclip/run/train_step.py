@@ -19,9 +19,9 @@ s times `ctclip.losses.sentence_image_loss`: every sentence of the batch's repor
 its target the volumes whose report holds the same sentence. The report loss sees a finding only through the
 mean of a report's drawn sentences (~16 of ~27 at keep 0.6), mostly the easy findings'; this term gives each
 sentence its own gradient, in the form zero-shot scoring reads the model (one sentence against a volume). It
-is local to the rank (its volumes only) under DDP. In the learning benchmark (three seeds against two) the
-macro moved by +0.004, within the spread; lymph nodes, consolidation and atelectasis went up and coronary
-calcification down in every seed; so it is off in every shipped config (docs/benchmarks.md).
+is local to the rank (its volumes only) under DDP. At 0.3 it was above the same seed without it in all four
+paired learning-benchmark runs (+0.004 to +0.009; atelectasis most), so train_learning.yaml and
+train_demo.yaml use 0.3; at 1.0 it cost coronary calcification (docs/benchmarks.md).
 
 The returned and logged loss is the CLIP term alone.
 """
