@@ -226,7 +226,7 @@ def contrastive_loss_with_cached(
 
 
 def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torch.Tensor, volume_feats: torch.Tensor,
-                        logit_scale: torch.Tensor | float) -> torch.Tensor:
+                        logit_scale: torch.Tensor | float, match_cos: float = 0.0) -> torch.Tensor:
     """Each sentence of the batch's reports against the batch's volumes (this rank's only).
 
     `sentences` (S, D) are the sentences' own embeddings, `text` (S,) the report (= volume row) each comes
@@ -237,6 +237,12 @@ def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torc
     report of the batch holds tells no volume apart and is left out (0 when none is left). Where the report
     loss sees a finding only through the whole report, this gives every sentence its own gradient, in the
     form zero-shot scoring reads the model: one sentence against a volume.
+
+    With `match_cos` > 0 a sentence's targets are also the volumes whose report holds a sentence with at least
+    that cosine to it (the embeddings as given, detached, so the text tower's own sense of "says the same").
+    Identical sentences alone make every other wording of a finding a negative: "Lymphadenopathy is present."
+    is pushed away from the volumes whose report says "Enlarged lymph nodes up to 24 mm are seen in the
+    mediastinum.", though zero-shot scoring needs it near them.
     """
     n = volume_feats.shape[0]
     if sentences.shape[0] == 0:
@@ -244,6 +250,13 @@ def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torc
     holds = torch.zeros(int(group.max()) + 1, n, dtype=torch.bool, device=volume_feats.device)
     holds[group, text] = True
     target = holds[group]  # (S, n): the volumes whose report holds this sentence
+    if match_cos > 0:
+        with torch.no_grad():
+            f = sentences.detach()
+            closest = torch.full((f.shape[0], n), -2.0, dtype=f.dtype, device=f.device)
+            # closest[s, j]: the highest cosine between sentence s and a sentence of report j
+            closest.scatter_reduce_(1, text.unsqueeze(0).expand(f.shape[0], -1), f @ f.T, reduce="amax")
+            target = target | (closest >= match_cos)
     informative = ~target.all(dim=1)
     if not bool(informative.any()):
         return volume_feats.sum() * 0.0

@@ -164,6 +164,41 @@ def test_sentence_image_loss_matches_a_loop_over_the_sentences():
         zero.backward()
 
 
+
+def test_sentence_image_loss_with_match_cos_counts_close_wordings_as_targets():
+    """With match_cos, a sentence's targets are also the volumes whose report holds a sentence at least that
+    cosine-similar to it (two wordings of one finding), and nothing else; the similarity carries no gradient."""
+    torch.manual_seed(1)
+    v = F.normalize(torch.randn(4, 8), dim=-1)
+    base = F.normalize(torch.randn(8), dim=0)
+    close = F.normalize(base + 0.2 * F.normalize(torch.randn(8), dim=0), dim=0)  # another wording: cos ~0.98
+    far = [F.normalize(torch.randn(8), dim=0) for _ in range(3)]
+    # report 0 says `base`, report 1 `close`, reports 2 and 3 something else; reports 0 and 1 share far[2]
+    s = torch.stack([base, close, far[0], far[1], far[2], far[2]]).requires_grad_()
+    text = torch.tensor([0, 1, 2, 3, 0, 1])
+    group = torch.tensor([0, 1, 2, 3, 4, 4])
+    cos = float(base @ close)
+    assert cos > 0.9 and max(float(s[i].detach() @ s[j].detach()) for i in (0, 1) for j in (2, 3, 4)) < cos
+    scale = 10.0
+
+    def oracle(targets: list[list[int]]) -> float:
+        out = []
+        for i, holders in enumerate(targets):
+            logits = [scale * float(s[i].detach() @ v[k]) for k in range(4)]
+            log_z = math.log(sum(math.exp(x) for x in logits))
+            out.append(-sum(logits[k] - log_z for k in holders) / len(holders))
+        return sum(out) / len(out)
+
+    exact = [[0], [1], [2], [3], [0, 1], [0, 1]]
+    matched = [[0, 1], [0, 1], [2], [3], [0, 1], [0, 1]]
+    assert float(sentence_image_loss(s, text, group, v, scale)) == pytest.approx(oracle(exact), rel=1e-5)
+    loss = sentence_image_loss(s, text, group, v, scale, match_cos=cos - 0.01)
+    assert float(loss.detach()) == pytest.approx(oracle(matched), rel=1e-5)
+    assert float(sentence_image_loss(s, text, group, v, scale, match_cos=min(cos + 0.01, 1.0))) == pytest.approx(
+        oracle(exact), rel=1e-5)
+    loss.backward()  # through the logits only
+    assert torch.isfinite(s.grad).all()
+
 def test_clip_loss_rejects_mismatched_features():
     with pytest.raises(ValueError, match="differ"):
         ClipLoss()(torch.randn(3, EMBED), torch.randn(4, EMBED), 1.0)

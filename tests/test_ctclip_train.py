@@ -241,9 +241,16 @@ def test_sentence_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_p
     cnn = ("--model_config", "tiny_cnn", "--sentence_keep", "0.6")
     assert train_main(_args(chest, plain, "--max_steps", "3", *cnn)) == 0
     assert train_main(_args(chest, sent, "--max_steps", "3", *cnn, "--sentence_weight", "1.0")) == 0
-    a, b = _losses(plain), _losses(sent)
-    assert a[1] == pytest.approx(b[1], abs=1e-6)
+    # --sentence_match_cos: close wordings count as targets too, so the updates differ again
+    assert train_main(_args(chest, tmp_path / "match", "--max_steps", "3", *cnn, "--sentence_weight", "1.0",
+                            "--sentence_match_cos", "0.3")) == 0
+    a, b, c = _losses(plain), _losses(sent), _losses(tmp_path / "match")
+    assert a[1] == pytest.approx(b[1], abs=1e-6) and b[1] == pytest.approx(c[1], abs=1e-6)
     assert any(abs(a[k] - b[k]) > 1e-4 for k in (2, 3))
+    assert any(abs(b[k] - c[k]) > 1e-4 for k in (2, 3))
+    assert train_main(_args(chest, tmp_path / "w", "--max_steps", "1", *cnn, "--sentence_weight", "1",
+                            "--sentence_match_cos", "1.5")) == 2
+    assert "--sentence_match_cos must be in [0, 1]" in caplog.text
     assert train_main(_args(chest, tmp_path / "x", "--max_steps", "1", *cnn, "--sentence_weight", "-1")) == 2
     assert train_main(_args(chest, tmp_path / "y", "--max_steps", "1", *cnn, "--sentence_weight", "1",
                             "--grad_accum", "2")) == 2

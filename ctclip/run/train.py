@@ -126,6 +126,9 @@ class TrainConfig:
     sentence_weight: float = arg(0.0, help="weight of a sentence-image term: each sentence of the batch's reports "
                                            "against the batch's volumes, its targets the volumes whose report holds "
                                            "the same sentence (text_pool sentence; 0 = off)")
+    sentence_match_cos: float = arg(0.0, help="with --sentence_weight: a sentence's targets are also the volumes "
+                                              "whose report holds a sentence at least this cosine-similar to it "
+                                              "(text tower embeddings; 0 = identical sentences only)")
     cache_features: bool = arg(False, help="with --freeze_dinov2: compute slice embeddings once")
     max_steps: int | None = arg(None, help="train for this many optimizer steps (sets the schedule)")
     # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -332,7 +335,8 @@ def _learner(cfg: TrainConfig, dist: DistInfo, model: nn.Module, autocast, scale
     return Learner(model=model, step_module=step_module, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                    autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed,
                    text_view=TextView(cfg.text_view_weight, cfg.text_view_keep, cfg.seed, dist.rank)
-                   if cfg.text_view_weight else None, sentence_weight=cfg.sentence_weight)
+                   if cfg.text_view_weight else None, sentence_weight=cfg.sentence_weight,
+                   sentence_match_cos=cfg.sentence_match_cos)
 
 
 def _resume(learner: Learner, ckpt: dict[str, Any], path: Path) -> TrainState:

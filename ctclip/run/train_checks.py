@@ -44,6 +44,8 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
         raise SetupError("--text_view_weight needs --grad_accum 1 (the second view is not accumulated)")
     if cfg.sentence_weight < 0:
         raise SetupError(f"--sentence_weight must be >= 0, got {cfg.sentence_weight}")
+    if not 0.0 <= cfg.sentence_match_cos <= 1.0:
+        raise SetupError(f"--sentence_match_cos must be in [0, 1], got {cfg.sentence_match_cos}")
     if cfg.sentence_weight and cfg.grad_accum != 1:
         raise SetupError("--sentence_weight needs --grad_accum 1 (the sentence term is not accumulated)")
     if cfg.sentence_weight and cfg.model.text_pool != "sentence":

@@ -103,6 +103,7 @@ class Learner:
     loss_fn: nn.Module = field(default_factory=ClipLoss)
     text_view: TextView | None = None
     sentence_weight: float = 0.0
+    sentence_match_cos: float = 0.0
 
     def state_dicts(self) -> dict[str, Any]:
         """The checkpoint entries model, optimizer, scheduler and scaler ({} without a scaler)."""
@@ -179,7 +180,7 @@ def _extra_terms_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.
             loss = loss + learner.text_view.weight * learner.loss_fn(t, t2.float(), scale)
         if sent is not None:
             loss = loss + learner.sentence_weight * sentence_image_loss(sent.features.float(), sent.text, sent.group,
-                                                                        v, scale)
+                                                                        v, scale, learner.sentence_match_cos)
     _backward(loss, learner.scaler)
     return float(clip.detach())
 
