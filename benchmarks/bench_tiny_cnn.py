@@ -8,6 +8,14 @@ network in the default contiguous layout (the reference), measured in the same r
 
 Run it with and without the branches to see what the histograms and the granulometry cost a step.
 
+    python benchmarks/bench_tiny_cnn.py --hist_bins 32 --gran_levels 3 --in_chans 2 --memo
+
+With --memo the two arms are instead the branches' features kept per slice (`FixedFeatureMemo`, ours: the
+digests of the uint8 slices are taken every step, as `SliceEncoder` does) against computed every step (the
+reference), both channels-last; the slices are the same every step, so after the untimed first step every
+lookup hits: the steady state of a training run's second and later epochs (its first epoch costs what the
+reference does, plus the digests).
+
 A step is what training does to the slice encoder: forward over all slices in chunks of --chunk (BatchNorm
 statistics per chunk, as `SliceEncoder` runs it), a scalar loss, backward and an AdamW step. Both layouts
 start from the same weights and see the same random slices; the script first checks that they compute the
@@ -30,7 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.step_timer import interleaved, print_table, time_steps  # noqa: E402
-from ctclip.models.tiny_cnn import TinySliceCNN  # noqa: E402
+from ctclip.models.tiny_cnn import TinySliceCNN, slice_digests  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,49 +52,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hist_bins", type=int, default=0, help="the histogram branch in both networks (tiny_cnn.yaml: 32)")
     p.add_argument("--gran_levels", type=int, default=0,
                    help="the granulometry branch in both networks (tiny_cnn.yaml: 3)")
+    p.add_argument("--in_chans", type=int, default=1,
+                   help="input channels (2: slice_norm window_mediastinal, the learning configs')")
+    p.add_argument("--memo", action="store_true",
+                   help="compare the fixed-feature memo against recomputing (needs --hist_bins or --gran_levels)")
     p.add_argument("--json", type=Path)
     return p
 
 
-def encode(model: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    return torch.cat([model(part) for part in x.split(chunk)])
+def encode(model: torch.nn.Module, x: torch.Tensor, chunk: int, u8: torch.Tensor | None = None) -> torch.Tensor:
+    """The slices in chunks; with `u8` (the stored slices of `x`) each chunk's digests are passed as its keys."""
+    if u8 is None:
+        return torch.cat([model(part) for part in x.split(chunk)])
+    return torch.cat([model(part, slice_keys=slice_digests(raw)) for part, raw in zip(x.split(chunk), u8.split(chunk))])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    bad = [f"--{k} {getattr(args, k)}" for k in ("slices", "image_size", "chunk", "threads", "steps", "repeats")
-           if getattr(args, k) < 1]
+    bad = [f"--{k} {getattr(args, k)}" for k in ("slices", "image_size", "chunk", "threads", "steps", "repeats",
+                                                  "in_chans") if getattr(args, k) < 1]
     bad += [f"--{k} {getattr(args, k)}" for k in ("hist_bins", "gran_levels") if getattr(args, k) < 0]
     if bad:  # refused before any work
         parser.error(f"out of range (at least 1; the branches at least 0): {', '.join(bad)}")
+    if args.memo and not (args.hist_bins or args.gran_levels):
+        parser.error("--memo needs the fixed branches (--hist_bins and/or --gran_levels)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    branches = {"hist_bins": args.hist_bins, "gran_levels": args.gran_levels}
+    branches = {"hist_bins": args.hist_bins, "gran_levels": args.gran_levels, "in_chans": args.in_chans,
+                "hist_channels": args.in_chans}
     ours = TinySliceCNN(image_size=args.image_size, **branches)
-    ref = TinySliceCNN(image_size=args.image_size, channels_last=False, **branches)  # the reference: NCHW layout
+    # the reference: the NCHW layout, or (--memo) the same network recomputing the fixed branches every step
+    ref = TinySliceCNN(image_size=args.image_size, channels_last=args.memo, **branches)
     ref.load_state_dict(ours.state_dict())
-    x = torch.rand(args.slices, 1, args.image_size, args.image_size) * 2 - 1
+    ref.fixed_memo = None if args.memo else ref.fixed_memo
+    u8 = torch.randint(0, 256, (args.slices, 1, args.image_size, args.image_size), dtype=torch.uint8)
+    x = (u8.float() / 127.5 - 1.0).repeat(1, args.in_chans, 1, 1)
+    keys = u8 if args.memo else None
     with torch.no_grad():
-        diff = float((encode(ours, x, args.chunk) - encode(ref, x, args.chunk)).abs().max())
-    print(f"features of the two layouts: max abs difference {diff:.2e}")
+        diff = float((encode(ours, x, args.chunk, keys) - encode(ref, x, args.chunk, keys)).abs().max())
+    arms = ("fixed features kept (ours)", "recomputed (reference)") if args.memo else \
+        ("channels_last (ours)", "contiguous (reference)")
+    print(f"features of the two arms: max abs difference {diff:.2e}")
     if diff > 1e-3:
-        print("error: the two layouts compute different features", file=sys.stderr)
+        print("error: the two arms compute different features", file=sys.stderr)
         return 1
+
     def one_round(model: TinySliceCNN):
         def run() -> tuple[float, float]:
             m = copy.deepcopy(model)
-            return time_steps(m.parameters(), lambda: encode(m, x, args.chunk).pow(2).mean(), args.steps)
+            return time_steps(m.parameters(), lambda: encode(m, x, args.chunk, keys).pow(2).mean(), args.steps)
         return run
 
-    runs, med = interleaved({"channels_last (ours)": one_round(ours), "contiguous (reference)": one_round(ref)},
-                            args.repeats)
-    print(f"\n{args.slices} slices of {args.image_size} px per step, chunks of {args.chunk}, {args.threads} thread(s), "
-          f"histogram bins {args.hist_bins}, granulometry levels {args.gran_levels}, torch {torch.__version__}; "
-          f"median of {args.repeats} x {args.steps} steps\n")
-    print_table("layout", med)
-    speedup = med["contiguous (reference)"][0] / med["channels_last (ours)"][0]
-    print(f"\nchannels_last needs {speedup:.2f}x less CPU time per step")
+    runs, med = interleaved({arms[0]: one_round(ours), arms[1]: one_round(ref)}, args.repeats)
+    print(f"\n{args.slices} slices of {args.image_size} px per step, {args.in_chans} channel(s), chunks of {args.chunk}, "
+          f"{args.threads} thread(s), histogram bins {args.hist_bins}, granulometry levels {args.gran_levels}, torch "
+          f"{torch.__version__}; median of {args.repeats} x {args.steps} steps\n")
+    print_table("fixed features" if args.memo else "layout", med)
+    speedup = med[arms[1]][0] / med[arms[0]][0]
+    print(f"\n{arms[0].split(' (')[0]} needs {speedup:.2f}x less CPU time per step")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "median": med,
                                          "runs": runs, "cpu_speedup": speedup, "max_abs_diff": diff}, indent=1))

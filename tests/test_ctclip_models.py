@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import warnings
 
 import numpy as np
@@ -184,6 +185,22 @@ def test_tiny_cnn_benchmark_refuses_empty_settings(capsys):
     with pytest.raises(SystemExit):
         main(["--gran_levels", "-1"])
     assert "--gran_levels -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--memo"])
+    assert "--memo needs the fixed branches" in capsys.readouterr().err
+
+
+def test_tiny_cnn_benchmark_compares_the_memo_with_recomputing(tmp_path, capsys):
+    """--memo: both arms compute the same features (checked before timing) and the table names both."""
+    from benchmarks.bench_tiny_cnn import main
+
+    out = tmp_path / "memo.json"
+    assert main(["--slices", "32", "--image_size", "16", "--chunk", "16", "--steps", "1", "--repeats", "1",
+                 "--hist_bins", "8", "--gran_levels", "1", "--in_chans", "2", "--memo", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "max abs difference 0.00e+00" in text
+    assert "| fixed features kept (ours) |" in text and "| recomputed (reference) |" in text
+    assert set(json.loads(out.read_text())["median"]) == {"fixed features kept (ours)", "recomputed (reference)"}
 
 
 def test_freeze_dinov2_leaves_backbone_without_gradients():

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ctclip.models.tiny_cnn import slice_digests
+
 log = logging.getLogger(__name__)
 
 
@@ -129,6 +131,9 @@ class SliceEncoder(nn.Module):
                 return self.backbone(x)
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(self.backbone, x, use_reentrant=False)
+        if getattr(self.backbone, "fixed_memo", None) is not None and self.training and slices.device.type == "cpu":
+            # tiny_cnn's fixed branches: a slice's features are kept after its first time (TinySliceCNN)
+            return self.backbone(x, slice_keys=slice_digests(slices))
         return self.backbone(x)
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,12 @@ last or never (supervised probe: nodules 0.61 with histograms alone); a linear m
 histograms and these shares read nodules at 0.73 and lymph nodes at 0.74, against 0.51 and 0.65 on the
 histograms alone (docs/benchmarks.md).
 
+The fixed branches are functions of the slice alone, so in training each slice's raw histogram and granulometry
+features are kept after their first computation (`FixedFeatureMemo`, keyed by a digest of the stored uint8 slice
+that `SliceEncoder` passes in as `slice_keys`) and looked up when the slice comes back in a later epoch: the same
+numbers, without the ~0.16 CPU-s a learning-benchmark step spent recomputing them (`benchmarks/bench_tiny_cnn.py
+--memo`). Evaluation (eval mode) computes them as before and keeps nothing.
+
 Channels-last memory layout (weights and activations): on a CPU the same convolutions take less time in
 it (a training step over 1024 slices of 64 x 64 in chunks of 64, one thread: 0.31 instead of 0.39 CPU-s,
 `benchmarks/bench_tiny_cnn.py`), and on a GPU it is the layout AMP's kernels want. `channels_last=False`
@@ -45,12 +51,62 @@ builds the same network in the default layout (the benchmark's reference).
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ctclip.models.morphology import RESIDUE_THRESHOLDS, residue_fractions
+
+MEMO_MAX_SLICES = 1 << 18  # ~260k slices (~300 MB of float32 features with tiny_cnn.yaml's branches); then no more
+
+
+def slice_digests(slices: torch.Tensor) -> list[bytes]:
+    """(N, ...) slices (uint8, on the CPU) -> one 16-byte blake2b digest of each slice's bytes: the memo's keys."""
+    rows = slices.detach().contiguous().reshape(slices.shape[0], -1).numpy()
+    return [hashlib.blake2b(row, digest_size=16).digest() for row in rows]
+
+
+class FixedFeatureMemo:
+    """Rows of fixed features by slice digest, at most `max_slices` of them (the first ones seen stay)."""
+
+    def __init__(self, width: int, max_slices: int = MEMO_MAX_SLICES):
+        self.width, self.max_slices = int(width), int(max_slices)
+        self.rows: dict[bytes, int] = {}
+        self.table = torch.empty(0, self.width)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def features(self, keys: Sequence[bytes], compute, x: torch.Tensor) -> torch.Tensor:
+        """(N, width): the kept rows of `keys`, and `compute(x[missing])` for the others (kept while there is room)."""
+        found = [self.rows.get(k) for k in keys]
+        missing = [i for i, r in enumerate(found) if r is None]
+        if not missing:
+            return self.table[torch.tensor(found)]
+        out = torch.empty(len(keys), self.width)
+        hit = [i for i, r in enumerate(found) if r is not None]
+        if hit:
+            out[torch.tensor(hit)] = self.table[torch.tensor([found[i] for i in hit])]
+        fresh = compute(x[torch.tensor(missing)]).detach().to(torch.float32)
+        out[torch.tensor(missing)] = fresh
+        new = {}
+        for i, row in zip(missing, fresh):
+            if len(self.rows) + len(new) >= self.max_slices:
+                break
+            new.setdefault(keys[i], row)  # one slice twice in a chunk: one row
+        if new:
+            start = len(self.rows)
+            if start + len(new) > self.table.shape[0]:  # grow by doubling, up to the cap
+                grown = torch.empty(min(max(2 * self.table.shape[0], start + len(new), 1024), self.max_slices),
+                                    self.width)
+                grown[:start] = self.table[:start]
+                self.table = grown
+            self.table[start:start + len(new)] = torch.stack(list(new.values()))
+            self.rows.update({k: start + j for j, k in enumerate(new)})
+        return out
 
 
 class TinySliceCNN(nn.Module):
@@ -95,6 +151,8 @@ class TinySliceCNN(nn.Module):
         nn.init.normal_(self.proj.weight, std=1.0 / math.sqrt(self.proj.in_features))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.features.to(memory_format=self.memory_format)
+        self.n_hist = n_hist
+        self.fixed_memo = FixedFeatureMemo(n_hist + n_gran) if n_hist + n_gran else None
 
     def histograms(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, S, S) input in [-1, 1] -> (N, hist_channels * grid * grid * bins): the fraction of each
@@ -119,11 +177,29 @@ class TinySliceCNN(nn.Module):
         per_region = torch.bincount(region.flatten() // bins, minlength=g * g).repeat_interleave(bins)
         return (counts / per_region.clamp(min=1)).sqrt()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fixed_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, n_hist + n_gran): the histograms and granulometry shares of each slice, before their BatchNorms."""
+        parts = []
+        if self.hist_norm is not None:
+            parts.append(self.histograms(x))
+        if self.gran_norm is not None:
+            parts.append(residue_fractions(x[:, 0], self.gran_levels, self.hist_grid).sqrt())
+        return torch.cat(parts, dim=1)
+
+    def forward(self, x: torch.Tensor, slice_keys: Sequence[bytes] | None = None) -> torch.Tensor:
+        """`slice_keys` (one digest per slice of `x`, `slice_digests`): in training on the CPU, the fixed features
+        of slices seen before come from the memo (`fixed_memo`; None: none kept)."""
         f = self.features(x.contiguous(memory_format=self.memory_format))
         parts = [f.flatten(1), f.amax(dim=(2, 3)), f.mean(dim=(2, 3))]
-        if self.hist_norm is not None:
-            parts.append(self.hist_norm(self.histograms(x)))
-        if self.gran_norm is not None:
-            parts.append(self.gran_norm(residue_fractions(x[:, 0], self.gran_levels, self.hist_grid).sqrt()))
+        if self.hist_norm is not None or self.gran_norm is not None:
+            if self.fixed_memo is not None and slice_keys is not None and self.training and x.device.type == "cpu":
+                if len(slice_keys) != x.shape[0]:
+                    raise ValueError(f"TinySliceCNN: {len(slice_keys)} slice keys for {x.shape[0]} slices")
+                fixed = self.fixed_memo.features(slice_keys, self.fixed_features, x)
+            else:
+                fixed = self.fixed_features(x)
+            if self.hist_norm is not None:
+                parts.append(self.hist_norm(fixed[:, : self.n_hist]))
+            if self.gran_norm is not None:
+                parts.append(self.gran_norm(fixed[:, self.n_hist:]))
         return self.norm(self.proj(torch.cat(parts, dim=1)))
