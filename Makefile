@@ -72,8 +72,8 @@ demo-chest: $(STAMP)
 
 demo-chest-data: $(STAMP)
 	@mkdir -p $(DEMO_DIR)
-	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~1,250 train volumes; the valid side,
-	#      ~550 volumes, is split by patient into validation and test), NIfTI -> HDF5
+	# ---- chest: a synthetic CT-RATE set built on the real chest CT (~1,880 train volumes; the valid side,
+	#      ~820 volumes, is split by patient into validation and test), NIfTI -> HDF5
 	$(PY) scripts/ctclip_make_synthetic.py --config configs/ctclip/synthetic_demo.yaml \
 		--out_dir $(CT) --overwrite --montage $(DEMO_DIR)/chest_montage.png
 	$(PY) scripts/ctclip_preprocess.py --config configs/ctclip/preprocess_demo.yaml --overwrite \
@@ -84,7 +84,7 @@ demo-chest-data: $(STAMP)
 
 demo-chest-model: $(STAMP)
 	# ---- chest: the from-scratch 3D CLIP (tiny_cnn slices, findings + impressions, the learning benchmark's
-	#      recipe for 450 steps), zero-shot with CT-CLIP's prompt pair on the held-out test side
+	#      recipe for 500 steps), zero-shot with CT-CLIP's prompt pair on the held-out test side
 	$(PY) scripts/ctclip_train.py --config configs/ctclip/train_demo.yaml \
 		--ct_filepath $(CT)/train_volumes.h5 --txt_filepath $(CT)/train_reports.csv \
 		--do_validate --val_ct_filepath $(CT)/valid_volumes.h5 --val_label_path $(CT)/valid_predicted_labels.csv \
