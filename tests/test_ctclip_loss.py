@@ -191,11 +191,13 @@ def test_sentence_image_loss_with_match_cos_counts_close_wordings_as_targets():
 
     exact = [[0], [1], [2], [3], [0, 1], [0, 1]]
     matched = [[0, 1], [0, 1], [2], [3], [0, 1], [0, 1]]
-    assert float(sentence_image_loss(s, text, group, v, scale)) == pytest.approx(oracle(exact), rel=1e-5)
+    def value(match_cos: float = 0.0) -> float:
+        return float(sentence_image_loss(s, text, group, v, scale, match_cos=match_cos).detach())
+
+    assert value() == pytest.approx(oracle(exact), rel=1e-5)
+    assert value(cos - 0.01) == pytest.approx(oracle(matched), rel=1e-5)
+    assert value(min(cos + 0.01, 1.0)) == pytest.approx(oracle(exact), rel=1e-5)
     loss = sentence_image_loss(s, text, group, v, scale, match_cos=cos - 0.01)
-    assert float(loss.detach()) == pytest.approx(oracle(matched), rel=1e-5)
-    assert float(sentence_image_loss(s, text, group, v, scale, match_cos=min(cos + 0.01, 1.0))) == pytest.approx(
-        oracle(exact), rel=1e-5)
     loss.backward()  # through the logits only
     assert torch.isfinite(s.grad).all()
 
