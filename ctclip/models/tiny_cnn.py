@@ -40,8 +40,8 @@ histograms alone (docs/benchmarks.md).
 The fixed branches are functions of the slice alone, so in training each slice's raw histogram and granulometry
 features are kept after their first computation (`FixedFeatureMemo`, keyed by a digest of the stored uint8 slice
 that `SliceEncoder` passes in as `slice_keys`) and looked up when the slice comes back in a later epoch: the same
-numbers, without the ~0.16 CPU-s a learning-benchmark step spent recomputing them (`benchmarks/bench_tiny_cnn.py
---memo`). Evaluation (eval mode) computes them as before and keeps nothing.
+numbers, ~0.14 CPU-s less per learning-benchmark step than recomputing them, the digests included
+(`benchmarks/bench_tiny_cnn.py --memo`: 0.445 against 0.587 CPU-s for the encoder's step). Evaluation (eval mode) computes them as before and keeps nothing.
 
 Channels-last memory layout (weights and activations): on a CPU the same convolutions take less time in
 it (a training step over 1024 slices of 64 x 64 in chunks of 64, one thread: 0.31 instead of 0.39 CPU-s,
