@@ -82,31 +82,33 @@ class FixedFeatureMemo:
 
     def features(self, keys: Sequence[bytes], compute, x: torch.Tensor) -> torch.Tensor:
         """(N, width): the kept rows of `keys`, and `compute(x[missing])` for the others (kept while there is room)."""
-        found = [self.rows.get(k) for k in keys]
-        missing = [i for i, r in enumerate(found) if r is None]
+        found = [self.rows.get(k, -1) for k in keys]
+        missing = [i for i, r in enumerate(found) if r < 0]
         if not missing:
-            return self.table[torch.tensor(found)]
+            return self.table[found]
+        hit = [i for i, r in enumerate(found) if r >= 0]
         out = torch.empty(len(keys), self.width)
-        hit = [i for i, r in enumerate(found) if r is not None]
-        if hit:
-            out[torch.tensor(hit)] = self.table[torch.tensor([found[i] for i in hit])]
-        fresh = compute(x[torch.tensor(missing)]).detach().to(torch.float32)
-        out[torch.tensor(missing)] = fresh
-        new = {}
-        for i, row in zip(missing, fresh):
-            if len(self.rows) + len(new) >= self.max_slices:
-                break
-            new.setdefault(keys[i], row)  # one slice twice in a chunk: one row
-        if new:
-            start = len(self.rows)
-            if start + len(new) > self.table.shape[0]:  # grow by doubling, up to the cap
-                grown = torch.empty(min(max(2 * self.table.shape[0], start + len(new), 1024), self.max_slices),
-                                    self.width)
-                grown[:start] = self.table[:start]
-                self.table = grown
-            self.table[start:start + len(new)] = torch.stack(list(new.values()))
-            self.rows.update({k: start + j for j, k in enumerate(new)})
+        out[hit] = self.table[[found[i] for i in hit]]
+        fresh = compute(x[missing]).detach().to(torch.float32)
+        out[missing] = fresh
+        self._keep([keys[i] for i in missing], fresh)
         return out
+
+    def _keep(self, keys: list[bytes], rows: torch.Tensor) -> None:
+        """Append the rows of keys not kept yet (one row per key: a slice twice in a chunk), up to the cap."""
+        first: dict[bytes, int] = {}
+        for j, k in enumerate(keys):
+            first.setdefault(k, j)
+        new = list(first.items())[: self.max_slices - len(self.rows)]
+        if not new:
+            return
+        start, end = len(self.rows), len(self.rows) + len(new)
+        if end > self.table.shape[0]:  # grow by doubling, up to the cap
+            grown = torch.empty(min(max(2 * self.table.shape[0], end, 1024), self.max_slices), self.width)
+            grown[:start] = self.table[:start]
+            self.table = grown
+        self.table[start:end] = rows[[j for _, j in new]]
+        self.rows.update({k: start + n for n, (k, _) in enumerate(new)})
 
 
 class TinySliceCNN(nn.Module):
