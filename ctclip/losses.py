@@ -226,8 +226,7 @@ def contrastive_loss_with_cached(
 
 
 def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torch.Tensor, volume_feats: torch.Tensor,
-                        logit_scale: torch.Tensor | float, match_cos: float = 0.0,
-                        both_ways: bool = False) -> torch.Tensor:
+                        logit_scale: torch.Tensor | float, match_cos: float = 0.0) -> torch.Tensor:
     """Each sentence of the batch's reports against the batch's volumes (this rank's only).
 
     `sentences` (S, D) are the sentences' own embeddings, `text` (S,) the report (= volume row) each comes
@@ -244,11 +243,6 @@ def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torc
     Identical sentences alone make every other wording of a finding a negative: "Lymphadenopathy is present."
     is pushed away from the volumes whose report says "Enlarged lymph nodes up to 24 mm are seen in the
     mediastinum.", though zero-shot scoring needs it near them.
-
-    With `both_ways` the loss is the mean of that direction and the other: each volume against the batch's
-    distinct informative sentences (one row per group), its target uniform over those it holds or matches. That
-    is the direction zero-shot scoring reads: one volume, "{} is present." against "{} is not present.". A
-    volume none of whose sentences is informative is left out of it.
     """
     n = volume_feats.shape[0]
     if sentences.shape[0] == 0:
@@ -267,19 +261,5 @@ def sentence_image_loss(sentences: torch.Tensor, text: torch.Tensor, group: torc
     if not bool(informative.any()):
         return volume_feats.sum() * 0.0
     target = target[informative].to(volume_feats.dtype)
-    logits = logit_scale * sentences[informative] @ volume_feats.T  # (S', n)
-    logp = logits.log_softmax(dim=-1)
-    loss = -((logp * target).sum(dim=1) / target.sum(dim=1)).mean()
-    if not both_ways:
-        return loss
-    _, inverse = torch.unique(group[informative], return_inverse=True)
-    rows = torch.arange(inverse.shape[0], device=inverse.device)
-    first = torch.full((int(inverse.max()) + 1,), inverse.shape[0], dtype=rows.dtype, device=rows.device)
-    first = first.scatter_reduce(0, inverse, rows, reduce="amin")  # one row per distinct sentence
-    target_v, logp_v = target[first].T, logits[first].T.log_softmax(dim=-1)  # (n, distinct sentences)
-    counts = target_v.sum(dim=1)
-    held = counts > 0
-    if not bool(held.any()):
-        return loss
-    back = -((logp_v * target_v).sum(dim=1)[held] / counts[held]).mean()
-    return (loss + back) / 2
+    logp = (logit_scale * sentences[informative] @ volume_feats.T).log_softmax(dim=-1)
+    return -((logp * target).sum(dim=1) / target.sum(dim=1)).mean()

@@ -129,9 +129,6 @@ class TrainConfig:
     sentence_match_cos: float = arg(0.0, help="with --sentence_weight: a sentence's targets are also the volumes "
                                               "whose report holds a sentence at least this cosine-similar to it "
                                               "(text tower embeddings; 0 = identical sentences only)")
-    sentence_both_ways: bool = arg(False, help="with --sentence_weight: the term is the mean of both directions, "
-                                               "sentence -> volumes and volume -> the batch's distinct sentences "
-                                               "(the one zero-shot scoring reads)")
     cache_features: bool = arg(False, help="with --freeze_dinov2: compute slice embeddings once")
     max_steps: int | None = arg(None, help="train for this many optimizer steps (sets the schedule)")
     # leave after this step (saving latest.pt), keeping the full run's schedule
@@ -339,7 +336,7 @@ def _learner(cfg: TrainConfig, dist: DistInfo, model: nn.Module, autocast, scale
                    autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed,
                    text_view=TextView(cfg.text_view_weight, cfg.text_view_keep, cfg.seed, dist.rank)
                    if cfg.text_view_weight else None, sentence_weight=cfg.sentence_weight,
-                   sentence_match_cos=cfg.sentence_match_cos, sentence_both_ways=cfg.sentence_both_ways)
+                   sentence_match_cos=cfg.sentence_match_cos)
 
 
 def _resume(learner: Learner, ckpt: dict[str, Any], path: Path) -> TrainState:

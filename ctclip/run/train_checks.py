@@ -46,10 +46,10 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
         raise SetupError(f"--sentence_weight must be >= 0, got {cfg.sentence_weight}")
     if not 0.0 <= cfg.sentence_match_cos <= 1.0:
         raise SetupError(f"--sentence_match_cos must be in [0, 1], got {cfg.sentence_match_cos}")
-    if not cfg.sentence_weight and (cfg.sentence_match_cos or cfg.sentence_both_ways):
+    if not cfg.sentence_weight and cfg.sentence_match_cos:
         # not an error: a config may shape the term and a command line turn it off with --sentence_weight 0
-        log.warning("--sentence_match_cos and --sentence_both_ways shape the sentence term, which is off "
-                    "(--sentence_weight 0): they have no effect")
+        log.warning("--sentence_match_cos %s shapes the sentence term, which is off (--sentence_weight 0): it has "
+                    "no effect", cfg.sentence_match_cos)
     if cfg.sentence_weight and cfg.grad_accum != 1:
         raise SetupError("--sentence_weight needs --grad_accum 1 (the sentence term is not accumulated)")
     if cfg.sentence_weight and cfg.model.text_pool != "sentence":

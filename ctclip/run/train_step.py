@@ -24,8 +24,7 @@ against a volume). It is local to the rank (its volumes only) under DDP. With id
 other wording of a finding is a negative, and at 1.0 the term cost coronary calcification (0.834 against 0.849
 at 0.3); matched at c = 0.7 it gave 0.870 / 0.862 at 1.0 (seeds 42 / 7; 0.868 / 0.867 with more steps), so
 train_learning.yaml uses s = 1.0, c = 0.7, and train_demo.yaml, whose 500 steps start slower at 1.0, s = 0.3, c = 0.7
-(docs/benchmarks.md). With `sentence_both_ways` the term is the mean of that direction and the other, each volume
-against the batch's distinct sentences (the direction zero-shot scoring reads: one volume, two prompts).
+(docs/benchmarks.md).
 
 The returned and logged loss is the CLIP term alone.
 """
@@ -108,7 +107,6 @@ class Learner:
     text_view: TextView | None = None
     sentence_weight: float = 0.0
     sentence_match_cos: float = 0.0
-    sentence_both_ways: bool = False
 
     def state_dicts(self) -> dict[str, Any]:
         """The checkpoint entries model, optimizer, scheduler and scaler ({} without a scaler)."""
@@ -185,8 +183,7 @@ def _extra_terms_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.
             loss = loss + learner.text_view.weight * learner.loss_fn(t, t2.float(), scale)
         if sent is not None:
             loss = loss + learner.sentence_weight * sentence_image_loss(sent.features.float(), sent.text, sent.group,
-                                                                        v, scale, learner.sentence_match_cos,
-                                                                        learner.sentence_both_ways)
+                                                                        v, scale, learner.sentence_match_cos)
     _backward(loss, learner.scaler)
     return float(clip.detach())
 
