@@ -14,8 +14,9 @@ configs/ctclip/train_learning.yaml twice under the same budget: end-to-end, and 
 --freeze_dinov2 --cache_features (a random-init frozen backbone; building the cache is part of the
 budget) -> ctclip.run.evaluate on the test side (the final model, latest.pt; bootstrap CIs by patient)
 -> the report-prototype diagnostic (benchmarks/bench_learning_ctclip_prototypes.py: the same embeddings
-scored without prompts, so the gap between the joint space and the prompts shows) -> a training-curve
-figure from both train_log.jsonl files.
+scored without prompts, so the gap between the joint space and the prompts shows; and a linear probe on the
+frozen volume embeddings, which shows what the image side carries at all) -> a training-curve figure from
+both train_log.jsonl files.
 
 Budget: training stops at --ctclip_budget_minutes of `--budget_clock cpu`, i.e. the CPU time (user +
 system, every thread) of the training process measured with time.process_time(), validation not
@@ -57,7 +58,7 @@ from benchmarks.bench_learning_ctclip_data import (  # noqa: E402
     check_split,
     import_scripts,
 )
-from benchmarks.bench_learning_ctclip_prototypes import prototype_aurocs  # noqa: E402
+from benchmarks.bench_learning_ctclip_prototypes import embedding_probe_aurocs, prototype_aurocs  # noqa: E402
 from benchmarks.bench_learning_ctclip_report import VARIANT_NAMES, machine, plot_curves, read_log, report  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "ctclip"
@@ -184,6 +185,9 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
         with Timer() as t:
             prototypes = prototype_aurocs(run_dir / "latest.pt", data)
         timings[f"prototypes_{variant}"] = t.as_dict()
+        with Timer() as t:
+            embedding_probe = embedding_probe_aurocs(run_dir / "latest.pt", data)
+        timings[f"embedding_probe_{variant}"] = t.as_dict()
         logs[variant] = read_log(run_dir / "train_log.jsonl")
         valid = [r for r in logs[variant] if r["kind"] == "valid"]
         variants[variant] = {
@@ -196,7 +200,7 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
             "train_wall_minutes": round(summary["wall_minutes"], 3),
             "best_valid_mean_auroc": summary["best_metric"],
             "last_valid_mean_auroc": valid[-1]["mean_auroc"] if valid else None,
-            "test": _test_result(ev, prototypes, work_dir / f"eval_{variant}" / "summary.json"),
+            "test": _test_result(ev, prototypes, embedding_probe, work_dir / f"eval_{variant}" / "summary.json"),
             "train_log": str(run_dir / "train_log.jsonl"),
         }
     figure = plot_curves(logs, work_dir / "ctclip_learning_curves.png", args.ctclip_budget_minutes)
@@ -227,9 +231,10 @@ def _run(args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     }
 
 
-def _test_result(ev: dict[str, Any], prototypes: dict[str, dict[str, float]], summary: Path) -> dict[str, Any]:
-    """One variant's test-side results: zero-shot (the evaluation's) and the report-prototype diagnostic, on the
-    test volumes and on the test reports' own text embeddings."""
+def _test_result(ev: dict[str, Any], prototypes: dict[str, dict[str, float]], embedding_probe: dict[str, float],
+                 summary: Path) -> dict[str, Any]:
+    """One variant's test-side results: zero-shot (the evaluation's), the report-prototype diagnostic on the test
+    volumes and on the test reports' own text embeddings, and the linear probe on the frozen volume embeddings."""
     import pandas as pd
 
     table = pd.read_csv(ev["outputs"]["metrics"])
@@ -238,7 +243,8 @@ def _test_result(ev: dict[str, Any], prototypes: dict[str, dict[str, float]], su
             "per_finding_auroc": per_finding,
             **{key: {"mean": float(np.mean(list(p.values()))), "per_finding": p}
                for key, p in (("report_prototype_auroc", prototypes["volumes"]),
-                              ("report_text_auroc", prototypes["reports"])) if p},
+                              ("report_text_auroc", prototypes["reports"]),
+                              ("embedding_probe_auroc", embedding_probe)) if p},
             "summary": str(summary), "roc_figure": ev["outputs"]["roc_curves"]}
 
 

@@ -13,6 +13,12 @@ The same direction read on the text side (`prototype_aurocs(...)["reports"]`, wh
 test_reports.csv): the test reports' own embeddings projected on it. A finding low there is one the text
 tower does not tell apart in the reports themselves, whatever the images hold; a finding high there and low
 for the volumes is one the image side has not matched.
+
+A third reading, of the image side alone (`embedding_probe_aurocs`): a logistic regression per finding on the
+frozen volume embeddings of the training volumes, scored on the test volumes. It bounds what any text direction
+could read from those embeddings linearly: a finding low there is one the image tower has not learned to carry
+at all (not one the prompts or the report directions miss), though the supervised probe
+(bench_probe_ctclip.py) shows the same encoder can learn it from the labels.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from ctclip.checkpoint import load_trained_model
@@ -83,4 +90,33 @@ def prototype_aurocs(model_path: Path, data: Path) -> dict[str, dict[str, float]
             direction = z_text[torch.from_numpy(pos)].mean(0) - z_text[torch.from_numpy(neg)].mean(0)
             scores = (z @ direction).numpy()
             out[key][finding] = float(roc_auc_score(y_test[known, k], scores[known]))
+    return out
+
+
+def embedding_probe_aurocs(model_path: Path, data: Path) -> dict[str, float]:
+    """Per-finding test AUROC of a logistic regression (sklearn defaults, L2, C = 1) fitted on the frozen volume
+    embeddings of `data`/train_volumes.h5 with train_predicted_labels.csv, scored on valid_volumes.h5 with
+    test_predicted_labels.csv (module docstring). Findings with one class on either side, or unknown labels
+    only, are left out; volumes with an unknown label are left out of that finding."""
+    model, _ = load_trained_model(model_path)
+    train_labels = load_labels(data / "train_predicted_labels.csv")
+    test_labels = load_labels(data / "test_predicted_labels.csv")
+    with torch.inference_mode():
+        with VolumeStore(data / "train_volumes.h5") as store:
+            have = set(store.names())
+            train_names = [n for n in train_labels.index if n in have]
+            x_train = _embed_volumes(model, store, train_names).float().numpy()
+        with VolumeStore(data / "valid_volumes.h5") as store:
+            have = set(store.names())
+            test_names = [n for n in test_labels.index if n in have]
+            x_test = _embed_volumes(model, store, test_names).float().numpy()
+    y_train = train_labels.loc[train_names, list(FINDINGS)].to_numpy()
+    y_test = test_labels.loc[test_names, list(FINDINGS)].to_numpy()
+    out: dict[str, float] = {}
+    for k, finding in enumerate(FINDINGS):
+        fit, score = ~np.isnan(y_train[:, k]), ~np.isnan(y_test[:, k])
+        if len(np.unique(y_train[fit, k])) < 2 or len(np.unique(y_test[score, k])) < 2:
+            continue
+        clf = LogisticRegression(max_iter=2000).fit(x_train[fit], y_train[fit, k].astype(int))
+        out[finding] = float(roc_auc_score(y_test[score, k], clf.decision_function(x_test[score])))
     return out

@@ -95,6 +95,11 @@ def report(result: dict) -> str:
             per = ", ".join(f"{k} {x:.2f}" for k, x in text["per_finding"].items())
             lines.append(f"- {v['name']}, the test reports' own text embeddings along the same directions (what the "
                          f"text tower tells apart): mean {text['mean']:.3f}; {per}")
+        probe = v["test"].get("embedding_probe_auroc")
+        if probe:
+            per = ", ".join(f"{k} {x:.2f}" for k, x in probe["per_finding"].items())
+            lines.append(f"- {v['name']}, a linear probe on the frozen volume embeddings (what the image side carries "
+                         f"at all; a diagnostic, fitted on the training labels): mean {probe['mean']:.3f}; {per}")
     g = result["goal"]
     worst = "; ".join(f"{v['name']} {v['test']['min_finding']} {v['test']['per_finding_auroc'][v['test']['min_finding']]:.2f}"
                       for v in result["variants"].values() if v["test"].get("min_finding"))

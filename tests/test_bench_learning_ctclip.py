@@ -108,6 +108,8 @@ def test_benchmark_run_at_toy_size(tmp_path):
         assert all(0.0 <= x <= 1.0 for x in proto["per_finding"].values())
         text_side = v["test"]["report_text_auroc"]  # the split writes test_reports.csv
         assert set(text_side["per_finding"]) <= set(bench_findings()) and 0.0 <= text_side["mean"] <= 1.0
+        probe = v["test"]["embedding_probe_auroc"]
+        assert set(probe["per_finding"]) <= set(bench_findings()) and 0.0 <= probe["mean"] <= 1.0
     figure = Path(result["figure"])
     assert figure.is_file() and figure.stat().st_size > 10_000
     met = [v["test"]["mean_auroc"]["value"] >= 0.85 and min(v["test"]["per_finding_auroc"].values()) >= 0.7
@@ -116,6 +118,7 @@ def test_benchmark_run_at_toy_size(tmp_path):
     text = bench.report(result)
     assert "| end-to-end |" in text and "frozen backbone" in text and ("met" in text)
     assert "scored by report prototypes instead of prompts" in text and "what the text tower tells apart" in text
+    assert "a linear probe on the frozen volume embeddings" in text
     assert result["machine"]["torch_threads"] == 1
 
 
@@ -182,6 +185,58 @@ def test_report_prototypes_read_the_joint_space_without_prompts(monkeypatch, tmp
     both = proto.prototype_aurocs(tmp_path / "latest.pt", tmp_path)
     assert set(both["reports"]) == set(FINDINGS) and min(both["reports"].values()) > 0.95, both["reports"]
     assert 0.35 < np.mean(list(both["volumes"].values())) < 0.65  # the volumes are still shuffled
+
+
+def test_embedding_probe_reads_what_the_volume_embeddings_carry(monkeypatch, tmp_path):
+    """The linear probe on frozen volume embeddings: embeddings that are the labels plus noise read every finding
+    near 1; with the test embeddings shuffled against their labels, about chance. Unknown labels are left out of
+    their finding, a finding with one class on the test side is left out."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from benchmarks import bench_learning_ctclip_prototypes as proto
+    from ctclip.findings import FINDINGS
+
+    rng = np.random.default_rng(1)
+    frames = {}
+    for side, n in (("train", 120), ("valid", 60)):
+        frame = pd.DataFrame(rng.integers(0, 2, (n, len(FINDINGS))).astype(float), columns=list(FINDINGS))
+        frame.insert(0, "VolumeName", [f"{side}_{i}_a_1.nii.gz" for i in range(n)])
+        frames[side] = frame
+    frames["train"].loc[3, FINDINGS[0]] = np.nan  # unknown: left out of that finding's fit
+    frames["valid"][FINDINGS[-1]] = 0.0  # one class on the test side: no AUROC
+    frames["train"].to_csv(tmp_path / "train_predicted_labels.csv", index=False)
+    frames["valid"].to_csv(tmp_path / "test_predicted_labels.csv", index=False)
+    embeddings = {side: torch.tensor(np.nan_to_num(f[list(FINDINGS)].to_numpy(np.float32))
+                                     + 0.3 * rng.standard_normal((len(f), len(FINDINGS))).astype(np.float32))
+                  for side, f in frames.items()}
+
+    class FakeStore:
+        def __init__(self, path):
+            self.side = "train" if "train" in path.name else "valid"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def names(self):
+            return list(frames[self.side].VolumeName)
+
+    def embed(model, store, names):
+        assert names == list(frames[store.side].VolumeName)
+        return embeddings[store.side]
+
+    monkeypatch.setattr(proto, "load_trained_model", lambda path: (object(), {"config": {}}))
+    monkeypatch.setattr(proto, "VolumeStore", FakeStore)
+    monkeypatch.setattr(proto, "_embed_volumes", embed)
+    read = proto.embedding_probe_aurocs(tmp_path / "latest.pt", tmp_path)
+    assert set(read) == set(FINDINGS[:-1]) and min(read.values()) > 0.95, read
+    embeddings["valid"] = embeddings["valid"][torch.randperm(60, generator=torch.Generator().manual_seed(0))]
+    shuffled = proto.embedding_probe_aurocs(tmp_path / "latest.pt", tmp_path)
+    assert 0.35 < np.mean(list(shuffled.values())) < 0.65, shuffled
 
 
 def bench_findings() -> tuple[str, ...]:
