@@ -262,6 +262,40 @@ def test_sentence_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_p
     assert "--sentence_weight needs a model with text_pool 'sentence'" in caplog.text
 
 
+def test_slice_subsets_are_ordered_draws_of_the_step():
+    import torch
+
+    from ctclip.run.train_step import SliceSubset
+
+    sub = SliceSubset(0.5, seed=3)
+    first = sub.indices(32, 7)
+    assert first is not None and len(first) == 16 and torch.equal(first, torch.sort(first).values)
+    assert len(set(first.tolist())) == 16 and 0 <= int(first.min()) and int(first.max()) < 32
+    assert torch.equal(first, SliceSubset(0.5, seed=3).indices(32, 7))  # (seed, rank, step): a resume draws the same
+    assert any(not torch.equal(first, sub.indices(32, k)) for k in range(8, 12))
+    assert not torch.equal(first, SliceSubset(0.5, seed=3, rank=1).indices(32, 7))
+    assert SliceSubset(1.0, seed=3).indices(32, 7) is None and len(SliceSubset(0.01, seed=3).indices(32, 0)) == 1
+    volumes = torch.arange(2 * 32 * 4, dtype=torch.uint8).reshape(2, 1, 32, 2, 2)
+    cut = sub.select(volumes, 7, from_slices=False)
+    assert cut.shape == (2, 1, 16, 2, 2) and torch.equal(cut, volumes[:, :, first])
+    feats = torch.randn(2, 32, 5)  # cached slice features (B, D, C)
+    assert torch.equal(sub.select(feats, 7, from_slices=True), feats[:, first])
+    with pytest.raises(ValueError, match="slice keep"):
+        SliceSubset(0.0, seed=0)
+
+
+def test_slice_keep_trains_on_a_subset_of_the_slices(chest, tmp_path, caplog):
+    """--slice_keep: the steps see other inputs, so the logged losses differ from the first step on; a bad value
+    stops before training."""
+    cnn = ("--model_config", "tiny_cnn", "--sentence_keep", "0.6")
+    assert train_main(_args(chest, tmp_path / "all", "--max_steps", "2", *cnn)) == 0
+    assert train_main(_args(chest, tmp_path / "half", "--max_steps", "2", *cnn, "--slice_keep", "0.5")) == 0
+    a, b = _losses(tmp_path / "all"), _losses(tmp_path / "half")
+    assert abs(a[1] - b[1]) > 1e-5
+    assert train_main(_args(chest, tmp_path / "bad", "--max_steps", "1", *cnn, "--slice_keep", "1.5")) == 2
+    assert "--slice_keep must be in (0, 1]" in caplog.text
+
+
 def test_text_views_keep_a_subset_of_each_reports_sentences():
     from ctclip.data.reports import split_sentences
     from ctclip.run.train_step import TextView

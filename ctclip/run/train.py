@@ -53,7 +53,7 @@ from ctclip.models.config import ModelConfig
 from ctclip.models.factory import create_model as build_model
 from ctclip.run.train_checks import SetupError, check_inputs, check_resume, check_stores
 from ctclip.run.train_state import TrainState, global_steps, stop_reason
-from ctclip.run.train_step import Learner, TextView, TrainingStep, train_step
+from ctclip.run.train_step import Learner, SliceSubset, TextView, TrainingStep, train_step
 from ctclip.run.train_utils import (
     BudgetClock,
     GlobalBatchSampler,
@@ -116,6 +116,9 @@ class TrainConfig:
                                          "behaviour). Helps a text tower trained from scratch")
     single_sentence_rate: float = arg(0.0, help="text augmentation: the share of report draws that show one "
                                                 "sentence of the report, chosen at random (prompt-sized texts)")
+    slice_keep: float = arg(1.0, help="each training step encodes a random subset of this share of each volume's "
+                                      "slices (the same for the batch, in order; about that share of the slice "
+                                      "encoder's cost); evaluation and validation read every slice (1 = all)")
     volume_shift: int = arg(0, help="image augmentation: each time a volume is drawn, move it by up to this many "
                                     "voxels in the axial plane (edges filled with air; 0 = none)")
     text_view_weight: float = arg(0.0, help="weight of a text-to-text contrastive term: each report of the batch "
@@ -336,7 +339,8 @@ def _learner(cfg: TrainConfig, dist: DistInfo, model: nn.Module, autocast, scale
                    autocast=autocast, device=dist.device, grad_clip=cfg.grad_clip, distributed=dist.distributed,
                    text_view=TextView(cfg.text_view_weight, cfg.text_view_keep, cfg.seed, dist.rank)
                    if cfg.text_view_weight else None, sentence_weight=cfg.sentence_weight,
-                   sentence_match_cos=cfg.sentence_match_cos)
+                   sentence_match_cos=cfg.sentence_match_cos,
+                   slice_subset=SliceSubset(cfg.slice_keep, cfg.seed, dist.rank) if cfg.slice_keep < 1 else None)
 
 
 def _resume(learner: Learner, ckpt: dict[str, Any], path: Path) -> TrainState:

@@ -42,6 +42,8 @@ def check_inputs(cfg: TrainConfig, data: CTReportDataset) -> None:
                          f"and {cfg.text_view_keep}")
     if cfg.text_view_weight and cfg.grad_accum != 1:
         raise SetupError("--text_view_weight needs --grad_accum 1 (the second view is not accumulated)")
+    if not 0.0 < cfg.slice_keep <= 1.0:
+        raise SetupError(f"--slice_keep must be in (0, 1], got {cfg.slice_keep}")
     if cfg.sentence_weight < 0:
         raise SetupError(f"--sentence_weight must be >= 0, got {cfg.sentence_weight}")
     if not 0.0 <= cfg.sentence_match_cos <= 1.0:

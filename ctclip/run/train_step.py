@@ -90,6 +90,33 @@ class TextView:
         return [sample_sentences(t, self.keep, rng) for t in texts]
 
 
+class SliceSubset:
+    """Each training step encodes a random subset of each volume's slices (`--slice_keep`): `keep` of the D slices
+    (at least one), the same ones for every volume of this rank's step, in their order. The slice encoder is
+    most of a from-scratch CPU step, so a step at 0.5 costs about half as much; evaluation and validation read
+    every slice. Drawn from (seed, rank, step), like the text views, so a resumed run draws the same subsets."""
+
+    def __init__(self, keep: float, seed: int, rank: int = 0):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"slice keep must be in (0, 1], got {keep}")
+        self.keep, self.seed, self.rank = float(keep), int(seed), int(rank)
+
+    def indices(self, depth: int, step: int) -> torch.Tensor | None:
+        """Sorted slice indices for this step, or None when every slice is kept."""
+        count = max(1, round(depth * self.keep))
+        if count >= depth:
+            return None
+        rng = np.random.default_rng([self.seed, self.rank, int(step), 20261205])
+        return torch.from_numpy(np.sort(rng.choice(depth, size=count, replace=False)))
+
+    def select(self, inputs: torch.Tensor, step: int, from_slices: bool) -> torch.Tensor:
+        """Volumes (B, 1, D, H, W), or cached slice features (B, D, C) with `from_slices`, cut to the step's
+        slices."""
+        dim = 1 if from_slices else 2
+        idx = self.indices(inputs.shape[dim], step)
+        return inputs if idx is None else inputs.index_select(dim, idx.to(inputs.device))
+
+
 @dataclass
 class Learner:
     """The model and everything that updates it; a checkpoint holds their state (`state_dicts`)."""
@@ -107,6 +134,7 @@ class Learner:
     text_view: TextView | None = None
     sentence_weight: float = 0.0
     sentence_match_cos: float = 0.0
+    slice_subset: SliceSubset | None = None
 
     def state_dicts(self) -> dict[str, Any]:
         """The checkpoint entries model, optimizer, scheduler and scaler ({} without a scaler)."""
@@ -124,6 +152,10 @@ class Learner:
 
 def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     """One optimizer step over this rank's micro-batches. Returns the loss of the global batch."""
+    if learner.slice_subset is not None:
+        step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
+        from_slices = _from_slices(learner)
+        micro = [(learner.slice_subset.select(inputs, step, from_slices), texts) for inputs, texts in micro]
     tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
     optimizer, scaler = learner.optimizer, learner.scaler
     optimizer.zero_grad(set_to_none=True)
@@ -150,6 +182,11 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
         optimizer.step()
     learner.scheduler.step()
     return value if not learner.distributed else _mean_over_ranks(value, learner.device)
+
+
+def _from_slices(learner: Learner) -> bool:
+    module = learner.step_module
+    return bool(getattr(getattr(module, "module", module), "from_slices", False))
 
 
 def _forward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
