@@ -26,6 +26,11 @@ at 0.3); matched at c = 0.7 it gave 0.870 / 0.862 at 1.0 (seeds 42 / 7; 0.868 / 
 train_learning.yaml uses s = 1.0, c = 0.7, and train_demo.yaml, whose 500 steps start slower at 1.0, s = 0.3, c = 0.7
 (docs/benchmarks.md).
 
+With `slice_subset` (`--slice_keep` k < 1) each step encodes a random, ordered subset of k of each volume's slices
+(`SliceSubset`), the same for the whole step on a rank; evaluation reads every slice. The from-scratch slice
+encoder is most of a CPU step, so at 0.5 the learning benchmark's 15 CPU-minutes hold ~1.9x the steps (0.898 /
+0.912 over two seeds against 0.854-0.863, docs/benchmarks.md).
+
 The returned and logged loss is the CLIP term alone.
 """
 
