@@ -44,6 +44,14 @@ def _embed_volumes(model, store: VolumeStore, names: list[str], batch: int = 32)
     return torch.cat(out)
 
 
+def _embed_labelled(model, store_path: Path, labels) -> tuple[list[str], torch.Tensor]:
+    """The labelled volumes `store_path` holds (in the labels' order) and their float embeddings."""
+    with VolumeStore(store_path) as store, torch.inference_mode():
+        have = set(store.names())
+        names = [n for n in labels.index if n in have]
+        return names, _embed_volumes(model, store, names).float()
+
+
 def _embed_texts(model, texts: list[str], batch: int = 64) -> torch.Tensor:
     return torch.cat([model.encode_text(model.tokenize(texts[i:i + batch])) for i in range(0, len(texts), batch)])
 
@@ -68,10 +76,8 @@ def prototype_aurocs(model_path: Path, data: Path) -> dict[str, dict[str, float]
     texts = [report_text(reports.loc[n], columns) for n in names]
     test_labels = load_labels(data / "test_predicted_labels.csv")
     test_reports = load_reports(data / "test_reports.csv") if (data / "test_reports.csv").is_file() else None
-    with VolumeStore(data / "valid_volumes.h5") as store, torch.inference_mode():
-        have = set(store.names())
-        test_names = [n for n in test_labels.index if n in have]
-        z_vol = _embed_volumes(model, store, test_names).float()
+    test_names, z_vol = _embed_labelled(model, data / "valid_volumes.h5", test_labels)
+    with torch.inference_mode():
         z_text = _embed_texts(model, texts).float()
         report_names = [n for n in test_labels.index if test_reports is not None and n in test_reports.index]
         z_test_text = (_embed_texts(model, [report_text(test_reports.loc[n], columns) for n in report_names]).float()
@@ -101,15 +107,9 @@ def embedding_probe_aurocs(model_path: Path, data: Path) -> dict[str, float]:
     model, _ = load_trained_model(model_path)
     train_labels = load_labels(data / "train_predicted_labels.csv")
     test_labels = load_labels(data / "test_predicted_labels.csv")
-    with torch.inference_mode():
-        with VolumeStore(data / "train_volumes.h5") as store:
-            have = set(store.names())
-            train_names = [n for n in train_labels.index if n in have]
-            x_train = _embed_volumes(model, store, train_names).float().numpy()
-        with VolumeStore(data / "valid_volumes.h5") as store:
-            have = set(store.names())
-            test_names = [n for n in test_labels.index if n in have]
-            x_test = _embed_volumes(model, store, test_names).float().numpy()
+    train_names, x_train = _embed_labelled(model, data / "train_volumes.h5", train_labels)
+    test_names, x_test = _embed_labelled(model, data / "valid_volumes.h5", test_labels)
+    x_train, x_test = x_train.numpy(), x_test.numpy()
     y_train = train_labels.loc[train_names, list(FINDINGS)].to_numpy()
     y_test = test_labels.loc[test_names, list(FINDINGS)].to_numpy()
     out: dict[str, float] = {}

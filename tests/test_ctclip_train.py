@@ -276,10 +276,10 @@ def test_slice_subsets_are_ordered_draws_of_the_step():
     assert not torch.equal(first, SliceSubset(0.5, seed=3, rank=1).indices(32, 7))
     assert SliceSubset(1.0, seed=3).indices(32, 7) is None and len(SliceSubset(0.01, seed=3).indices(32, 0)) == 1
     volumes = torch.arange(2 * 32 * 4, dtype=torch.uint8).reshape(2, 1, 32, 2, 2)
-    cut = sub.select(volumes, 7, from_slices=False)
+    cut = sub.select(volumes, 7)
     assert cut.shape == (2, 1, 16, 2, 2) and torch.equal(cut, volumes[:, :, first])
     feats = torch.randn(2, 32, 5)  # cached slice features (B, D, C)
-    assert torch.equal(sub.select(feats, 7, from_slices=True), feats[:, first])
+    assert torch.equal(sub.select(feats, 7), feats[:, first])
     with pytest.raises(ValueError, match="slice keep"):
         SliceSubset(0.0, seed=0)
 

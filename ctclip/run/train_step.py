@@ -114,10 +114,9 @@ class SliceSubset:
         rng = np.random.default_rng([self.seed, self.rank, int(step), 20261205])
         return torch.from_numpy(np.sort(rng.choice(depth, size=count, replace=False)))
 
-    def select(self, inputs: torch.Tensor, step: int, from_slices: bool) -> torch.Tensor:
-        """Volumes (B, 1, D, H, W), or cached slice features (B, D, C) with `from_slices`, cut to the step's
-        slices."""
-        dim = 1 if from_slices else 2
+    def select(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
+        """Volumes (B, 1, D, H, W) or cached slice features (B, D, C), cut to the step's slices."""
+        dim = 2 if inputs.dim() == 5 else 1
         idx = self.indices(inputs.shape[dim], step)
         return inputs if idx is None else inputs.index_select(dim, idx.to(inputs.device))
 
@@ -159,8 +158,7 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     """One optimizer step over this rank's micro-batches. Returns the loss of the global batch."""
     if learner.slice_subset is not None:
         step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
-        from_slices = _from_slices(learner)
-        micro = [(learner.slice_subset.select(inputs, step, from_slices), texts) for inputs, texts in micro]
+        micro = [(learner.slice_subset.select(inputs, step), texts) for inputs, texts in micro]
     tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
     optimizer, scaler = learner.optimizer, learner.scaler
     optimizer.zero_grad(set_to_none=True)
@@ -187,11 +185,6 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
         optimizer.step()
     learner.scheduler.step()
     return value if not learner.distributed else _mean_over_ranks(value, learner.device)
-
-
-def _from_slices(learner: Learner) -> bool:
-    module = learner.step_module
-    return bool(getattr(getattr(module, "module", module), "from_slices", False))
 
 
 def _forward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
