@@ -141,6 +141,28 @@ def test_padding_mask_matches_unpadded_volume(pool):
                                    model.encode_volume_from_slices(feats), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pool", ["cls", "max"])
+def test_a_slice_subset_at_its_positions_is_the_volume_with_the_other_slices_masked(pool):
+    """--slice_keep hands the fusion the kept slices with their indices in the volume: the rotary embedding then
+    sees the distances of the whole volume. Oracle: the whole volume with every other slice masked out (its
+    slices keep their places, and masked slices are never attended to)."""
+    model = tiny_model(fusion_pool=pool).eval()
+    feats = torch.randn(2, 10, 64)
+    idx = torch.tensor([1, 3, 4, 8])
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[:, idx] = True
+    with torch.no_grad():
+        subset = model.encode_volume_from_slices(feats[:, idx], positions=idx)
+        torch.testing.assert_close(subset, model.encode_volume_from_slices(feats, mask=mask), atol=1e-5, rtol=1e-5)
+        # renumbered 0..3 the same slices are another input: the positions are used
+        assert not torch.allclose(model.encode_volume_from_slices(feats[:, idx]), subset, atol=1e-4)
+        # the whole volume at its own positions is the plain call
+        torch.testing.assert_close(model.encode_volume_from_slices(feats, positions=torch.arange(10)),
+                                   model.encode_volume_from_slices(feats))
+        with pytest.raises(ValueError, match="positions of shape"):
+            model.encode_volume_from_slices(feats[:, idx], positions=idx[:3])
+
+
 def test_max_pool_is_the_maximum_over_the_fused_slices_and_loads_a_cls_checkpoint():
     cls_model = tiny_model(fusion_pool="cls").eval()
     max_model = tiny_model(fusion_pool="max").eval()

@@ -262,24 +262,31 @@ def test_sentence_term_changes_the_updates_not_the_logged_clip_loss(chest, tmp_p
     assert "--sentence_weight needs a model with text_pool 'sentence'" in caplog.text
 
 
-def test_slice_subsets_are_ordered_draws_of_the_step():
+def test_slice_subsets_are_evenly_spaced_draws_of_the_step():
     import torch
 
     from ctclip.run.train_step import SliceSubset
 
     sub = SliceSubset(0.5, seed=3)
+    halves = {tuple(sub.indices(32, k).tolist()) for k in range(20)}
+    assert halves == {tuple(range(0, 32, 2)), tuple(range(1, 32, 2))}  # every other slice, from either start
     first = sub.indices(32, 7)
-    assert first is not None and len(first) == 16 and torch.equal(first, torch.sort(first).values)
-    assert len(set(first.tolist())) == 16 and 0 <= int(first.min()) and int(first.max()) < 32
     assert torch.equal(first, SliceSubset(0.5, seed=3).indices(32, 7))  # (seed, rank, step): a resume draws the same
-    assert any(not torch.equal(first, sub.indices(32, k)) for k in range(8, 12))
-    assert not torch.equal(first, SliceSubset(0.5, seed=3, rank=1).indices(32, 7))
+    assert any(not torch.equal(sub.indices(32, k), SliceSubset(0.5, seed=3, rank=1).indices(32, k)) for k in range(20))
+    for depth, keep in ((32, 0.375), (32, 0.25), (7, 0.9), (7, 0.3), (160, 0.5), (33, 0.5)):
+        count = max(1, round(depth * keep))
+        window = math.ceil(depth / count)  # any run of this many consecutive slices holds a kept one
+        for step in range(30):
+            idx = SliceSubset(keep, seed=1).indices(depth, step).tolist()
+            assert len(idx) == count and idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < depth
+            assert idx[0] < window and depth - 1 - idx[-1] < window and max(b - a for a, b in zip(idx, idx[1:])) <= window
     assert SliceSubset(1.0, seed=3).indices(32, 7) is None and len(SliceSubset(0.01, seed=3).indices(32, 0)) == 1
     volumes = torch.arange(2 * 32 * 4, dtype=torch.uint8).reshape(2, 1, 32, 2, 2)
-    cut = sub.select(volumes, 7)
-    assert cut.shape == (2, 1, 16, 2, 2) and torch.equal(cut, volumes[:, :, first])
     feats = torch.randn(2, 32, 5)  # cached slice features (B, D, C)
-    assert torch.equal(sub.select(feats, 7), feats[:, first])
+    assert SliceSubset.depth(volumes) == SliceSubset.depth(feats) == 32
+    cut = SliceSubset.select(volumes, first)
+    assert cut.shape == (2, 1, 16, 2, 2) and torch.equal(cut, volumes[:, :, first])
+    assert torch.equal(SliceSubset.select(feats, first), feats[:, first])
     with pytest.raises(ValueError, match="slice keep"):
         SliceSubset(0.0, seed=0)
 

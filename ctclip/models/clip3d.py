@@ -90,12 +90,14 @@ class CTCLIP(nn.Module):
         """uint8 (B, 1, D, H, W) -> per-slice features (B, D, C), C = slice encoder width."""
         return self.slice_encoder(volumes)
 
-    def encode_volume_from_slices(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D, C) -> (B, embed_dim), L2-normalised. `mask` (B, D): True for real (unpadded) slices."""
-        return F.normalize(self.volume_center(self.fusion(slice_feats, mask=mask)), dim=-1)
+    def encode_volume_from_slices(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None,
+                                  positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, C) -> (B, embed_dim), L2-normalised. `mask` (B, D): True for real (unpadded) slices;
+        `positions` (D,): the slices' indices in their volume when they are a subset of it (`SliceFusion.tokens`)."""
+        return F.normalize(self.volume_center(self.fusion(slice_feats, mask=mask, positions=positions)), dim=-1)
 
-    def encode_volume(self, volumes: torch.Tensor) -> torch.Tensor:
-        return self.encode_volume_from_slices(self.encode_slices(volumes))
+    def encode_volume(self, volumes: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encode_volume_from_slices(self.encode_slices(volumes), positions=positions)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, context_length) ids -> (B, embed_dim), L2-normalised."""

@@ -48,14 +48,24 @@ class SliceFusion(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, out_dim)
 
-    def tokens(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D, in_dim) -> the encoder's outputs (B, 1 + D, dim): the CLS token first, then the slices."""
+    def tokens(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, in_dim) -> the encoder's outputs (B, 1 + D, dim): the CLS token first, then the slices.
+
+        `positions` (D,): each slice's index in its volume when the D slices are a subset of it (training with
+        `--slice_keep`); the rotary embedding then sees the distances the slices have in the whole volume, as
+        at evaluation. None: the slices are the whole volume, at 0..D-1."""
         x = self.proj_in(slice_feats)
         cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
         x = torch.cat([cls, x], dim=1)
         if mask is not None:
             mask = torch.cat([mask.new_ones(mask.shape[0], 1), mask.bool()], dim=1)
-        return self.encoder(x, mask=mask)
+        pos = None
+        if positions is not None:
+            if positions.shape != (slice_feats.shape[1],):
+                raise ValueError(f"fusion: positions of shape {tuple(positions.shape)} for {slice_feats.shape[1]} slices")
+            pos = torch.cat([positions.new_zeros(1), positions + 1]).to(x.device)  # the CLS token at 0
+        return self.encoder(x, mask=mask, pos=pos)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The encoder's outputs (B, 1 + D, dim) -> one (B, dim) token per volume (`pool_mode`)."""
@@ -70,6 +80,8 @@ class SliceFusion(nn.Module):
         """A pooled (B, dim) token -> (B, out_dim)."""
         return self.proj_out(self.norm(token))
 
-    def forward(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, D, in_dim) -> (B, out_dim), not normalised. `mask` (B, D) bool: True = real slice."""
-        return self.head(self.pool(self.tokens(slice_feats, mask), mask))
+    def forward(self, slice_feats: torch.Tensor, mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D, in_dim) -> (B, out_dim), not normalised. `mask` (B, D) bool: True = real slice; `positions`:
+        see `tokens`."""
+        return self.head(self.pool(self.tokens(slice_feats, mask, positions), mask))

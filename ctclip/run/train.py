@@ -116,9 +116,10 @@ class TrainConfig:
                                          "behaviour). Helps a text tower trained from scratch")
     single_sentence_rate: float = arg(0.0, help="text augmentation: the share of report draws that show one "
                                                 "sentence of the report, chosen at random (prompt-sized texts)")
-    slice_keep: float = arg(1.0, help="each training step encodes a random subset of this share of each volume's "
-                                      "slices (the same for the batch, in order; about that share of the slice "
-                                      "encoder's cost); evaluation and validation read every slice (1 = all)")
+    slice_keep: float = arg(1.0, help="each training step encodes this share of each volume's slices, evenly "
+                                      "spaced from a random start (the same for the batch; the fusion sees them at "
+                                      "their places in the volume; about that share of the slice encoder's cost); "
+                                      "evaluation and validation read every slice (1 = all)")
     volume_shift: int = arg(0, help="image augmentation: each time a volume is drawn, move it by up to this many "
                                     "voxels in the axial plane (edges filled with air; 0 = none)")
     text_view_weight: float = arg(0.0, help="weight of a text-to-text contrastive term: each report of the batch "

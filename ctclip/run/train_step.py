@@ -26,10 +26,11 @@ at 0.3); matched at c = 0.7 it gave 0.870 / 0.862 at 1.0 (seeds 42 / 7; 0.868 / 
 train_learning.yaml uses s = 1.0, c = 0.7, and train_demo.yaml, whose 500 steps start slower at 1.0, s = 0.3, c = 0.7
 (docs/benchmarks.md).
 
-With `slice_subset` (`--slice_keep` k < 1) each step encodes a random, ordered subset of k of each volume's slices
-(`SliceSubset`), the same for the whole step on a rank; evaluation reads every slice. The from-scratch slice
-encoder is most of a CPU step, so at 0.5 the learning benchmark's 15 CPU-minutes hold ~1.9x the steps (0.898 /
-0.912 over two seeds against 0.854-0.863, docs/benchmarks.md).
+With `slice_subset` (`--slice_keep` k < 1) each step encodes k of each volume's slices, evenly spaced from a random
+start and the same for the whole step on a rank (`SliceSubset`), and the fusion sees them at their places in the
+volume; evaluation reads every slice. The from-scratch slice encoder is most of a CPU step, so at 0.5 the
+learning benchmark's 15 CPU-minutes hold ~1.9x the steps: 0.920 / 0.920 (seeds 42 / 7) against 0.854-0.863 with
+every slice; a random half of the slices instead of every other one gave 0.896-0.912 (docs/benchmarks.md).
 
 The returned and logged loss is the CLIP term alone.
 """
@@ -63,12 +64,14 @@ class TrainingStep(nn.Module):
         self.model, self.from_slices = model, from_slices
 
     def forward(self, inputs: torch.Tensor, tokens: torch.Tensor, view_tokens: torch.Tensor | None = None,
-                sentences: bool = False) -> tuple[Any, ...]:
+                sentences: bool = False, positions: torch.Tensor | None = None) -> tuple[Any, ...]:
         """(volume, text, logit scale); with `view_tokens` or `sentences` also the second text view's embeddings
         (or None) and the reports' sentences (`Sentences`, or None). Both views go through one text batch, so
-        that they are centred together; the sentences are those of `tokens`, not of the views."""
+        that they are centred together; the sentences are those of `tokens`, not of the views. `positions`: the
+        indices of the input's slices in their volumes when they are a subset (`SliceSubset`), else None."""
         m = self.model
-        v = m.encode_volume_from_slices(inputs) if self.from_slices else m.encode_volume(inputs)
+        v = (m.encode_volume_from_slices(inputs, positions=positions) if self.from_slices
+             else m.encode_volume(inputs, positions=positions))
         if view_tokens is None and not sentences:
             return v, m.encode_text(tokens), m.temperature_scale()
         both = tokens if view_tokens is None else torch.cat([tokens, view_tokens])
@@ -96,10 +99,16 @@ class TextView:
 
 
 class SliceSubset:
-    """Each training step encodes a random subset of each volume's slices (`--slice_keep`): `keep` of the D slices
-    (at least one), the same ones for every volume of this rank's step, in their order. The slice encoder is
-    most of a from-scratch CPU step, so a step at 0.5 costs about half as much; evaluation and validation read
-    every slice. Drawn from (seed, rank, step), like the text views, so a resumed run draws the same subsets."""
+    """Each training step encodes a subset of each volume's slices (`--slice_keep`): `keep` of the D slices (at
+    least one), evenly spaced from a random start, the same ones for every volume of this rank's step. The slice
+    encoder is most of a from-scratch CPU step, so a step at 0.5 costs about half as much; evaluation and
+    validation read every slice. Drawn from (seed, rank, step), like the text views, so a resumed run draws the
+    same subsets.
+
+    Evenly spaced rather than any `keep` of the slices: at 0.5 every other slice, so a lesion that spans two
+    slices is always in the step's input (a random half misses both of its slices one time in four), and the
+    gaps between the kept slices are all alike. Their indices go to the fusion as positions
+    (`SliceFusion.tokens`), so its rotary embedding sees the distances of the whole volume, as at evaluation."""
 
     def __init__(self, keep: float, seed: int, rank: int = 0):
         if not 0.0 < keep <= 1.0:
@@ -107,18 +116,24 @@ class SliceSubset:
         self.keep, self.seed, self.rank = float(keep), int(seed), int(rank)
 
     def indices(self, depth: int, step: int) -> torch.Tensor | None:
-        """Sorted slice indices for this step, or None when every slice is kept."""
+        """Increasing slice indices for this step, or None when every slice is kept: `count` = round(keep * depth)
+        of them at a spacing of depth / count (rounded down) from a start drawn in [0, depth / count)."""
         count = max(1, round(depth * self.keep))
         if count >= depth:
             return None
         rng = np.random.default_rng([self.seed, self.rank, int(step), 20261205])
-        return torch.from_numpy(np.sort(rng.choice(depth, size=count, replace=False)))
+        spacing = depth / count
+        return torch.from_numpy(np.floor(rng.uniform(0.0, spacing) + np.arange(count) * spacing).astype(np.int64))
 
-    def select(self, inputs: torch.Tensor, step: int) -> torch.Tensor:
-        """Volumes (B, 1, D, H, W) or cached slice features (B, D, C), cut to the step's slices."""
-        dim = 2 if inputs.dim() == 5 else 1
-        idx = self.indices(inputs.shape[dim], step)
-        return inputs if idx is None else inputs.index_select(dim, idx.to(inputs.device))
+    @staticmethod
+    def depth(inputs: torch.Tensor) -> int:
+        """The slice count of volumes (B, 1, D, H, W) or of cached slice features (B, D, C)."""
+        return inputs.shape[2 if inputs.dim() == 5 else 1]
+
+    @staticmethod
+    def select(inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Volumes (B, 1, D, H, W) or cached slice features (B, D, C), cut to the slices `idx`."""
+        return inputs.index_select(2 if inputs.dim() == 5 else 1, idx.to(inputs.device))
 
 
 @dataclass
@@ -156,9 +171,12 @@ class Learner:
 
 def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     """One optimizer step over this rank's micro-batches. Returns the loss of the global batch."""
+    positions = None  # the kept slices' indices in their volumes (every micro-batch of a step has the same depth)
     if learner.slice_subset is not None:
         step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
-        micro = [(learner.slice_subset.select(inputs, step), texts) for inputs, texts in micro]
+        positions = learner.slice_subset.indices(SliceSubset.depth(micro[0][0]), step)
+        if positions is not None:
+            micro = [(SliceSubset.select(inputs, positions), texts) for inputs, texts in micro]
     tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
     optimizer, scaler = learner.optimizer, learner.scaler
     optimizer.zero_grad(set_to_none=True)
@@ -169,11 +187,11 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
         if learner.text_view is not None:
             step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
             views = learner.model.tokenize(learner.text_view.views(micro[0][1], step))
-        value = _extra_terms_backward(learner, *tokenized[0], views)
+        value = _extra_terms_backward(learner, *tokenized[0], views, positions)
     elif len(tokenized) == 1:
-        value = _plain_backward(learner, *tokenized[0])
+        value = _plain_backward(learner, *tokenized[0], positions)
     else:
-        value = _accumulated_backward(learner, tokenized)
+        value = _accumulated_backward(learner, tokenized, positions)
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -187,30 +205,34 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     return value if not learner.distributed else _mean_over_ranks(value, learner.device)
 
 
-def _forward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _forward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor,
+             positions: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """(volume embeddings, text embeddings, logit scale) of one micro-batch; called inside autocast."""
-    return learner.step_module(inputs.to(learner.device, non_blocking=True), tokens.to(learner.device))
+    return learner.step_module(inputs.to(learner.device, non_blocking=True), tokens.to(learner.device),
+                               positions=positions)
 
 
 def _backward(loss: torch.Tensor, scaler) -> None:
     (scaler.scale(loss) if scaler is not None else loss).backward()
 
 
-def _plain_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor) -> float:
+def _plain_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor,
+                    positions: torch.Tensor | None = None) -> float:
     with learner.autocast():
-        v, t, scale = _forward(learner, inputs, tokens)
+        v, t, scale = _forward(learner, inputs, tokens, positions)
         loss = learner.loss_fn(v.float(), t.float(), scale.float())
     _backward(loss, learner.scaler)
     return float(loss.detach())
 
 
 def _extra_terms_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.Tensor,
-                          view_tokens: torch.Tensor | None) -> float:
+                          view_tokens: torch.Tensor | None, positions: torch.Tensor | None = None) -> float:
     """CLIP's loss plus the text-view and sentence terms that are on (module docstring); returns CLIP's."""
     with learner.autocast():
         v, t, scale, t2, sent = learner.step_module(
             inputs.to(learner.device, non_blocking=True), tokens.to(learner.device),
-            view_tokens.to(learner.device) if view_tokens is not None else None, bool(learner.sentence_weight))
+            view_tokens.to(learner.device) if view_tokens is not None else None, bool(learner.sentence_weight),
+            positions=positions)
         v, t, scale = v.float(), t.float(), scale.float()
         clip = learner.loss_fn(v, t, scale)
         loss = clip
@@ -223,7 +245,8 @@ def _extra_terms_backward(learner: Learner, inputs: torch.Tensor, tokens: torch.
     return float(clip.detach())
 
 
-def _accumulated_backward(learner: Learner, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _accumulated_backward(learner: Learner, micro: list[tuple[torch.Tensor, torch.Tensor]],
+                          positions: torch.Tensor | None = None) -> float:
     """Gradient accumulation that keeps the global negatives: embed every micro-batch without
     gradient, then recompute each with gradient; `contrastive_loss_with_cached` puts it in its slot
     among the cached embeddings of all micro-batches of all ranks. Every call's value is the loss of
@@ -232,7 +255,7 @@ def _accumulated_backward(learner: Learner, micro: list[tuple[torch.Tensor, torc
     with torch.no_grad():
         for inputs, tokens in micro:
             with learner.autocast():
-                v, t, _ = _forward(learner, inputs, tokens)
+                v, t, _ = _forward(learner, inputs, tokens, positions)
             cached_v.append(v.float())
             cached_t.append(t.float())
     ddp = isinstance(learner.step_module, DistributedDataParallel)
@@ -241,7 +264,7 @@ def _accumulated_backward(learner: Learner, micro: list[tuple[torch.Tensor, torc
         last = i == len(micro) - 1
         with (learner.step_module.no_sync() if ddp and not last else contextlib.nullcontext()):
             with learner.autocast():
-                v, t, scale = _forward(learner, inputs, tokens)
+                v, t, scale = _forward(learner, inputs, tokens, positions)
             loss = contrastive_loss_with_cached(v.float(), t.float(), cached_v, cached_t, i, scale.float())
             _backward(loss, learner.scaler)
         if i == 0:
