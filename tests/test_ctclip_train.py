@@ -283,7 +283,7 @@ def test_slice_subsets_are_evenly_spaced_draws_of_the_step():
     assert SliceSubset(1.0, seed=3).indices(32, 7) is None and len(SliceSubset(0.01, seed=3).indices(32, 0)) == 1
     volumes = torch.arange(2 * 32 * 4, dtype=torch.uint8).reshape(2, 1, 32, 2, 2)
     feats = torch.randn(2, 32, 5)  # cached slice features (B, D, C)
-    assert SliceSubset.depth(volumes) == SliceSubset.depth(feats) == 32
+    assert SliceSubset.axis(volumes) == 2 and SliceSubset.axis(feats) == 1
     cut = SliceSubset.select(volumes, first)
     assert cut.shape == (2, 1, 16, 2, 2) and torch.equal(cut, volumes[:, :, first])
     assert torch.equal(SliceSubset.select(feats, first), feats[:, first])

@@ -126,14 +126,14 @@ class SliceSubset:
         return torch.from_numpy(np.floor(rng.uniform(0.0, spacing) + np.arange(count) * spacing).astype(np.int64))
 
     @staticmethod
-    def depth(inputs: torch.Tensor) -> int:
-        """The slice count of volumes (B, 1, D, H, W) or of cached slice features (B, D, C)."""
-        return inputs.shape[2 if inputs.dim() == 5 else 1]
+    def axis(inputs: torch.Tensor) -> int:
+        """The slice axis of volumes (B, 1, D, H, W) or of cached slice features (B, D, C)."""
+        return 2 if inputs.dim() == 5 else 1
 
     @staticmethod
     def select(inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Volumes (B, 1, D, H, W) or cached slice features (B, D, C), cut to the slices `idx`."""
-        return inputs.index_select(2 if inputs.dim() == 5 else 1, idx.to(inputs.device))
+        """Volumes or cached slice features, cut to the slices `idx`."""
+        return inputs.index_select(SliceSubset.axis(inputs), idx.to(inputs.device))
 
 
 @dataclass
@@ -171,10 +171,11 @@ class Learner:
 
 def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
     """One optimizer step over this rank's micro-batches. Returns the loss of the global batch."""
+    step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume): seeds the draws
     positions = None  # the kept slices' indices in their volumes (every micro-batch of a step has the same depth)
     if learner.slice_subset is not None:
-        step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
-        positions = learner.slice_subset.indices(SliceSubset.depth(micro[0][0]), step)
+        first = micro[0][0]
+        positions = learner.slice_subset.indices(first.shape[SliceSubset.axis(first)], step)
         if positions is not None:
             micro = [(SliceSubset.select(inputs, positions), texts) for inputs, texts in micro]
     tokenized = [(inputs, learner.model.tokenize(list(texts))) for inputs, texts in micro]
@@ -185,7 +186,6 @@ def train_step(learner: Learner, micro: Sequence[MicroBatch]) -> float:
             raise ValueError("the text-view and sentence terms need one micro-batch per step")
         views = None
         if learner.text_view is not None:
-            step = learner.scheduler.last_epoch  # optimizer steps taken so far (restored on resume)
             views = learner.model.tokenize(learner.text_view.views(micro[0][1], step))
         value = _extra_terms_backward(learner, *tokenized[0], views, positions)
     elif len(tokenized) == 1:
